@@ -1,0 +1,75 @@
+"""Reading a dataset folder laid out like upstream UCSD COVID-CT into a Spark DataFrame.
+
+Layout::
+
+    DIR/CT_COVID/*          label 1
+    DIR/CT_NonCOVID/*       label 0
+    DIR/Data-split/COVID/{train,val,test}CT_COVID.txt          official patient-level lists
+    DIR/Data-split/NonCOVID/{train,val,test}CT_NonCOVID.txt
+
+Images are read with Spark's ``binaryFile`` source, so they are decoded by the
+featurizer in the workers, by content.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from covidct.errors import CovidctError
+
+#: class folder -> (split-list folder/suffix, label)
+CLASSES: dict[str, tuple[str, int]] = {"CT_COVID": ("COVID", 1), "CT_NonCOVID": ("NonCOVID", 0)}
+LABEL_NAMES = {1: "COVID", 0: "non-COVID"}
+
+
+def check_layout(data_dir: str | Path) -> Path:
+    """The dataset folder as a Path, or a CovidctError saying what is missing."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise CovidctError(f"dataset folder {root} does not exist")
+    missing = [name for name in CLASSES if not (root / name).is_dir()]
+    if missing:
+        raise CovidctError(
+            f"{root} is not laid out like UCSD COVID-CT: missing {', '.join(m + '/' for m in missing)} "
+            "(run `covidct fetch --dest DIR` first)"
+        )
+    return root
+
+
+def load_images(spark: SparkSession, data_dir: str | Path) -> DataFrame:
+    """``path, relpath, label, image, sha256`` for every file in the class folders.
+
+    ``relpath`` is ``CT_COVID/<file name>`` (what the split lists and the manifest name);
+    ``image`` is the file's bytes; hidden files are skipped by Spark.
+    """
+    root = check_layout(data_dir).resolve()
+    frames = []
+    for folder, (_, label) in CLASSES.items():
+        df = spark.read.format("binaryFile").load(str(root / folder))
+        frames.append(
+            df.select(
+                F.col("path"),
+                F.concat(F.lit(folder + "/"), F.element_at(F.split("path", "/"), -1)).alias("relpath"),
+                F.lit(label).cast("int").alias("label"),
+                F.col("content").alias("image"),
+                F.sha2("content", 256).alias("sha256"),
+            )
+        )
+    return frames[0].unionByName(frames[1])
+
+
+def split_lists(data_dir: str | Path) -> dict[str, list[str]]:
+    """The official lists: ``{"train": [...], "val": [...], "test": [...]}`` of relpaths."""
+    root = Path(data_dir)
+    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for folder, (short, _) in CLASSES.items():
+        for part in lists:
+            path = root / "Data-split" / short / f"{part}CT_{short}.txt"
+            if not path.is_file():
+                raise CovidctError(f"official split list {path} is missing")
+            names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+            lists[part].extend(f"{folder}/{name}" for name in names if name)
+    return lists

@@ -1,0 +1,76 @@
+"""The SparkSession every covidct entry point uses, with the settings the featurizer needs.
+
+Under ``spark-submit`` the master and resources come from the submit command (the
+Airflow connection); elsewhere (``covidct train`` run directly, tests) it is
+``local[*]`` unless ``COVIDCT_SPARK_MASTER`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+from pyspark import SparkConf
+from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    # Image rows are large: keep Arrow batches to Python small (see featurizer).
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "256",
+    # The featurizer logs progress itself; the console bar garbles task logs.
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.session.timeZone": "UTC",
+}
+
+
+def get_spark(app_name: str = "covidct", conf: dict[str, str] | None = None) -> SparkSession:
+    """Get or create the session: spark-submit's settings win, then ``conf``, then DEFAULTS."""
+    given = SparkConf()  # holds what spark-submit passed, if anything
+    builder = SparkSession.builder.appName(app_name)
+    if not given.contains("spark.master"):
+        builder = builder.master(os.environ.get("COVIDCT_SPARK_MASTER", "local[*]"))
+    if not given.contains("spark.pyspark.python"):
+        # Python workers run what PYSPARK_PYTHON names (else "python3" from PATH): default
+        # to this interpreter, whose environment holds TensorFlow and covidct.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if not given.contains("spark.driver.memory"):
+        builder = builder.config("spark.driver.memory", os.environ.get("COVIDCT_DRIVER_MEMORY", "4g"))
+    for key, value in {**DEFAULTS, **(conf or {})}.items():
+        if not given.contains(key):
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("COVIDCT_SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+@contextmanager
+def progress(spark: SparkSession, what: str, every_s: float = 15.0):
+    """Log the running Spark stages' task progress every ``every_s`` seconds while a step runs."""
+    tracker = spark.sparkContext.statusTracker()
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def report() -> None:
+        while not stop.wait(every_s):
+            done = total = 0
+            for stage_id in tracker.getActiveStageIds():
+                info = tracker.getStageInfo(stage_id)
+                if info is not None:
+                    done += info.numCompletedTasks
+                    total += info.numTasks
+            if total:
+                log.info("%s: %d/%d tasks done (%.0f s)", what, done, total, time.monotonic() - start)
+
+    thread = threading.Thread(target=report, name=f"progress-{what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)
+        log.info("%s: finished in %.1f s", what, time.monotonic() - start)

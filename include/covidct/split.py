@@ -1,0 +1,70 @@
+"""Train/test splits: ``random70`` (the study's protocol) and ``official`` (patient-level lists).
+
+Both are computed on the driver from the sorted relative paths, so the same seed gives
+the same split whatever the Spark partitioning, local or on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from pyspark.sql import DataFrame
+
+from covidct.dataset import split_lists
+from covidct.errors import CovidctError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("random70", "official")
+TEST_FRACTION = 0.3
+
+
+def parse_splits(value: str | list[str]) -> list[str]:
+    """'official,random70' / 'both' / ['official'] -> validated list, in a stable order."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = [s.strip().lower() for s in items if s.strip()]
+    if names == ["both"]:
+        names = list(SPLITS)
+    unknown = [s for s in names if s not in SPLITS]
+    if unknown or not names:
+        raise CovidctError(f"unknown split {', '.join(unknown) or value!r}; choose from {', '.join(SPLITS)}")
+    return [s for s in SPLITS if s in names]
+
+
+def random70(relpaths: list[str], seed: int, test_fraction: float = TEST_FRACTION) -> dict[str, str]:
+    """Seeded random image-level split: round(30 %) of the images are test, the rest train.
+
+    Like the study (Spark's ``randomSplit([0.7, 0.3])``) it ignores patients, so images of one
+    patient can land on both sides; the ``official`` split does not.
+    """
+    ordered = sorted(set(relpaths))
+    n_test = int(round(len(ordered) * test_fraction))
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    test = {ordered[i] for i in order[:n_test]}
+    return {p: ("test" if p in test else "train") for p in ordered}
+
+
+def official(relpaths: list[str], data_dir) -> dict[str, str]:
+    """The published patient-level lists: train + val are fitted on, test is held out."""
+    lists = split_lists(data_dir)
+    assignment = {p: ("test" if part == "test" else "train") for part, paths in lists.items() for p in paths}
+    present = set(relpaths)
+    unlisted = sorted(present - assignment.keys())
+    absent = sorted(assignment.keys() - present)
+    if unlisted:
+        log.warning("%d images are in no official split list and are left out, e.g. %s", len(unlisted), unlisted[:3])
+    if absent:
+        log.warning("%d listed images are missing from the data, e.g. %s", len(absent), absent[:3])
+    return {p: s for p, s in assignment.items() if p in present}
+
+
+def assign(images: DataFrame, split: str, seed: int, data_dir) -> DataFrame:
+    """``images`` with a ``split`` column ('train'/'test'); images outside the split are dropped."""
+    relpaths = [r.relpath for r in images.select("relpath").collect()]
+    mapping = random70(relpaths, seed) if split == "random70" else official(relpaths, data_dir)
+    if not any(v == "test" for v in mapping.values()) or not any(v == "train" for v in mapping.values()):
+        raise CovidctError(f"the {split} split of {len(relpaths)} images leaves no train or no test images")
+    spark = images.sparkSession
+    table = spark.createDataFrame(sorted(mapping.items()), "relpath string, split string")
+    return images.join(table, "relpath")

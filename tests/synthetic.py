@@ -1,0 +1,83 @@
+"""Small synthetic datasets laid out like upstream UCSD COVID-CT, for tests.
+
+Like the real set they mix PNG and JPEG, RGBA, RGB and grayscale images, include
+JPEG data in files named ``.png``, and come with ``Data-split`` lists. The two classes
+look different (bright textured vs. dark smooth) so that even random-weight features
+separate them.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = {"CT_COVID": ("COVID", 1), "CT_NonCOVID": ("NonCOVID", 0)}
+MODES = ("RGBA", "RGB", "L")
+
+
+def make_image(label: int, index: int, rng: np.random.Generator) -> Image.Image:
+    h, w = 96 + 8 * (index % 4), 112 + 4 * (index % 3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    if label:  # "COVID": bright, high-frequency stripes plus noise
+        base = 150 + 80 * np.sin(xx / 2.0 + index) * np.cos(yy / 3.0)
+        base = base + rng.normal(0, 25, (h, w))
+    else:  # "non-COVID": dark, smooth gradient
+        base = 40 + 30 * (xx / w) + 10 * (yy / h) + rng.normal(0, 3, (h, w))
+    gray = np.clip(base, 0, 255).astype(np.uint8)
+    mode = MODES[index % len(MODES)]
+    if mode == "L":
+        return Image.fromarray(gray, mode="L")
+    rgb = np.stack([gray, gray, np.clip(gray.astype(int) + 5, 0, 255).astype(np.uint8)], axis=-1)
+    img = Image.fromarray(rgb, mode="RGB")
+    if mode == "RGBA":
+        img.putalpha(255)
+    return img
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG" and img.mode == "RGBA":
+        img = img.convert("RGB")
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_dataset(
+    root: str | Path,
+    n_covid: int = 8,
+    n_noncovid: int = 8,
+    seed: int = 0,
+    splits: tuple[float, float, float] = (0.5, 0.25, 0.25),
+) -> Path:
+    """Write ``root/CT_COVID``, ``root/CT_NonCOVID`` and ``root/Data-split`` lists; return root.
+
+    File names follow upstream's shapes (``paper-p3-89%0.png``, ``12%1.jpg``); every
+    fourth COVID image is JPEG data in a ``.png`` file.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for folder, (short, label) in CLASSES.items():
+        n = n_covid if label else n_noncovid
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        names = []
+        for i in range(n):
+            img = make_image(label, i, rng)
+            if label:
+                name = f"2020.02.{10 + i // 3}.2002{i:04d}-p{i % 7}-{40 + i}%{i % 3}.png"
+                fmt = "JPEG" if i % 4 == 3 else "PNG"  # JPEG data named .png, as upstream
+            else:
+                fmt = "JPEG" if i % 2 else "PNG"
+                name = f"{i}%{i % 2}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            (root / folder / name).write_bytes(encode(img, fmt))
+            names.append(name)
+        n_train = round(n * splits[0])
+        n_val = round(n * splits[1])
+        parts = {"train": names[:n_train], "val": names[n_train : n_train + n_val], "test": names[n_train + n_val :]}
+        split_dir = root / "Data-split" / short
+        split_dir.mkdir(parents=True, exist_ok=True)
+        for part, members in parts.items():
+            (split_dir / f"{part}CT_{short}.txt").write_text("".join(m + "\n" for m in members))
+    return root
