@@ -19,7 +19,9 @@ from covidct.errors import CovidctError, WeightsNotFoundError
 #: Environment variable naming a folder of Keras "notop" weight files under their
 #: official names (what Keras caches in ~/.keras/models). Air-gapped sites use it.
 WEIGHTS_DIR_ENV = "COVIDCT_WEIGHTS_DIR"
+#: Keras' download location; COVIDCT_WEIGHTS_URL overrides it (an internal mirror laid out the same).
 KERAS_WEIGHTS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
+WEIGHTS_URL_ENV = "COVIDCT_WEIGHTS_URL"
 
 POOLINGS = ("avg", "flatten")
 RANDOM_WEIGHTS = ("none", "random")
@@ -35,8 +37,14 @@ class Backbone:
     input_size: int  # square input side in pixels
     feature_map: tuple[int, int, int]  # last conv block's (height, width, channels) at input_size
     weights_file: str  # Keras' official notop file name
-    weights_origin: str  # where Keras downloads it from
+    weights_subdir: str  # its folder under Keras' download base
     weights_md5: str  # the hash Keras checks
+
+    @property
+    def weights_origin(self) -> str:
+        """Where Keras downloads the notop weights from."""
+        base = os.environ.get(WEIGHTS_URL_ENV) or KERAS_WEIGHTS_BASE
+        return base.rstrip("/") + "/" + self.weights_subdir + "/" + self.weights_file
 
     def feature_dim(self, pooling: str) -> int:
         h, w, c = self.feature_map
@@ -50,7 +58,7 @@ class Backbone:
 
 
 def _b(name, module, ctor, size, fmap, sub, fname, md5) -> Backbone:
-    return Backbone(name, module, ctor, size, fmap, fname, KERAS_WEIGHTS_BASE + sub + "/" + fname, md5)
+    return Backbone(name, module, ctor, size, fmap, fname, sub, md5)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -110,18 +118,25 @@ def local_weights_file(backbone: Backbone, weights: str | None) -> Path | None:
         if not path.is_file():
             raise CovidctError(f"weights file {path} does not exist")
         return path
+    for path in _local_candidates(backbone):
+        if path.is_file():
+            return path
+    raise WeightsNotFoundError(_missing_message(backbone))
+
+
+def _local_candidates(backbone: Backbone) -> list[Path]:
+    """$COVIDCT_WEIGHTS_DIR/<official name>, then Keras' cache ~/.keras/models/<official name>."""
     candidates = []
     if os.environ.get(WEIGHTS_DIR_ENV):
         candidates.append(Path(os.environ[WEIGHTS_DIR_ENV]).expanduser() / backbone.weights_file)
     candidates.append(keras_cache_dir() / backbone.weights_file)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise WeightsNotFoundError(_missing_message(backbone, candidates))
+    return candidates
 
 
-def _missing_message(backbone: Backbone, looked_in: list[Path], download_error: str | None = None) -> str:
-    where = ", ".join(str(p) for p in looked_in)
+def _missing_message(backbone: Backbone, download_error: str | None = None) -> str:
+    where = " and ".join(str(p) for p in _local_candidates(backbone))
+    if not os.environ.get(WEIGHTS_DIR_ENV):
+        where += f" (${WEIGHTS_DIR_ENV} is not set)"
     msg = (
         f"ImageNet weights for {backbone.name} are not available. Looked for {where}. "
         f"Either put {backbone.weights_file} into a folder and set {WEIGHTS_DIR_ENV} to it "
@@ -144,8 +159,7 @@ def download_weights(backbone: Backbone) -> Path:
             )
         )
     except Exception as exc:  # noqa: BLE001 - any download failure is reported the same way
-        looked = [Path(os.environ.get(WEIGHTS_DIR_ENV, "$" + WEIGHTS_DIR_ENV)) / backbone.weights_file]
-        raise WeightsNotFoundError(_missing_message(backbone, looked, f"{type(exc).__name__}: {exc}")) from None
+        raise WeightsNotFoundError(_missing_message(backbone, f"{type(exc).__name__}: {exc}")) from None
 
 
 def resolve_weights(backbone: Backbone, weights: str | None, download: bool = True) -> Path | None:

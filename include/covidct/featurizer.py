@@ -39,6 +39,7 @@ from pyspark.sql.types import ArrayType, BinaryType, FloatType, StructType
 
 from covidct import image as imagelib
 from covidct.backbone import POOLINGS, get_backbone, normalize_weights, resolve_weights
+from covidct.errors import CovidctError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ IMAGE_STRUCT_FIELDS = {"origin", "height", "width", "nChannels", "mode", "data"}
 
 
 def _to_model_name(value) -> str:
-    return get_backbone(TypeConverters.toString(value)).name
+    try:
+        return get_backbone(TypeConverters.toString(value)).name
+    except CovidctError as exc:  # pyspark reports invalid param values as TypeError
+        raise TypeError(str(exc)) from None
 
 
 def _to_pooling(value) -> str:
@@ -117,7 +121,9 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         batchSize: int = 32,
         seed: int = 0,
     ) -> DeepImageFeaturizer:
-        kwargs = self._input_kwargs
+        kwargs = dict(self._input_kwargs)
+        if "weights" in kwargs:  # pyspark stores None unconverted; None means random weights here
+            kwargs["weights"] = _to_weights(kwargs["weights"])
         if "batchSize" in kwargs and int(kwargs["batchSize"]) <= 0:
             raise ValueError(f"batchSize must be > 0, got {kwargs['batchSize']}")
         return self._set(**kwargs)
@@ -141,7 +147,7 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         return self.getOrDefault(self.pooling)
 
     def setWeights(self, value: str | None) -> DeepImageFeaturizer:
-        return self._set(weights=value)
+        return self._set(weights=_to_weights(value))
 
     def getWeights(self) -> str:
         return self.getOrDefault(self.weights)

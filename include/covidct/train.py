@@ -25,6 +25,7 @@ from pyspark.ml import PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from covidct import split as splitlib
 from covidct.atomic import atomic_dir
@@ -145,7 +146,7 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
         for split in config.splits:
             target = staging if len(config.splits) == 1 else staging / split
             target.mkdir(parents=True, exist_ok=True)
-            metrics = fit_and_evaluate(config, split, data, featurizer, target)
+            metrics = fit_and_evaluate(config, split, data, featurizer, target, weights_id)
             metrics.update(
                 backbone=backbone.name,
                 weights=config.weights,
@@ -174,7 +175,7 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
 
 
 def fit_and_evaluate(
-    config: TrainConfig, split: str, data: DataFrame, featurizer: DeepImageFeaturizer, target: Path
+    config: TrainConfig, split: str, data: DataFrame, featurizer: DeepImageFeaturizer, target: Path, weights_id: str
 ) -> dict:
     """Fit LR on the split's train part, evaluate its test part, save model + predictions."""
     assigned = splitlib.assign(data, split, config.seed, config.data_dir)
@@ -199,7 +200,9 @@ def fit_and_evaluate(
              metrics["accuracy"], n_test, fit_s)  # fmt: skip
     # The saved model classifies new images end to end: image bytes -> features -> LR.
     PipelineModel(stages=[featurizer, lr_model]).write().save((target / "model").as_uri())
-    covid_probability(predictions).coalesce(1).write.parquet((target / "predictions.parquet").as_uri())
+    # Each row records the weights it came from ("random-seedN" marks random weights).
+    out = covid_probability(predictions).withColumn("weights_id", F.lit(weights_id))
+    out.coalesce(1).write.parquet((target / "predictions.parquet").as_uri())
     for df in (predictions, train_df, test_df):
         df.unpersist()
     return {
