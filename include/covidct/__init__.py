@@ -2,12 +2,22 @@
 
 The modules, one concept each:
 
+- ``fetch``      downloading (or copying) the dataset: retries, safe extraction, atomic publish
+- ``manifest``   one row per image: sha256, size, format by content, mode, official split
+- ``validate``   the Great Expectations gate on the manifest and split lists
 - ``backbone``   the table of ImageNet CNN backbones and where their weights come from
 - ``image``      decoding image bytes by content into backbone-ready arrays
 - ``featurizer`` ``DeepImageFeaturizer``, a ``pyspark.ml`` Transformer running Keras in Spark workers
 - ``dataset``    reading an upstream-shaped dataset folder into a Spark DataFrame
 - ``split``      the ``random70`` and ``official`` train/test splits
+- ``cache``      the incremental feature cache (Parquet keyed by image sha256 + weights + pooling)
+- ``evaluate``   held-out metrics with pyspark.ml's evaluators
 - ``train``      featurize + fit logistic regression + evaluate, written atomically
+- ``predict``    classifying new images with a saved model
+- ``report``     comparing backbones (``stats``: bootstrap CIs, McNemar; ``plots``: figures)
+- ``pipeline``   what the Airflow DAG's tasks do; ``operators``: its spark-submit operator
+- ``localstack`` ``make run`` / ``make ui`` on embedded defaults
+- ``session``, ``paths``, ``atomic``, ``errors``: plumbing
 - ``cli``        the ``covidct`` command line
 """
 

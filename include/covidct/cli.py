@@ -36,9 +36,13 @@ def _add_train(sub) -> None:
     p.add_argument("--max-iter", type=int, default=20)
     p.add_argument("--reg-param", type=float, default=0.05)
     p.add_argument("--elastic-net-param", type=float, default=0.3)
-    cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--cache-dir", type=Path, help="feature cache folder (default: $COVIDCT_CACHE_DIR or ~/.cache)")
-    cache.add_argument("--no-cache", action="store_true", help="featurize every image, read and write no cache")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="feature cache folder (default: $COVIDCT_CACHE_DIR, else $COVIDCT_HOME/feature-cache)",
+    )
+    p.add_argument("--cache", choices=["on", "off"], default="on", help="off: featurize every image, no cache")
+    p.add_argument("--no-cache", dest="cache", action="store_const", const="off", help="same as --cache off")
     p.set_defaults(func=_cmd_train)
 
 
@@ -58,7 +62,7 @@ def _cmd_train(args) -> int:
         max_iter=args.max_iter,
         reg_param=args.reg_param,
         elastic_net_param=args.elastic_net_param,
-        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        cache_dir=None if args.cache == "off" else (args.cache_dir or default_cache_dir()),
     )
     results = train(config)
     for split, m in results.items():
@@ -99,13 +103,17 @@ def _add_fetch(sub) -> None:
         default=os.environ.get("COVIDCT_DATA_SOURCE") or None,
         help="upstream (default), a base URL of a mirror, a local dataset folder, or a folder holding the zips",
     )
+    p.add_argument("--expect-covid", type=int, default=349, help="COVID images the data must have (default 349)")
+    p.add_argument("--expect-noncovid", type=int, default=397, help="non-COVID images (default 397)")
     p.set_defaults(func=_cmd_fetch)
 
 
 def _cmd_fetch(args) -> int:
     from covidct.fetch import fetch
 
-    result = fetch(args.dest, source=args.source)
+    result = fetch(
+        args.dest, source=args.source, expected_covid=args.expect_covid, expected_noncovid=args.expect_noncovid
+    )
     print(result.summary())
     return 0
 
