@@ -1,0 +1,868 @@
+"""The comparison report: backbones side by side per split, beside Benbrahim et al. (2021).
+
+``build_report`` reads every ``metrics.json`` under the run folders (grouped by the
+``backbone`` and ``split`` fields inside, whatever the layout) and the
+``predictions.parquet`` beside each, and writes one folder, atomically::
+
+    report.html   self-contained (inline CSS, figures as data URIs)
+    report.md     the same tables; figures are the PNG files beside it
+    summary.json  the table data, for programs
+    roc_<split>.png  confusion_<split>.png  calibration_<split>.png
+
+The figures in the tables are metrics.json's (Spark's evaluators); the 95 % intervals
+come from a seeded percentile bootstrap over the test predictions (``covidct.stats``),
+resampling patients rather than images on the ``official`` split. Backbones that were
+expected but have no results, or whose task failed, are named as failed. Runs with
+random weights are flagged in red, in words, wherever they appear.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import itertools
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidct import plots, stats
+from covidct.atomic import atomic_dir
+from covidct.backbone import BACKBONES, get_backbone
+from covidct.errors import CovidctError
+
+log = logging.getLogger(__name__)
+
+#: Benbrahim et al. (2021): random 70/30 split, 216 test images, a 2-core Spark driver.
+PAPER_CITATION = (
+    "Benbrahim et al. (2021), Deep Transfer Learning Pipelines with Apache Spark "
+    "and Keras TensorFlow combined with Logistic Regression to Detect COVID-19 in Chest CT Images"
+)
+PAPER_TEST_IMAGES = 216
+PAPER = {
+    "VGG16": {"accuracy": 0.8565, "correct": 185, "fit_min": 16.1, "evaluate_min": 14.2},
+    "VGG19": {"accuracy": 0.8426, "correct": 182, "fit_min": 20.3, "evaluate_min": 17.6},
+    "Xception": {"accuracy": 0.8287, "correct": 179, "fit_min": 12.4, "evaluate_min": 10.5},
+}
+SPLIT_ORDER = ("random70", "official")
+SPLIT_TITLES = {
+    "random70": "random70: seeded image-level 70/30 split (the study's protocol)",
+    "official": "official: the published patient-level split lists (not directly comparable with the study)",
+}
+#: (metrics.json key, column title, shown as a percentage)
+COLUMNS = (
+    ("accuracy", "Accuracy", True),
+    ("weightedPrecision", "Weighted precision", True),
+    ("weightedRecall", "Weighted recall", True),
+    ("f1", "Weighted F1", True),
+    ("sensitivity", "Sensitivity", True),
+    ("specificity", "Specificity", True),
+    ("auc", "AUC", False),
+)
+FIGURE_TITLES = {"roc": "ROC curves", "confusion": "Confusion matrices", "calibration": "Reliability (calibration)"}
+RANDOM_WARNING = "RANDOM WEIGHTS — not a meaningful result"
+MD_RANDOM = "**⚠ RANDOM WEIGHTS**"
+HTML_NAME, MARKDOWN_NAME, SUMMARY_NAME = "report.html", "report.md", "summary.json"
+_SKIP_DIRS = {"model", "predictions.parquet"}
+_PREDICTION_COLUMNS = {"relpath", "label", "probability", "prediction"}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Entry:
+    """One metrics.json: one backbone on one split, with its predictions and intervals."""
+
+    backbone: str
+    split: str
+    metrics: dict
+    source: Path  # the metrics.json
+    predictions: pd.DataFrame | None = None  # sorted by relpath; None where missing
+    label: str = ""  # the row's name (the backbone, disambiguated where it ran several times)
+    bootstrap: stats.Bootstrap | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.metrics.get("random_weights")) or str(self.metrics.get("weights", "")).lower() == "none"
+
+    @property
+    def title(self) -> str:
+        return f"{self.label} ({RANDOM_WARNING})" if self.random_weights else self.label
+
+    def value(self, name: str) -> float | None:
+        return _number(self.metrics.get(name))
+
+    def interval(self, name: str) -> stats.Interval | None:
+        return self.bootstrap.intervals.get(name) if self.bootstrap else None
+
+
+@dataclass
+class SplitResult:
+    split: str
+    entries: list[Entry]
+    failed: dict[str, str]  # backbone -> why it has no row on this split
+    mcnemar: list[dict]
+    images: dict[str, Path]  # "roc" / "confusion" / "calibration" -> PNG (in the report folder)
+
+
+@dataclass
+class Report:
+    out: Path
+    html: Path
+    markdown: Path
+    summary_json: Path
+    images: list[Path]
+    splits: dict[str, SplitResult]
+    failures: dict[str, str]  # backbone -> reason, over all splits
+    random_weights: list[str]  # "Xception (official)", ...
+    notes: list[str]
+    summary: dict  # what summary.json holds
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def canonical_backbone(name: str) -> str:
+    """'vgg16' -> 'VGG16'; names outside the backbone table are kept as given."""
+    try:
+        return get_backbone(name).name
+    except CovidctError:
+        return str(name).strip()
+
+
+def _backbone_order(name: str) -> tuple[int, str]:
+    names = list(BACKBONES)
+    return (names.index(name), "") if name in names else (len(names), name.lower())
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "split"
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def find_metrics(run_dirs: list[Path], skip: Path | None = None) -> list[Path]:
+    """Every metrics.json under the run folders (hidden staging folders, models and ``skip`` excluded)."""
+    found: dict[Path, None] = {}
+    for root in run_dirs:
+        root = Path(root).expanduser()
+        if root.is_file() and root.name == "metrics.json":
+            found[root.resolve()] = None
+            continue
+        if not root.is_dir():
+            raise CovidctError(f"run folder {root} does not exist")
+        for folder, dirnames, filenames in os.walk(root):
+            here = Path(folder)
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if not d.startswith(".") and d not in _SKIP_DIRS and (skip is None or (here / d).resolve() != skip)
+            )
+            if "metrics.json" in filenames:
+                found[(here / "metrics.json").resolve()] = None
+    return list(found)
+
+
+def read_predictions(folder: Path) -> pd.DataFrame:
+    """predictions.parquet (Spark's folder or one file), one row per relpath, sorted by relpath."""
+    frame = pd.read_parquet(folder)
+    missing = _PREDICTION_COLUMNS - set(frame.columns)
+    if missing:
+        raise ValueError(f"columns {', '.join(sorted(missing))} are missing")
+    frame = frame.dropna(subset=["label", "prediction"]).drop_duplicates("relpath")
+    frame = frame.astype({"label": int, "prediction": int, "probability": float})
+    return frame.sort_values("relpath", kind="stable").reset_index(drop=True)
+
+
+def load_entry(path: Path, notes: list[str]) -> Entry | None:
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        notes.append(f"{path} could not be read ({exc}); it is left out.")
+        log.warning("skipping %s: %s", path, exc)
+        return None
+    if not isinstance(metrics, dict) or not metrics.get("backbone") or not metrics.get("split"):
+        notes.append(f"{path} has no backbone or split field; it is left out.")
+        return None
+    entry = Entry(canonical_backbone(metrics["backbone"]), str(metrics["split"]), metrics, path)
+    entry.label = entry.backbone
+    folder = path.parent / "predictions.parquet"
+    if not folder.exists():
+        entry.problems.append("no predictions.parquet beside metrics.json: no intervals, curves or McNemar test")
+        return entry
+    try:
+        entry.predictions = read_predictions(folder)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
+        entry.problems.append(f"predictions.parquet could not be read ({type(exc).__name__}: {exc})")
+        return entry
+    if entry.predictions["probability"].isna().any():
+        dropped = int(entry.predictions["probability"].isna().sum())
+        entry.predictions = entry.predictions.dropna(subset=["probability"]).reset_index(drop=True)
+        entry.problems.append(f"{dropped} predictions without a probability were left out of the intervals")
+    if entry.predictions.empty:
+        entry.problems.append("predictions.parquet is empty")
+        entry.predictions = None
+        return entry
+    _check_consistency(entry)
+    return entry
+
+
+def _check_consistency(entry: Entry) -> None:
+    """Warn where predictions.parquet does not reproduce metrics.json (a stale or mixed-up folder)."""
+    frame = entry.predictions
+    n_test = entry.metrics.get("n_test")
+    if n_test is not None and int(n_test) != len(frame):
+        entry.problems.append(f"predictions.parquet holds {len(frame)} test images, metrics.json says {n_test}")
+    computed = stats.reference_metrics(frame["label"], frame["prediction"], frame["probability"])
+    for name in ("accuracy", "auc"):
+        ours, theirs = computed.get(name), entry.value(name)
+        if ours is not None and theirs is not None and abs(ours - theirs) > 1e-6:
+            entry.problems.append(
+                f"{name} from predictions.parquet ({ours:.4f}) differs from metrics.json ({theirs:.4f})"
+            )
+
+
+def _label_duplicates(entries: list[Entry]) -> None:
+    """Name rows apart where one backbone ran more than once on a split (several run folders)."""
+    groups: dict[tuple[str, str], list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.split, e.backbone), []).append(e)
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        fields = [k for k in ("weights_id", "pooling", "seed") if len({str(e.metrics.get(k)) for e in same}) > 1]
+        for e in same:
+            parts = [f"{k}={e.metrics.get(k)}" for k in fields]
+            if not parts or len({tuple(str(x.metrics.get(k)) for k in fields) for x in same}) < len(same):
+                parts.append(str(e.source.parent))
+            e.label = f"{e.backbone} ({', '.join(parts)})"
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _bootstrap(entry: Entry, n_resamples: int, seed: int) -> None:
+    frame = entry.predictions
+    if frame is None:
+        return
+    groups = [stats.group_key(p) for p in frame["relpath"]] if entry.split == "official" else None
+    entry.bootstrap = stats.bootstrap(
+        frame["label"].to_numpy(),
+        frame["prediction"].to_numpy(),
+        frame["probability"].to_numpy(),
+        groups=groups,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def compare_pairs(entries: list[Entry]) -> list[dict]:
+    """McNemar's exact test for every pair of backbones with predictions on the same test images."""
+    rows = []
+    for a, b in itertools.combinations([e for e in entries if e.predictions is not None], 2):
+        row = {
+            "backbone_a": a.label,
+            "backbone_b": b.label,
+            "a_random_weights": a.random_weights,
+            "b_random_weights": b.random_weights,
+        }
+        paths_a, paths_b = set(a.predictions["relpath"]), set(b.predictions["relpath"])
+        if paths_a != paths_b:
+            row.update(
+                tested=False,
+                reason=f"test sets differ ({len(paths_a)} vs {len(paths_b)} images, {len(paths_a & paths_b)} "
+                f"shared; seeds {a.metrics.get('seed')} vs {b.metrics.get('seed')}): not tested",
+            )
+            rows.append(row)
+            continue
+        joined = a.predictions.merge(b.predictions, on="relpath", suffixes=("_a", "_b"))
+        if not (joined["label_a"] == joined["label_b"]).all():
+            row.update(tested=False, reason="the two runs disagree on the labels of the same images: not tested")
+            rows.append(row)
+            continue
+        test = stats.mcnemar(joined["label_a"], joined["prediction_a"], joined["prediction_b"])
+        row.update(tested=True, n=test.n, b=test.b, c=test.c, pvalue=test.pvalue)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _fmt(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.2f}" if percent else f"{value:.3f}"
+
+
+def _fmt_ci(interval: stats.Interval | None, percent: bool) -> str:
+    if interval is None or interval.low is None:
+        return "95 % CI n/a"
+    return f"[{_fmt(interval.low, percent)}, {_fmt(interval.high, percent)}]"
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def _paper_cell(entry: Entry) -> tuple[str, str]:
+    """(figure, remark) for the study's accuracy beside this row."""
+    paper = PAPER.get(entry.backbone)
+    if paper is None:
+        return "—", ""
+    figure = f"{100 * paper['accuracy']:.2f} ({paper['correct']}/{PAPER_TEST_IMAGES})"
+    if entry.split != "random70":
+        return figure, "different protocol"
+    interval = entry.interval("accuracy")
+    if interval is None or interval.low is None:
+        return figure, ""
+    return figure, "inside our 95 % CI" if interval.brackets(paper["accuracy"]) else "outside our 95 % CI"
+
+
+def _cache_text(metrics: dict) -> str:
+    cache = metrics.get("cache") or {}
+    hits, misses = cache.get("hits"), cache.get("misses")
+    if not cache.get("enabled", False):
+        return f"off ({misses} featurized)" if misses is not None else "off"
+    return f"{hits} hits / {misses} misses"
+
+
+def _seconds(value) -> str:
+    number = _number(value)
+    return "—" if number is None else f"{number:.1f}"
+
+
+def _weights_text(entry: Entry) -> str:
+    return f"{entry.metrics.get('weights', '?')} ({entry.metrics.get('weights_id', '?')})"
+
+
+def _timing_rows(entries: list[Entry]) -> list[dict]:
+    rows = []
+    for e in sorted(entries, key=lambda e: (_backbone_order(e.backbone), e.label, _split_order(e.split))):
+        t = e.metrics.get("timings") or {}
+        paper = PAPER.get(e.backbone, {})
+        rows.append(
+            {
+                "backbone": e.label,
+                "split": e.split,
+                "random_weights": e.random_weights,
+                "featurize_s": _number(t.get("featurize_s")),
+                "fit_s": _number(t.get("fit_s")),
+                "evaluate_s": _number(t.get("evaluate_s")),
+                "total_s": _number(t.get("total_s")),
+                "cache": e.metrics.get("cache") or {},
+                "cache_text": _cache_text(e.metrics),
+                "paper_fit_min": paper.get("fit_min"),
+                "paper_evaluate_min": paper.get("evaluate_min"),
+            }
+        )
+    return rows
+
+
+def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int) -> list[str]:
+    notes = [
+        f"Study: {PAPER_CITATION}. It reported accuracy on one random 70/30 image-level split "
+        f"({PAPER_TEST_IMAGES} test images); that protocol is our random70 split. Images of one patient can "
+        "fall on both sides of an image-level split, which flatters accuracy; the official split keeps "
+        "patients apart, so its figures are not directly comparable with the study's.",
+        "Point estimates are metrics.json's, computed by Spark's evaluators (weighted precision, recall and "
+        "F1 as MulticlassClassificationEvaluator defines them, equal to scikit-learn's average='weighted'; "
+        "AUC by BinaryClassificationEvaluator); percentages except AUC.",
+        f"95 % confidence intervals: percentile bootstrap with {n_resamples} resamples (seed {seed}) of the "
+        "test predictions in predictions.parquet; each resample's metrics are scikit-learn's definitions. "
+        "Resamples with one class only are skipped for sensitivity, specificity and AUC where undefined.",
+        "On the official split whole patients are resampled, not images. The patient is guessed from the "
+        "file name: the class folder plus the name without its extension and without a trailing '%<n>' "
+        "(upstream numbers the slices or sub-figures of one case '%0', '%1', ...), e.g. "
+        "CT_COVID/2020.02.10.20021584-p6-52%3.png -> CT_COVID/2020.02.10.20021584-p6-52. One patient shown "
+        "in several figures still counts as several, so the intervals may be somewhat narrow. random70 "
+        "resamples images, as the study's protocol treats them as independent.",
+        "McNemar: for each pair of backbones on the same test images, b = images only the first classifies "
+        "correctly, c = images only the second does; p is the exact two-sided binomial test of b out of "
+        "b + c at 1/2 (scipy.stats.binomtest). Pairs whose test sets differ (other seed or data) are not "
+        "tested. With k pairs, compare p with 0.05 / k (Bonferroni).",
+        "Timings: the study's 'fit' ran sparkdl's DeepImageFeaturizer inside the pipeline, i.e. it includes "
+        "featurizing the training images, and its 'evaluation' featurized the test images. Here each job "
+        "featurizes all images once (or reads them from the feature cache) for all its splits: compare the "
+        "study's fit + evaluation with featurize_s + fit_s + evaluate_s, or with the job's total_s.",
+    ]
+    for split in splits.values():
+        for e in split.entries:
+            for problem in e.problems:
+                notes.append(f"{e.label} ({split.split}): {problem} [{e.source}].")
+    return notes
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figures(split: SplitResult, folder: Path) -> dict[str, Path]:
+    series = [
+        plots.Series(
+            label=e.label,
+            random_weights=e.random_weights,
+            y=None if e.predictions is None else e.predictions["label"].to_numpy(),
+            score=None if e.predictions is None else e.predictions["probability"].to_numpy(),
+            confusion=e.metrics.get("confusion") or {},
+            auc=e.value("auc"),
+        )
+        for e in split.entries
+    ]
+    missing = [f"{b} (failed: {reason})" for b, reason in split.failed.items()]
+    slug = _slug(split.split)
+    return {
+        "roc": plots.roc_figure(series, folder / f"roc_{slug}.png", f"ROC curves, {split.split} split", missing),
+        "confusion": plots.confusion_figure(
+            series, folder / f"confusion_{slug}.png", f"Confusion matrices, {split.split} split", missing
+        ),
+        "calibration": plots.calibration_figure(
+            series, folder / f"calibration_{slug}.png", f"Reliability, {split.split} split", missing
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1300px;color:#222;
+ padding:0 1em;line-height:1.4}
+h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:2px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0 1em;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.3em .5em;text-align:right;vertical-align:top}
+th{background:#f2f2f2}td.name,th.name{text-align:left}
+.ci{display:block;color:#666;font-size:.85em;white-space:nowrap}
+.remark{display:block;font-size:.8em;color:#555}
+.banner{background:#b00020;color:#fff;padding:.8em 1em;font-weight:bold;margin:1em 0;border-radius:4px}
+.failbox{border:2px solid #b00020;color:#b00020;padding:.6em 1em;margin:1em 0;border-radius:4px}
+tr.random td{background:#fde7ea;color:#b00020}
+.rw{color:#b00020;font-weight:bold;display:block;font-size:.85em}
+tr.failed td{background:#fff4e5;color:#8a3b00;font-weight:bold}
+.figs img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
+.muted{color:#666;font-size:.9em}
+"""
+
+
+def _h(text) -> str:
+    return html.escape(str(text))
+
+
+def _tr(random: bool) -> str:
+    return '<tr class="random">' if random else "<tr>"
+
+
+def _html_name_cell(label: str, random: bool) -> str:
+    extra = f'<span class="rw">{_h(RANDOM_WARNING)}</span>' if random else ""
+    return f'<td class="name">{_h(label)}{extra}</td>'
+
+
+def _html_metrics_table(split: SplitResult) -> str:
+    head = ['<th class="name">Backbone</th>', '<th class="name">Weights</th>', "<th>Test images</th>"]
+    for key, title, percent in COLUMNS:
+        head.append(f"<th>{_h(title)}{' %' if percent else ''}<span class='ci'>95 % CI</span></th>")
+        if key == "accuracy":
+            head.append("<th>Study's accuracy %<span class='ci'>(correct/test)</span></th>")
+    lines = ["<table>", "<tr>" + "".join(head) + "</tr>"]
+    for e in split.entries:
+        cells = [_html_name_cell(e.label, e.random_weights), f'<td class="name">{_h(_weights_text(e))}</td>']
+        cells.append(f"<td>{_h(e.metrics.get('n_test', '—'))}</td>")
+        for key, _title, percent in COLUMNS:
+            ci = _fmt_ci(e.interval(key), percent)
+            cells.append(f"<td>{_fmt(e.value(key), percent)}<span class='ci'>{_h(ci)}</span></td>")
+            if key == "accuracy":
+                figure, remark = _paper_cell(e)
+                remark_html = f"<span class='remark'>{_h(remark)}</span>" if remark else ""
+                cells.append(f"<td>{_h(figure)}{remark_html}</td>")
+        lines.append(_tr(e.random_weights) + "".join(cells) + "</tr>")
+    span = len(head) - 1
+    for backbone, reason in split.failed.items():
+        lines.append(
+            f'<tr class="failed"><td class="name">{_h(backbone)}</td>'
+            f'<td class="name" colspan="{span}">{_h(f"{backbone}: failed — {reason}")}</td></tr>'
+        )
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _html_mcnemar(split: SplitResult) -> str:
+    if not split.mcnemar:
+        return "<p class='muted'>McNemar: fewer than two backbones with predictions on this split.</p>"
+    lines = [
+        "<table>",
+        "<tr><th class='name'>A</th><th class='name'>B</th><th>Test images</th><th>b (only A right)</th>"
+        "<th>c (only B right)</th><th>p (exact)</th></tr>",
+    ]
+    for row in split.mcnemar:
+        random = row["a_random_weights"] or row["b_random_weights"]
+        names = _html_name_cell(row["backbone_a"], row["a_random_weights"])
+        names += _html_name_cell(row["backbone_b"], row["b_random_weights"])
+        if row["tested"]:
+            cells = f"<td>{row['n']}</td><td>{row['b']}</td><td>{row['c']}</td><td>{_fmt_p(row['pvalue'])}</td>"
+        else:
+            cells = f"<td class='name' colspan='4'>{_h(row['reason'])}</td>"
+        lines.append(_tr(random) + f"{names}{cells}</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _html_timings(rows: list[dict]) -> str:
+    lines = [
+        "<table>",
+        "<tr><th class='name'>Backbone</th><th class='name'>Split</th><th>Featurize s</th><th>Fit s</th>"
+        "<th>Evaluate s</th><th>Job total s</th><th class='name'>Feature cache</th><th>Study fit min</th>"
+        "<th>Study evaluate min</th></tr>",
+    ]
+    for r in rows:
+        study = [r["paper_fit_min"], r["paper_evaluate_min"]]
+        cells = [
+            _html_name_cell(r["backbone"], r["random_weights"]),
+            f"<td class='name'>{_h(r['split'])}</td>",
+            *(f"<td>{_seconds(r[k])}</td>" for k in ("featurize_s", "fit_s", "evaluate_s", "total_s")),
+            f"<td class='name'>{_h(r['cache_text'])}</td>",
+            *(f"<td>{'—' if v is None else v}</td>" for v in study),
+        ]
+        lines.append(_tr(r["random_weights"]) + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def render_html(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'><title>COVID-CT backbone comparison</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>COVID-CT backbone comparison</h1>",
+        f"<p class='muted'>Generated {_h(data['generated_at'])} from {_h(', '.join(data['run_dirs']))}</p>",
+    ]
+    if data["random_weights"]:
+        parts.append(
+            f"<div class='banner'>⚠ {_h(RANDOM_WARNING)}: {_h(', '.join(data['random_weights']))} used untrained "
+            "(random) weights (weights=none). Their figures only test the pipeline.</div>"
+        )
+    if data["failures"]:
+        items = "".join(f"<li>{_h(f'{b}: failed — {r}')}</li>" for b, r in data["failures"].items())
+        parts.append(f"<div class='failbox'><b>Failed backbones</b><ul>{items}</ul></div>")
+    parts.append(
+        f"<p>Compared with {_h(PAPER_CITATION)}: accuracy 85.65 % (VGG16), 84.26 % (VGG19), 82.87 % (Xception) "
+        f"on {PAPER_TEST_IMAGES} test images of a random 70/30 split.</p>"
+    )
+    for split in splits.values():
+        parts.append(f"<h2>{_h(SPLIT_TITLES.get(split.split, split.split))}</h2>")
+        parts.append(_html_metrics_table(split))
+        parts.append("<h3>McNemar tests</h3>")
+        parts.append(_html_mcnemar(split))
+        parts.append("<div class='figs'>")
+        for kind, path in split.images.items():
+            title = FIGURE_TITLES.get(kind, kind)
+            alt = f"{title}, {split.split} split"
+            parts.append(f"<h3>{_h(title)}</h3><img alt='{_h(alt)}' src='{_data_uri(path)}'>")
+        parts.append("</div>")
+    parts.append("<h2>Timings and feature cache</h2>")
+    parts.append(_html_timings(timings))
+    parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_h(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _md(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_name(label: str, random: bool) -> str:
+    return f"{_md(label)} {MD_RANDOM} — not a meaningful result" if random else _md(label)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
+    lines = ["# COVID-CT backbone comparison", ""]
+    if data["random_weights"]:
+        lines += [
+            f"> {MD_RANDOM} — not a meaningful result: {', '.join(data['random_weights'])} used untrained "
+            "(random) weights (weights=none). Their figures only test the pipeline.",
+            "",
+        ]
+    if data["failures"]:
+        lines += ["**Failed backbones:**", ""] + [f"- {b}: failed — {r}" for b, r in data["failures"].items()] + [""]
+    lines += [
+        f"Generated {data['generated_at']} from {', '.join(data['run_dirs'])}.",
+        "",
+        f"Compared with {PAPER_CITATION}: accuracy 85.65 % (VGG16), 84.26 % (VGG19), 82.87 % (Xception) on "
+        f"{PAPER_TEST_IMAGES} test images of a random 70/30 split.",
+        "",
+    ]
+    for split in splits.values():
+        lines += [f"## {SPLIT_TITLES.get(split.split, split.split)}", ""]
+        header = ["Backbone", "Weights", "Test images"]
+        for key, title, percent in COLUMNS:
+            header.append(f"{title}{' %' if percent else ''} [95 % CI]")
+            if key == "accuracy":
+                header.append("Study's accuracy %")
+        rows = []
+        for e in split.entries:
+            row = [_md_name(e.label, e.random_weights), _md(_weights_text(e)), str(e.metrics.get("n_test", "—"))]
+            for key, _title, percent in COLUMNS:
+                row.append(f"{_fmt(e.value(key), percent)} {_fmt_ci(e.interval(key), percent)}")
+                if key == "accuracy":
+                    figure, remark = _paper_cell(e)
+                    row.append(f"{figure} ({remark})" if remark else figure)
+            rows.append(row)
+        for backbone, reason in split.failed.items():
+            rows.append(
+                [f"**{_md(backbone)}**", f"**{_md(f'{backbone}: failed — {reason}')}**"] + [""] * (len(header) - 2)
+            )
+        lines += _md_table(header, rows) + ["", "### McNemar tests", ""]
+        if split.mcnemar:
+            mc_rows = []
+            for r in split.mcnemar:
+                names = [
+                    _md_name(r["backbone_a"], r["a_random_weights"]),
+                    _md_name(r["backbone_b"], r["b_random_weights"]),
+                ]
+                if r["tested"]:
+                    mc_rows.append(names + [str(r["n"]), str(r["b"]), str(r["c"]), _fmt_p(r["pvalue"])])
+                else:
+                    mc_rows.append(names + [_md(r["reason"]), "", "", ""])
+            lines += _md_table(["A", "B", "Test images", "b (only A right)", "c (only B right)", "p (exact)"], mc_rows)
+        else:
+            lines.append("Fewer than two backbones with predictions on this split.")
+        lines.append("")
+        for kind, path in split.images.items():
+            lines += [f"![{FIGURE_TITLES.get(kind, kind)}, {split.split} split]({path.name})", ""]
+    lines += ["## Timings and feature cache", ""]
+    timing_rows = []
+    for r in timings:
+        timing_rows.append(
+            [_md_name(r["backbone"], r["random_weights"]), r["split"]]
+            + [_seconds(r[k]) for k in ("featurize_s", "fit_s", "evaluate_s", "total_s")]
+            + [_md(r["cache_text"])]
+            + ["—" if r[k] is None else str(r[k]) for k in ("paper_fit_min", "paper_evaluate_min")]
+        )
+    lines += _md_table(
+        ["Backbone", "Split", "Featurize s", "Fit s", "Evaluate s", "Job total s", "Feature cache", "Study fit min",
+         "Study evaluate min"],
+        timing_rows,
+    )  # fmt: skip
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- summary.json
+
+
+def _summary(
+    run_dirs: list[Path],
+    splits: dict[str, SplitResult],
+    failures: dict[str, str],
+    random_weights: list[str],
+    timings: list[dict],
+    notes: list[str],
+    n_resamples: int,
+    seed: int,
+) -> dict:
+    out_splits = {}
+    for name, split in splits.items():
+        rows = []
+        for e in split.entries:
+            metrics = {}
+            for key, _title, _percent in COLUMNS:
+                interval = e.interval(key)
+                metrics[key] = {
+                    "value": e.value(key),
+                    "ci_low": None if interval is None else interval.low,
+                    "ci_high": None if interval is None else interval.high,
+                    "ci_resamples": None if interval is None else interval.n_valid,
+                }
+            paper = PAPER.get(e.backbone)
+            _figure, remark = _paper_cell(e)
+            rows.append(
+                {
+                    "backbone": e.backbone,
+                    "label": e.label,
+                    "random_weights": e.random_weights,
+                    "warning": RANDOM_WARNING if e.random_weights else None,
+                    "weights": e.metrics.get("weights"),
+                    "weights_id": e.metrics.get("weights_id"),
+                    "seed": e.metrics.get("seed"),
+                    "pooling": e.metrics.get("pooling"),
+                    "n_train": e.metrics.get("n_train"),
+                    "n_test": e.metrics.get("n_test"),
+                    "metrics": metrics,
+                    "confusion": e.metrics.get("confusion"),
+                    "paper_accuracy": None if paper is None else paper["accuracy"],
+                    "paper_remark": remark or None,
+                    "bootstrap_unit": None if e.bootstrap is None else e.bootstrap.unit,
+                    "bootstrap_units": None if e.bootstrap is None else e.bootstrap.n_units,
+                    "timings": e.metrics.get("timings"),
+                    "cache": e.metrics.get("cache"),
+                    "source": str(e.source),
+                    "problems": e.problems,
+                }
+            )
+        out_splits[name] = {
+            "title": SPLIT_TITLES.get(name, name),
+            "rows": rows,
+            "failed": [{"backbone": b, "reason": r} for b, r in split.failed.items()],
+            "mcnemar": split.mcnemar,
+            "images": {k: p.name for k, p in split.images.items()},
+        }
+    return _jsonable(
+        {
+            "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "run_dirs": [str(Path(d).expanduser().absolute()) for d in run_dirs],
+            "paper": {"citation": PAPER_CITATION, "test_images": PAPER_TEST_IMAGES, "backbones": PAPER},
+            "bootstrap": {"resamples": n_resamples, "seed": seed, "level": stats.LEVEL, "method": "percentile"},
+            "random_weights": random_weights,
+            "random_weights_warning": RANDOM_WARNING if random_weights else None,
+            "failures": failures,
+            "splits": out_splits,
+            "timings": timings,
+            "notes": notes,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_out(out: Path, run_dirs: list[Path]) -> None:
+    """Refuse an --out that would replace a run (or anything that is not a previous report)."""
+    resolved = out.resolve()
+    for d in run_dirs:
+        d = Path(d).expanduser().resolve()
+        if resolved == d or resolved in d.parents:
+            raise CovidctError(f"report folder {out} would replace run folder {d}; choose another --out")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_NAME).exists())):
+        raise CovidctError(f"{out} exists and is not a covidct report; refusing to replace it")
+
+
+def build_report(
+    run_dirs: list[Path],
+    out: Path | None = None,
+    expected_backbones: list[str] | None = None,
+    failures: dict[str, str] | None = None,
+    n_resamples: int = stats.N_RESAMPLES,
+    seed: int = stats.SEED,
+) -> Report:
+    """Compare every backbone found under ``run_dirs``; write the report folder ``out`` atomically.
+
+    ``expected_backbones`` without results and ``failures`` (backbone -> reason) are shown
+    as failed. Raises CovidctError where no metrics.json is found at all.
+    """
+    run_dirs = [Path(d).expanduser() for d in run_dirs]
+    if not run_dirs:
+        raise CovidctError("no run folder given")
+    out = Path(out).expanduser() if out is not None else run_dirs[0] / "report"
+    _check_out(out, run_dirs)
+    paths = find_metrics(run_dirs, skip=out.resolve())
+    if not paths:
+        raise CovidctError(
+            f"no metrics.json found under {', '.join(str(d) for d in run_dirs)}: no backbone produced results"
+        )
+    log.info("found %d metrics.json under %s", len(paths), ", ".join(str(d) for d in run_dirs))
+    problems: list[str] = []
+    entries = [e for e in (load_entry(p, problems) for p in paths) if e is not None]
+    if not entries:
+        raise CovidctError(f"none of the {len(paths)} metrics.json files found could be used: {'; '.join(problems)}")
+    _label_duplicates(entries)
+    entries.sort(key=lambda e: (_split_order(e.split), _backbone_order(e.backbone), e.label))
+
+    failures = {canonical_backbone(b): str(r) for b, r in (failures or {}).items()}
+    found = {e.backbone for e in entries}
+    known = list(dict.fromkeys([canonical_backbone(b) for b in expected_backbones or []] + list(failures)))
+    known += sorted(found - set(known), key=_backbone_order)
+    overall_failures = dict(failures)
+    for b in known:
+        if b not in found and b not in overall_failures:
+            overall_failures[b] = "no results"
+
+    splits: dict[str, SplitResult] = {}
+    for name in sorted({e.split for e in entries}, key=_split_order):
+        members = [e for e in entries if e.split == name]
+        present = {e.backbone for e in members}
+        failed = {}
+        for b in known:
+            if b not in present:
+                failed[b] = failures.get(b) or ("no results" if b not in found else "no results on this split")
+        for e in members:
+            log.info("bootstrap %s on %s (%d resamples)", e.label, name, n_resamples)
+            _bootstrap(e, n_resamples, seed)
+        splits[name] = SplitResult(name, members, failed, compare_pairs(members), {})
+
+    random_weights = [f"{e.label} ({e.split})" for e in entries if e.random_weights]
+    for item in random_weights:
+        log.warning("RANDOM WEIGHTS in the report: %s", item)
+    timings = _timing_rows(entries)
+    notes = _notes(splits, n_resamples, seed) + problems
+
+    with atomic_dir(out) as staging:
+        for split in splits.values():
+            log.info("plotting %s", split.split)
+            split.images = _figures(split, staging)
+        data = _summary(run_dirs, splits, overall_failures, random_weights, timings, notes, n_resamples, seed)
+        (staging / SUMMARY_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (staging / HTML_NAME).write_text(render_html(data, splits, timings, notes), encoding="utf-8")
+        (staging / MARKDOWN_NAME).write_text(render_markdown(data, splits, timings, notes), encoding="utf-8")
+    out = out.absolute()
+    for split in splits.values():
+        split.images = {kind: out / path.name for kind, path in split.images.items()}
+    images = [p for s in splits.values() for p in s.images.values()]
+    log.info("wrote report %s (%d backbones, %d splits)", out, len(found), len(splits))
+    return Report(
+        out=out,
+        html=out / HTML_NAME,
+        markdown=out / MARKDOWN_NAME,
+        summary_json=out / SUMMARY_NAME,
+        images=images,
+        splits=splits,
+        failures=overall_failures,
+        random_weights=random_weights,
+        notes=notes,
+        summary=data,
+    )
