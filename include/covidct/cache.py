@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 
+from covidct import paths
 from covidct.image import PREPROCESSING_VERSION
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,10 @@ STALE_STAGING_S = 24 * 3600
 
 
 def default_cache_dir() -> Path:
+    """$COVIDCT_CACHE_DIR, else $COVIDCT_HOME/feature-cache."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    if os.environ.get("COVIDCT_HOME"):
-        return Path(os.environ["COVIDCT_HOME"]).expanduser() / "feature-cache"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "covidct" / "features"
+    return paths.home() / "feature-cache"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,42 @@
+"""Where things live: one work area (``COVIDCT_HOME``) holding data, runs and the feature cache.
+
+    $COVIDCT_HOME/data/COVID-CT         the fetched, validated dataset
+    $COVIDCT_HOME/runs/<run id>/...     one folder per pipeline run (never shared by two runs)
+    $COVIDCT_HOME/feature-cache/        cached features ($COVIDCT_CACHE_DIR overrides)
+
+``make run`` uses the project's ``var/``; the docker-compose stack ``/opt/covidct/var``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+HOME_ENV = "COVIDCT_HOME"
+
+
+def home() -> Path:
+    value = os.environ.get(HOME_ENV)
+    return Path(value).expanduser().absolute() if value else Path.home() / "covidct"
+
+
+def data_dir() -> Path:
+    return home() / "data" / "COVID-CT"
+
+
+def runs_dir() -> Path:
+    return home() / "runs"
+
+
+def safe_name(value: str) -> str:
+    """A path component for any run id (Airflow's hold ':' and '+', which Hadoop paths reject)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("._")
+    if not cleaned:
+        raise ValueError(f"cannot make a folder name of {value!r}")
+    return cleaned
+
+
+def run_dir(run_id: str) -> Path:
+    """The folder of one pipeline run: ``$COVIDCT_HOME/runs/<run id made path-safe>``."""
+    return runs_dir() / safe_name(run_id)
