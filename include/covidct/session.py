@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from pyspark import SparkConf
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,18 @@ DEFAULTS = {
     # The featurizer logs progress itself; the console bar garbles task logs.
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.session.timeZone": "UTC",
+    # Hundreds to a few thousand rows per job: Spark's default of 200 shuffle partitions
+    # means thousands of tiny tasks on a cluster.
+    "spark.sql.shuffle.partitions": "16",
 }
 
 
 def get_spark(app_name: str = "covidct", conf: dict[str, str] | None = None) -> SparkSession:
     """Get or create the session: spark-submit's settings win, then ``conf``, then DEFAULTS."""
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Under spark-submit the JVM already runs and holds its settings (--master, --conf):
+        # connect to it first, else SparkConf() is an empty Python dict and sees none of them.
+        SparkContext._ensure_initialized()
     given = SparkConf()  # holds what spark-submit passed, if anything
     builder = SparkSession.builder.appName(app_name)
     if not given.contains("spark.master"):
