@@ -1,0 +1,126 @@
+"""The feature cache: hits, misses, invalidation, crash safety, CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from covidct import cache as cachelib
+from covidct.backbone import get_backbone, weights_identity
+from covidct.cache import CacheKey, FeatureCache
+from covidct.cli import main
+from covidct.dataset import load_images
+from covidct.featurizer import DeepImageFeaturizer
+from covidct.train import featurize
+
+
+@pytest.fixture(scope="module")
+def images(spark, small_dataset):
+    return load_images(spark, small_dataset).cache()
+
+
+def run(spark, images, cache, pooling="avg", seed=0):
+    featurizer = DeepImageFeaturizer(modelName="VGG16", weights="none", pooling=pooling, seed=seed)
+    key = CacheKey("VGG16", weights_identity(get_backbone("VGG16"), "none", seed), pooling)
+    feats, stats = featurize(spark, images, featurizer, cache, key)
+    return {r.sha256: np.array(r.features) for r in feats.collect()}, stats, key
+
+
+def test_misses_then_hits_and_only_new_images_are_featurized(spark, images, tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    first_half = images.filter("label = 1")
+    first, stats, key = run(spark, first_half, cache)
+    assert (stats["hits"], stats["misses"]) == (0, 12)
+    both, stats, _ = run(spark, images, cache)
+    assert (stats["hits"], stats["misses"]) == (12, 12)
+    for sha, features in first.items():
+        np.testing.assert_array_equal(both[sha], features)
+    again, stats, _ = run(spark, images, cache)
+    assert (stats["hits"], stats["misses"]) == (24, 0) and again.keys() == both.keys()
+    assert cache.files(key) and not any(p.name.startswith(".staging") for p in cache.folder(key).iterdir())
+
+
+def test_other_pooling_or_weights_never_reuse_stale_features(spark, images, tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    one = images.limit(3)
+    base, stats, key = run(spark, one, cache)
+    assert stats["misses"] == 3
+    _, stats, flat_key = run(spark, one, cache, pooling="flatten")
+    assert stats["misses"] == 3 and flat_key != key
+    reseeded, stats, seed_key = run(spark, one, cache, seed=1)
+    assert stats["misses"] == 3 and seed_key.weights_id == "random-seed1"
+    assert not np.allclose(next(iter(base.values())), reseeded[next(iter(base))])
+    assert len({cache.folder(k) for k in (key, flat_key, seed_key)}) == 3
+    # The preprocessing version is part of every key too.
+    assert key.parts()[-1] == cachelib.PREPROCESSING_VERSION
+
+
+def test_a_failure_between_file_renames_leaves_complete_files_that_are_reused(spark, images, tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path / "cache")
+    real_rename, calls = os.rename, []
+
+    def flaky_rename(src, dst):
+        calls.append(src)
+        if len(calls) > 1:
+            raise OSError("simulated crash")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(cachelib.os, "rename", flaky_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        run(spark, images.repartition(3), cache)
+    monkeypatch.setattr(cachelib.os, "rename", real_rename)
+    key = CacheKey("VGG16", "random-seed0", "avg")
+    kept = spark.read.parquet(*[f.as_uri() for f in cache.files(key)]).count()
+    assert 0 < kept < 24
+    _, stats, _ = run(spark, images, cache)
+    assert (stats["hits"], stats["misses"]) == (kept, 24 - kept)
+
+
+@pytest.mark.slow
+def test_a_job_killed_mid_write_leaves_a_usable_cache(small_dataset, tmp_path):
+    cache_dir = tmp_path / "cache"
+    args = [sys.executable, "-m", "covidct.cli", "train", "--data", str(small_dataset), "--backbone", "VGG16",
+            "--weights", "none", "--cache-dir", str(cache_dir)]  # fmt: skip
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(cache_dir.glob("**/.staging-*/*")):  # Spark has started writing features
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the job never started writing the cache")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "killed").exists()
+    result = subprocess.run([*args, "--out", str(tmp_path / "after")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    m = json.loads((tmp_path / "after" / "metrics.json").read_text())
+    assert m["cache"]["hits"] + m["cache"]["misses"] == 24
+
+
+def test_cache_off_writes_nothing(spark, small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("COVIDCT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    args = ["train", "--data", str(small_dataset), "--backbone", "VGG16", "--weights", "none", "--out", str(out)]
+    assert main([*args, "--cache", "off"]) == 0
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_info_and_clear(spark, images, tmp_path, capsys):
+    root = tmp_path / "cache"
+    run(spark, images.limit(2), FeatureCache(root))
+    assert main(["cache", "info", "--cache-dir", str(root)]) == 0
+    assert "VGG16" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
+    assert not root.exists()
