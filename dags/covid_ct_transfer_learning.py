@@ -27,7 +27,7 @@ import pendulum
 from airflow.sdk import Param, chain, dag, task
 
 from covidct import paths, pipeline
-from covidct.backbone import POOLINGS
+from covidct.backbone import POOLINGS, PRECISIONS
 from covidct.operators import TransferLearningSubmitOperator
 from covidct.split import SPLITS
 
@@ -70,6 +70,13 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             "none (random weights: mechanics only, flagged in the report) or a weights file path.",
         ),
         "pooling": Param("avg", type="string", enum=list(POOLINGS), description="avg, or flatten as sparkdl did."),
+        "precision": Param(
+            "float32",
+            type="string",
+            enum=list(PRECISIONS),
+            description="float32 (faithful), or bfloat16: ~2x faster featurization on CPUs with AVX512_BF16/AMX "
+            "(features within ~1 %).",
+        ),
         "data_source": Param(
             None,
             type=["null", "string"],

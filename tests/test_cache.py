@@ -25,9 +25,9 @@ def images(spark, small_dataset):
     return load_images(spark, small_dataset).cache()
 
 
-def run(spark, images, cache, pooling="avg", seed=0):
-    featurizer = DeepImageFeaturizer(modelName="VGG16", weights="none", pooling=pooling, seed=seed)
-    key = CacheKey("VGG16", weights_identity(get_backbone("VGG16"), "none", seed), pooling)
+def run(spark, images, cache, pooling="avg", seed=0, precision="float32"):
+    featurizer = DeepImageFeaturizer(modelName="VGG16", weights="none", pooling=pooling, seed=seed, precision=precision)
+    key = CacheKey("VGG16", weights_identity(get_backbone("VGG16"), "none", seed), pooling, precision)
     feats, stats = featurize(spark, images, featurizer, cache, key)
     return {r.sha256: np.array(r.features) for r in feats.collect()}, stats, key
 
@@ -56,7 +56,9 @@ def test_other_pooling_or_weights_never_reuse_stale_features(spark, images, tmp_
     reseeded, stats, seed_key = run(spark, one, cache, seed=1)
     assert stats["misses"] == 3 and seed_key.weights_id == "random-seed1"
     assert not np.allclose(next(iter(base.values())), reseeded[next(iter(base))])
-    assert len({cache.folder(k) for k in (key, flat_key, seed_key)}) == 3
+    _, stats, half_key = run(spark, one, cache, precision="bfloat16")
+    assert stats["misses"] == 3
+    assert len({cache.folder(k) for k in (key, flat_key, seed_key, half_key)}) == 4
     # The preprocessing version is part of every key too.
     assert key.parts()[-1] == cachelib.PREPROCESSING_VERSION
 

@@ -108,6 +108,17 @@ def test_image_struct_input_gives_the_same_features_as_file_bytes(spark, small_d
         np.testing.assert_allclose(from_struct[name], features, atol=1e-5)
 
 
+def test_bfloat16_precision_is_close_to_float32(two_images):
+    def features(precision):
+        featurizer = DeepImageFeaturizer(modelName="VGG16", weights="none", precision=precision)
+        return {r.relpath: r.features.toArray() for r in featurizer.transform(two_images).collect()}
+
+    full, half = features("float32"), features("bfloat16")
+    for key, value in full.items():
+        assert not np.array_equal(half[key], value)  # really computed in bfloat16
+        assert np.abs(half[key] - value).mean() < 0.03 * np.abs(value).mean()
+
+
 def test_arrow_batches_are_bounded(spark, two_images):
     spark.conf.set(ARROW_BATCH_CONF, "10000")
     DeepImageFeaturizer(modelName="VGG16", weights="none", batchSize=8).transform(two_images)
@@ -134,6 +145,8 @@ def test_params_behave_like_a_builtin_stage():
         DeepImageFeaturizer(modelName="AlexNet")
     with pytest.raises(TypeError, match="pooling"):
         DeepImageFeaturizer(pooling="max")
+    with pytest.raises(TypeError, match="precision"):
+        DeepImageFeaturizer(precision="float16")
     with pytest.raises(ValueError, match="batchSize"):
         DeepImageFeaturizer(batchSize=0)
     with pytest.raises(ValueError, match="input column 'img'"):

@@ -2,11 +2,11 @@
 
 Layout::
 
-    CACHE/<backbone>/<weights identity>/<pooling>/<preprocessing version>/*.parquet
+    CACHE/<backbone>/<weights identity>/<pooling>/<precision>/<preprocessing version>/*.parquet
         columns: sha256 (of the image file), features (array<float>)
 
 A run featurizes only the images whose sha256 is missing under its key and reuses
-the rest. Other weights, pooling or preprocessing live under another key, so stale
+the rest. Other weights, pooling, precision or preprocessing live under another key, so stale
 features are never reused. New features are written by Spark into a hidden staging
 folder and then renamed into place file by file; Spark's readers skip hidden files and
 ``.tmp`` names, so a crash mid-write leaves only complete files visible. Two runs
@@ -47,10 +47,11 @@ class CacheKey:
     backbone: str
     weights_id: str
     pooling: str
+    precision: str = "float32"
     preprocessing: str = PREPROCESSING_VERSION
 
     def parts(self) -> tuple[str, ...]:
-        return (self.backbone, self.weights_id, self.pooling, self.preprocessing)
+        return (self.backbone, self.weights_id, self.pooling, self.precision, self.preprocessing)
 
 
 class FeatureCache:
@@ -105,17 +106,18 @@ class FeatureCache:
                 pass
 
     def summary(self) -> list[dict]:
-        """One row per key: backbone, weights id, pooling, preprocessing, files, bytes."""
+        """One row per key: backbone, weights id, pooling, precision, preprocessing, files, bytes."""
         rows = []
-        for folder in sorted(self.root.glob("*/*/*/*")):
+        for folder in sorted(self.root.glob("*/*/*/*/*")):
             files = list(folder.glob("[!._]*.parquet"))
             if files:
-                backbone, weights_id, pooling, preprocessing = folder.relative_to(self.root).parts
+                backbone, weights_id, pooling, precision, preprocessing = folder.relative_to(self.root).parts
                 rows.append(
                     {
                         "backbone": backbone,
                         "weights_id": weights_id,
                         "pooling": pooling,
+                        "precision": precision,
                         "preprocessing": preprocessing,
                         "files": len(files),
                         "bytes": sum(f.stat().st_size for f in files),

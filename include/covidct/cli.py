@@ -32,6 +32,12 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random), or a weights file")
     p.add_argument("--pooling", default="avg", choices=["avg", "flatten"])
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16: ~2x faster featurization on CPUs with AVX512_BF16/AMX, features within ~1 %%",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per Keras forward pass")
     p.add_argument("--max-iter", type=int, default=20)
     p.add_argument("--reg-param", type=float, default=0.05)
@@ -58,6 +64,7 @@ def _cmd_train(args) -> int:
         seed=args.seed,
         weights=args.weights,
         pooling=args.pooling,
+        precision=args.precision,
         batch_size=args.batch_size,
         max_iter=args.max_iter,
         reg_param=args.reg_param,
@@ -170,7 +177,8 @@ def _cmd_cache(args) -> int:
     print(f"feature cache {cache.root}: {len(rows)} keys")
     for r in rows:
         size_mb = r["bytes"] / 1e6
-        print(f"  {r['backbone']:12} {r['weights_id']:24} {r['pooling']:8} {r['files']:4} files {size_mb:9.1f} MB")
+        key = f"{r['backbone']:12} {r['weights_id']:24} {r['pooling']:8} {r['precision']:9}"
+        print(f"  {key} {r['files']:4} files {size_mb:9.1f} MB")
     return 0
 
 

@@ -38,7 +38,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, BinaryType, FloatType, StructType
 
 from covidct import image as imagelib
-from covidct.backbone import POOLINGS, get_backbone, normalize_weights, resolve_weights
+from covidct.backbone import POOLINGS, PRECISIONS, get_backbone, normalize_weights, resolve_weights
 from covidct.errors import CovidctError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,13 @@ def _to_pooling(value) -> str:
     value = TypeConverters.toString(value).lower()
     if value not in POOLINGS:
         raise TypeError(f"pooling must be one of {POOLINGS}, got {value!r}")
+    return value
+
+
+def _to_precision(value) -> str:
+    value = TypeConverters.toString(value).lower()
+    if value not in PRECISIONS:
+        raise TypeError(f"precision must be one of {PRECISIONS}, got {value!r}")
     return value
 
 
@@ -87,6 +94,13 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         "or 'none' for seeded random weights",
         _to_weights,
     )
+    precision = Param(
+        Params._dummy(),
+        "precision",
+        "'float32' (default, faithful) or 'bfloat16' (mixed_bfloat16: ~2x faster on CPUs with AVX512_BF16/AMX, "
+        "features within ~1 %)",
+        _to_precision,
+    )
     batchSize = Param(Params._dummy(), "batchSize", "images per Keras forward pass (> 0)", TypeConverters.toInt)
     seed = Param(Params._dummy(), "seed", "seed of the random weights when weights='none'", TypeConverters.toInt)
 
@@ -99,13 +113,14 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         modelName: str = "VGG16",
         pooling: str = "avg",
         weights: str | None = "imagenet",
+        precision: str = "float32",
         batchSize: int = 32,
         seed: int = 0,
     ):
         super().__init__()
         self._setDefault(
             inputCol="image", outputCol="features", modelName="VGG16", pooling="avg", weights="imagenet",
-            batchSize=32, seed=0,
+            precision="float32", batchSize=32, seed=0,
         )  # fmt: skip
         self.setParams(**self._input_kwargs)
 
@@ -118,6 +133,7 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         modelName: str = "VGG16",
         pooling: str = "avg",
         weights: str | None = "imagenet",
+        precision: str = "float32",
         batchSize: int = 32,
         seed: int = 0,
     ) -> DeepImageFeaturizer:
@@ -151,6 +167,12 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
 
     def getWeights(self) -> str:
         return self.getOrDefault(self.weights)
+
+    def setPrecision(self, value: str) -> DeepImageFeaturizer:
+        return self._set(precision=value)
+
+    def getPrecision(self) -> str:
+        return self.getOrDefault(self.precision)
 
     def setBatchSize(self, value: int) -> DeepImageFeaturizer:
         return self.setParams(batchSize=value)
@@ -186,7 +208,13 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         _bound_arrow_batches(dataset, self.getBatchSize())
         names = F.col("path") if "path" in dataset.columns else F.lit(None).cast("string")
         udf = _featurize_udf(
-            kind, self.getModelName(), self.getWeights(), self.getPooling(), self.getBatchSize(), self.getSeed()
+            kind,
+            self.getModelName(),
+            self.getWeights(),
+            self.getPooling(),
+            self.getPrecision(),
+            self.getBatchSize(),
+            self.getSeed(),
         )
         return udf(F.col(input_col), names)
 
@@ -203,10 +231,12 @@ def _bound_arrow_batches(dataset: DataFrame, batch_size: int) -> None:
         spark.conf.set(ARROW_BATCH_CONF, str(limit))
 
 
-def _featurize_udf(kind: str, model_name: str, weights: str, pooling: str, batch_size: int, seed: int):
+def _featurize_udf(
+    kind: str, model_name: str, weights: str, pooling: str, precision: str, batch_size: int, seed: int
+):  # fmt: skip
     @F.pandas_udf(ArrayType(FloatType()))
     def featurize(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
-        model = worker_model(model_name, weights, pooling, seed)
+        model = worker_model(model_name, weights, pooling, seed, precision)
         for images, names in batches:
             yield pd.Series(list(model.features(images, names, kind, batch_size)))
 
@@ -219,7 +249,7 @@ def _featurize_udf(kind: str, model_name: str, weights: str, pooling: str, batch
 class WorkerModel:
     """A built Keras backbone plus its input size and ``preprocess_input``."""
 
-    def __init__(self, model_name: str, weights: str, pooling: str, seed: int):
+    def __init__(self, model_name: str, weights: str, pooling: str, seed: int, precision: str = "float32"):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         _configure_tf_threads()
         import keras
@@ -230,14 +260,19 @@ class WorkerModel:
         path = resolve_weights(backbone, weights)
         if path is None:
             keras.utils.set_random_seed(seed)  # identical random weights in every worker
-        base = backbone.keras_constructor()(
-            include_top=False,
-            weights=None if path is None else str(path),
-            input_shape=(self.size, self.size, 3),
-            pooling="avg" if pooling == "avg" else None,
-        )
-        if pooling == "flatten":
-            base = keras.Model(base.inputs, keras.layers.Flatten()(base.outputs[0]), name=base.name + "_flatten")
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        try:
+            base = backbone.keras_constructor()(
+                include_top=False,
+                weights=None if path is None else str(path),
+                input_shape=(self.size, self.size, 3),
+                pooling="avg" if pooling == "avg" else None,
+            )
+            if pooling == "flatten":
+                base = keras.Model(base.inputs, keras.layers.Flatten()(base.outputs[0]), name=base.name + "_flatten")
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
         self.model = base
         self.dim = backbone.feature_dim(pooling)
 
@@ -262,14 +297,14 @@ _MODELS_LOCK = threading.Lock()
 _MAX_MODELS = 2
 
 
-def worker_model(model_name: str, weights: str, pooling: str, seed: int) -> WorkerModel:
+def worker_model(model_name: str, weights: str, pooling: str, seed: int, precision: str = "float32") -> WorkerModel:
     """The worker's model for these params, built on first use and then reused across tasks."""
-    key = (model_name, weights, pooling, seed if weights == "none" else None)
+    key = (model_name, weights, pooling, precision, seed if weights == "none" else None)
     with _MODELS_LOCK:
         if key in _MODELS:
             _MODELS.move_to_end(key)
             return _MODELS[key]
-        model = WorkerModel(model_name, weights, pooling, seed)
+        model = WorkerModel(model_name, weights, pooling, seed, precision)
         _MODELS[key] = model
         while len(_MODELS) > _MAX_MODELS:
             _MODELS.popitem(last=False)

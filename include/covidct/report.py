@@ -266,7 +266,9 @@ def _label_duplicates(entries: list[Entry]) -> None:
     for same in groups.values():
         if len(same) < 2:
             continue
-        fields = [k for k in ("weights_id", "pooling", "seed") if len({str(e.metrics.get(k)) for e in same}) > 1]
+        fields = [
+            k for k in ("weights_id", "pooling", "precision", "seed") if len({str(e.metrics.get(k)) for e in same}) > 1
+        ]
         for e in same:
             parts = [f"{k}={e.metrics.get(k)}" for k in fields]
             if not parts or len({tuple(str(x.metrics.get(k)) for k in fields) for x in same}) < len(same):
@@ -369,7 +371,9 @@ def _seconds(value) -> str:
 
 
 def _weights_text(entry: Entry) -> str:
-    return f"{entry.metrics.get('weights', '?')} ({entry.metrics.get('weights_id', '?')})"
+    text = f"{entry.metrics.get('weights', '?')} ({entry.metrics.get('weights_id', '?')})"
+    precision = entry.metrics.get("precision")
+    return text if precision in (None, "float32") else f"{text}, {precision}"
 
 
 def _timing_rows(entries: list[Entry]) -> list[dict]:
@@ -731,6 +735,7 @@ def _summary(
                     "weights_id": e.metrics.get("weights_id"),
                     "seed": e.metrics.get("seed"),
                     "pooling": e.metrics.get("pooling"),
+                    "precision": e.metrics.get("precision", "float32"),
                     "n_train": e.metrics.get("n_train"),
                     "n_test": e.metrics.get("n_test"),
                     "metrics": metrics,

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 
 from covidct import split as splitlib
 from covidct.atomic import atomic_dir
-from covidct.backbone import POOLINGS, get_backbone, is_random, normalize_weights, weights_identity
+from covidct.backbone import POOLINGS, PRECISIONS, get_backbone, is_random, normalize_weights, weights_identity
 from covidct.cache import CacheKey, FeatureCache
 from covidct.dataset import load_images
 from covidct.errors import CovidctError, ImageDecodeError, WeightsNotFoundError
@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 42
     weights: str = "imagenet"
     pooling: str = "avg"
+    precision: str = "float32"
     batch_size: int = 32
     max_iter: int = 20
     reg_param: float = 0.05
@@ -64,6 +65,9 @@ class TrainConfig:
         self.pooling = str(self.pooling).lower()
         if self.pooling not in POOLINGS:
             raise CovidctError(f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        self.precision = str(self.precision).lower()
+        if self.precision not in PRECISIONS:
+            raise CovidctError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.batch_size <= 0 or self.max_iter <= 0:
             raise CovidctError("batch size and max iterations must be positive")
         if self.reg_param < 0 or not 0 <= self.elastic_net_param <= 1:
@@ -83,26 +87,38 @@ def versions(spark: SparkSession) -> dict[str, str]:
 
 
 def featurize(
-    spark: SparkSession, images: DataFrame, featurizer: DeepImageFeaturizer, cache: FeatureCache | None, key: CacheKey
+    spark: SparkSession,
+    images: DataFrame,
+    featurizer: DeepImageFeaturizer,
+    cache: FeatureCache | None,
+    key: CacheKey,
+    known: DataFrame | None = None,
 ) -> tuple[DataFrame, dict]:
-    """``sha256, features (array<float>)`` for every image, through the cache when there is one."""
+    """``sha256, features (array<float>)`` for every image, through the cache when there is one.
+
+    ``known``: the images' ``sha256`` column already computed (persisted), so that checking the
+    cache reads no image bytes; only the images missing from the cache are read and featurized.
+    """
     if cache is None:
         feats = images.select("sha256", featurizer.featureArrays(images).alias("features"))
         feats = feats.dropDuplicates(["sha256"]).persist(StorageLevel.MEMORY_AND_DISK)
         n = feats.count()
         return feats, {"enabled": False, "hits": 0, "misses": n}
+    shas = (images if known is None else known).select("sha256").distinct()
     cached = cache.read(spark, key)
-    missing = images if cached is None else images.join(cached.select("sha256"), "sha256", "left_anti")
-    missing = missing.persist(StorageLevel.MEMORY_AND_DISK)
-    n_missing = missing.count()
-    n_unique = images.select("sha256").distinct().count()
-    log.info("feature cache %s: %d of %d images cached", cache.folder(key), n_unique - n_missing, n_unique)
-    if n_missing:
+    if cached is None:
+        n_unique, hits, missing = shas.count(), 0, images
+    else:
+        hit = cached.select("sha256", F.lit(1).alias("hit"))
+        counts = shas.join(hit, "sha256", "left").agg(F.count("*").alias("n"), F.count("hit").alias("hits")).first()
+        n_unique, hits = counts["n"], counts["hits"]
+        missing = images.join(cached.select("sha256"), "sha256", "left_anti")
+    log.info("feature cache %s: %d of %d images cached", cache.folder(key), hits, n_unique)
+    if hits < n_unique:
         cache.write(missing.select("sha256", featurizer.featureArrays(missing).alias("features")), key)
-    missing.unpersist()
     feats = cache.read(spark, key).persist(StorageLevel.MEMORY_AND_DISK)
     feats.count()
-    return feats, {"enabled": True, "dir": str(cache.folder(key)), "hits": n_unique - n_missing, "misses": n_missing}
+    return feats, {"enabled": True, "dir": str(cache.folder(key)), "hits": hits, "misses": n_unique - hits}
 
 
 def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, dict]:
@@ -120,6 +136,7 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
         modelName=backbone.name,
         weights=config.weights,
         pooling=config.pooling,
+        precision=config.precision,
         batchSize=config.batch_size,
         seed=config.seed,
     )
@@ -128,14 +145,14 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
     n_images = meta.count()
     if n_images == 0:
         raise CovidctError(f"no images found under {config.data_dir}")
-    log.info("%d images in %s; featurizing with %s (%s pooling, weights %s)", n_images, config.data_dir,
-             backbone.name, config.pooling, weights_id)  # fmt: skip
+    log.info("%d images in %s; featurizing with %s (%s pooling, %s, weights %s)", n_images, config.data_dir,
+             backbone.name, config.pooling, config.precision, weights_id)  # fmt: skip
 
     t0 = time.monotonic()
     cache = FeatureCache(config.cache_dir) if config.cache_dir else None
-    key = CacheKey(backbone.name, weights_id, config.pooling)
+    key = CacheKey(backbone.name, weights_id, config.pooling, config.precision)
     with progress(spark, f"featurize {backbone.name}"), spark_errors():
-        feats, cache_stats = featurize(spark, images, featurizer, cache, key)
+        feats, cache_stats = featurize(spark, images, featurizer, cache, key, known=meta)
     featurize_s = time.monotonic() - t0
     data = meta.join(feats, "sha256").withColumn("features", array_to_vector("features"))
     data = data.persist(StorageLevel.MEMORY_AND_DISK)
@@ -153,6 +170,7 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
                 weights_id=weights_id,
                 random_weights=is_random(config.weights),
                 pooling=config.pooling,
+                precision=config.precision,
                 feature_dim=backbone.feature_dim(config.pooling),
                 n_images=n_images,
                 cache=cache_stats,

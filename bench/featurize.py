@@ -1,0 +1,110 @@
+"""Bare Keras ``predict`` vs the Spark ``DeepImageFeaturizer`` on the same real images.
+
+    python bench/featurize.py keras  --backbone VGG16 --images 200 [--repeat 3] [--precision bfloat16]
+    python bench/featurize.py spark  --backbone VGG16 --images 200 [--repeat 3] [--master local[2]] [--task-cpus 1]
+
+Each prints one JSON line: img/s of every timed pass (after a warm-up that builds the
+model), their median, and the cold first pass. Both paths decode the same files with
+``covidct.image.decode`` and run the backbone's ``preprocess_input``; bare Keras uses
+TensorFlow's default threads in one process. Needs ImageNet weights in
+``COVIDCT_WEIGHTS_DIR`` (``make weights``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, median, sample_images  # noqa: E402
+
+
+def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: int, precision: str) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+
+    from covidct.backbone import get_backbone, resolve_weights
+    from covidct.image import decode
+
+    backbone = get_backbone(backbone_name)
+    t0 = time.perf_counter()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    model = backbone.keras_constructor()(
+        include_top=False,
+        weights=str(resolve_weights(backbone, "imagenet")),
+        input_shape=(backbone.input_size, backbone.input_size, 3),
+        pooling="avg",
+    )
+    preprocess = backbone.preprocess_input()
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for i in range(0, len(files), batch_size):
+            chunk = files[i : i + batch_size]
+            x = np.stack([decode(f.read_bytes(), backbone.input_size, str(f)) for f in chunk])
+            model.predict(preprocess(x), batch_size=batch_size, verbose=0)
+        return len(files) / (time.perf_counter() - start)
+
+    cold = len(files) / (time.perf_counter() - t0 + len(files) / one_pass())
+    rates = [one_pass() for _ in range(repeat)]
+    return {"path": "keras", "backbone": backbone.name, "images": len(files), "rates": rates,
+            "median": median(rates), "cold": cold, "precision": precision}  # fmt: skip
+
+
+def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
+                     task_cpus: int, precision: str) -> dict:  # fmt: skip
+    os.environ["COVIDCT_SPARK_MASTER"] = master
+    from covidct.featurizer import DeepImageFeaturizer
+    from covidct.session import get_spark
+
+    spark = get_spark("bench-featurize", {"spark.task.cpus": str(task_cpus)})
+    df = spark.read.format("binaryFile").load([str(f) for f in files]).withColumnRenamed("content", "image")
+    df = df.cache()
+    df.count()  # the bytes are in memory: both paths then start from decoded-nothing, read-nothing
+    featurizer = DeepImageFeaturizer(
+        modelName=backbone_name, weights="imagenet", batchSize=batch_size, precision=precision
+    )
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        featurizer.transform(df).select("features").write.format("noop").mode("overwrite").save()
+        return len(files) / (time.perf_counter() - start)
+
+    cold = one_pass()  # Python workers start, import TensorFlow and build the model
+    rates = [one_pass() for _ in range(repeat)]
+    spark.stop()
+    return {"path": "spark", "backbone": featurizer.getModelName(), "images": len(files), "rates": rates,
+            "median": median(rates), "cold": cold, "master": master, "task_cpus": task_cpus,
+            "precision": precision}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", choices=["keras", "spark"])
+    parser.add_argument("--backbone", default="VGG16")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COVIDCT_DATA_DIR", DEFAULT_DATA)))
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--task-cpus", type=int, default=1)
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    files = sample_images(args.data, args.images)
+    if args.path == "keras":
+        result = bare_keras(args.backbone, files, args.repeat, args.batch_size, args.precision)
+    else:
+        result = spark_featurizer(
+            args.backbone, files, args.repeat, args.batch_size, args.master, args.task_cpus, args.precision
+        )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The benchmark harness: one command, a Markdown table on stdout, JSON in bench/results/.
+
+    COVIDCT_WEIGHTS_DIR=... python bench/run.py [--sections featurize,layouts,dag,scaling] [--quick]
+
+Sections:
+  featurize  bare Keras vs the Spark featurizer, img/s per backbone on the same real images (goal ≥ 0.9×);
+             --precision bfloat16 measures both paths with Keras' mixed_bfloat16 policy
+  layouts    Spark cores × TensorFlow intra-op threads for VGG16
+  dag        the whole DAG on the real images, cold then warm feature cache: wall time and peak RSS
+             per Spark job, beside the study's 90.6 minutes (goals: cold ≤ 6 min, warm ≤ 60 s)
+  scaling    1×, 2×, 4× the images (copies re-encoded so their hashes differ): 2× must take ≤ 2.1× time
+
+Real images come from COVIDCT_DATA_DIR (default ../shared/data/COVID-CT); ImageNet weights from
+COVIDCT_WEIGHTS_DIR (``make weights``). Timings are noisy: short runs are repeated and medians quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, RESULTS, ROOT, machine, markdown_table, run_json, save  # noqa: E402
+
+BACKBONES = ("VGG16", "VGG19", "Xception")
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _key(section: str, precision: str) -> str:
+    """Results of float32 runs keep the plain section name; others get a suffix."""
+    return section if precision == "float32" else f"{section}_{precision}"
+
+
+STUDY_TOTAL_MIN = 90.6
+FEATURIZE = str(ROOT / "bench" / "featurize.py")
+RESULTS_FILE = RESULTS / "bench.json"
+
+
+def section_featurize(images: int, repeat: int, precision: str = "float32") -> dict:
+    rows = {}
+    for backbone in BACKBONES:
+        args = ["--backbone", backbone, "--images", str(images), "--repeat", str(repeat), "--precision", precision]
+        keras = run_json([FEATURIZE, "keras", *args])
+        spark = run_json([FEATURIZE, "spark", *args])
+        rows[backbone] = {"keras": keras, "spark": spark, "ratio": spark["median"] / keras["median"]}
+        print(f"  {backbone}: keras {keras['median']:.2f} img/s, spark {spark['median']:.2f} img/s, "
+              f"ratio {rows[backbone]['ratio']:.2f}", file=sys.stderr, flush=True)  # fmt: skip
+    return rows
+
+
+LAYOUTS = {
+    "2 tasks × 1 TF thread (default: spark.task.cpus=1)": ({"--master": "local[2]", "--task-cpus": "1"}, {}),
+    "1 task × 2 TF threads (spark.task.cpus=2)": ({"--master": "local[2]", "--task-cpus": "2"}, {}),
+    "1 task × 1 TF thread (local[1])": ({"--master": "local[1]", "--task-cpus": "1"}, {}),
+}
+
+
+def section_layouts(images: int, repeat: int) -> dict:
+    out = {}
+    for name, (flags, env) in LAYOUTS.items():
+        args = [FEATURIZE, "spark", "--backbone", "VGG16", "--images", str(images), "--repeat", str(repeat)]
+        for key, value in flags.items():
+            args += [key, value]
+        out[name] = run_json(args, env=env)
+        print(f"  {name}: {out[name]['median']:.2f} img/s", file=sys.stderr, flush=True)
+    return out
+
+
+class PeakRSS(threading.Thread):
+    """Samples the RSS of every spark-submit process tree (JVM + Python driver + workers) by backbone."""
+
+    def __init__(self, every_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.every_s, self.peaks, self._stop = every_s, {}, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = proc.info["cmdline"] or []
+                if "org.apache.spark.deploy.SparkSubmit" not in cmd or "--backbone" not in cmd:
+                    continue
+                backbone = cmd[cmd.index("--backbone") + 1]
+                try:
+                    tree = [proc, *proc.children(recursive=True)]
+                    rss = sum(p.memory_info().rss for p in tree if p.is_running())
+                except psutil.Error:
+                    continue
+                self.peaks[backbone] = max(self.peaks.get(backbone, 0), rss)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self.join()
+        return {k: round(v / 2**30, 2) for k, v in self.peaks.items()}
+
+
+def run_dag(home: Path, data: Path, precision: str) -> dict:
+    env = {**os.environ, "COVIDCT_HOME": str(home), "COVIDCT_DATA_SOURCE": str(data), "AIRFLOW_HOME": str(home / "af"),
+           "COVIDCT_DAG_CONF": json.dumps({"precision": precision})}  # fmt: skip
+    sampler = PeakRSS()
+    sampler.start()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "covidct.localstack", "run"], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    peaks = sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"DAG run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    jobs = {}
+    for metrics_path in sorted((home / "runs").glob("*/*/*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        t, c = m["timings"], m["cache"]
+        job = {
+            "total_s": t["total_s"],
+            "featurize_s": t["featurize_s"],
+            "cache_hits": c["hits"],
+            "cache_misses": c["misses"],
+        }
+        jobs.setdefault(m["backbone"], job)
+    for backbone, job in jobs.items():
+        job["peak_rss_gib"] = peaks.get(backbone)
+    return {"wall_s": wall, "jobs": jobs, "stdout_tail": proc.stdout[-1500:]}
+
+
+def section_dag(data: Path, precision: str) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="covidct-bench-dag-"))
+    try:
+        cold = run_dag(home, data, precision)
+        print(f"  cold: {cold['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        warm = run_dag(home, data, precision)
+        print(f"  warm: {warm['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    speedup = STUDY_TOTAL_MIN * 60 / cold["wall_s"]
+    return {"precision": precision, "cold": cold, "warm": warm, "speedup_vs_study_cold": speedup}
+
+
+def reencoded_dataset(source: Path, dest: Path, copies: int, limit: int | None) -> int:
+    """``source``'s images ``copies`` times; each copy re-encoded (same pixels, other bytes)."""
+    from PIL import Image, PngImagePlugin
+
+    n = 0
+    for folder in ("CT_COVID", "CT_NonCOVID"):
+        (dest / folder).mkdir(parents=True)
+        files = sorted((source / folder).iterdir())
+        files = files[: limit // 2] if limit else files
+        for f in files:
+            data = f.read_bytes()
+            (dest / folder / f.name).write_bytes(data)
+            n += 1
+            for copy in range(1, copies):
+                img = Image.open(io.BytesIO(data))
+                buf = io.BytesIO()
+                if img.format == "PNG":
+                    info = PngImagePlugin.PngInfo()
+                    info.add_text("covidct-bench-copy", str(copy))
+                    img.save(buf, format="PNG", pnginfo=info)
+                else:
+                    img.save(buf, format="JPEG", quality=95, comment=f"covidct-bench-copy {copy}".encode())
+                (dest / folder / f"copy{copy}-{f.name}").write_bytes(buf.getvalue())
+                n += 1
+    return n
+
+
+def section_scaling(data: Path, backbone: str, limit: int | None, precision: str) -> dict:
+    out = {}
+    work = Path(tempfile.mkdtemp(prefix="covidct-bench-scale-"))
+    try:
+        for factor in (1, 2, 4):
+            dataset = work / f"x{factor}"
+            n = reencoded_dataset(data, dataset, factor, limit)
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "covidct.cli", "-q", "train", "--data", str(dataset), "--backbone", backbone,
+                 "--split", "random70", "--no-cache", "--precision", precision, "--out", str(work / f"out{factor}")],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            wall = time.perf_counter() - start
+            m = json.loads((work / f"out{factor}" / "metrics.json").read_text())
+            out[f"{factor}x"] = {"images": n, "wall_s": wall, "featurize_s": m["timings"]["featurize_s"]}
+            print(f"  {factor}x ({n} images): {wall:.0f} s", file=sys.stderr, flush=True)
+            shutil.rmtree(dataset)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = out["1x"]["wall_s"]
+    for row in out.values():
+        row["time_ratio"] = row["wall_s"] / base
+    return out
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    parts = [f"Benchmarks of {m['date'][:10]} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB."]
+    for precision in PRECISIONS:
+        name = _key("featurize", precision)
+        if name not in results:
+            continue
+        rows = [[b, f"{r['keras']['median']:.2f}", f"{r['spark']['median']:.2f}", f"{r['ratio']:.2f}",
+                 f"{r['spark']['cold']:.2f}"] for b, r in results[name].items()]  # fmt: skip
+        n = next(iter(results[name].values()))["keras"]["images"]
+        parts.append(f"\n**Featurization ({precision}), {n} real images, median of repeated passes (img/s)**\n")
+        parts.append(markdown_table(["backbone", "bare Keras", "Spark featurizer", "ratio", "Spark cold pass"], rows))
+    if "layouts" in results:
+        rows = [[name, f"{r['median']:.2f}"] for name, r in results["layouts"].items()]
+        parts.append("\n**Thread layouts, VGG16 (img/s)**\n")
+        parts.append(markdown_table(["Spark cores × TF threads", "img/s"], rows))
+    for precision in PRECISIONS:
+        name = _key("dag", precision)
+        if name not in results:
+            continue
+        d = results[name]
+        rows = []
+        for run in ("cold", "warm"):
+            jobs = d[run]["jobs"]
+            detail = ", ".join(
+                f"{b} {j['total_s']:.0f} s / {j['peak_rss_gib']} GiB / cache {j['cache_hits']}+{j['cache_misses']}"
+                for b, j in jobs.items()
+            )
+            rows.append([run, f"{d[run]['wall_s'] / 60:.1f} min", detail])
+        parts.append(f"\n**Whole DAG ({precision}), 746 images (study: {STUDY_TOTAL_MIN} min; cold speed-up "
+                     f"{d['speedup_vs_study_cold']:.1f}×)**\n")  # fmt: skip
+        parts.append(markdown_table(["cache", "wall", "per job: time / peak RSS / cache hits+misses"], rows))
+    if "scaling" in results:
+        rows = [
+            [k, r["images"], f"{r['wall_s']:.0f} s", f"{r['time_ratio']:.2f}"] for k, r in results["scaling"].items()
+        ]
+        parts.append(f"\n**Scaling ({results.get('scaling_backbone')}, {results.get('scaling_precision', 'float32')}, "
+                     "`covidct train`, no cache)**\n")  # fmt: skip
+        parts.append(markdown_table(["images", "count", "wall", "time ratio"], rows))
+    return "\n".join(parts) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="featurize,layouts,dag,scaling")
+    parser.add_argument("--images", type=int, default=200, help="images for featurize/layouts (≥ 200)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scaling-backbone", default="Xception")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS, help="for featurize, dag and scaling")
+    parser.add_argument("--quick", action="store_true", help="fewer images everywhere (a smoke run)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COVIDCT_DATA_DIR", DEFAULT_DATA)))
+    args = parser.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    images, repeat, limit = (20, 1, 40) if args.quick else (args.images, args.repeat, None)
+    # Sections not re-run keep their last results (bench/results/bench.json), so the table stays whole.
+    previous = RESULTS_FILE.is_file() and json.loads(RESULTS_FILE.read_text()) or {}
+    results: dict = {
+        **previous,
+        "machine": machine(),
+        "sections": sorted(set(previous.get("sections", [])) | set(sections)),
+    }
+    for section in sections:
+        print(f"[bench] {section} ...", file=sys.stderr, flush=True)
+        if section == "featurize":
+            results[_key("featurize", args.precision)] = section_featurize(images, repeat, args.precision)
+        elif section == "layouts":
+            results["layouts"] = section_layouts(images, repeat)
+        elif section == "dag":
+            results[_key("dag", args.precision)] = section_dag(args.data, args.precision)
+        elif section == "scaling":
+            results["scaling_backbone"], results["scaling_precision"] = args.scaling_backbone, args.precision
+            results["scaling"] = section_scaling(args.data, args.scaling_backbone, limit, args.precision)
+        else:
+            parser.error(f"unknown section {section}")
+    table = render(results)
+    results["markdown"] = table
+    path = save("bench", results)
+    print(table)
+    print(f"(JSON: {path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
