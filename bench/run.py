@@ -80,12 +80,12 @@ class PeakRSS(threading.Thread):
 
     def __init__(self, every_s: float = 0.5):
         super().__init__(daemon=True)
-        self.every_s, self.peaks, self._stop = every_s, {}, threading.Event()
+        self.every_s, self.peaks, self._halt = every_s, {}, threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        while not self._stop.wait(self.every_s):
+        while not self._halt.wait(self.every_s):
             for proc in psutil.process_iter(["cmdline"]):
                 cmd = proc.info["cmdline"] or []
                 if "org.apache.spark.deploy.SparkSubmit" not in cmd or "--backbone" not in cmd:
@@ -99,7 +99,7 @@ class PeakRSS(threading.Thread):
                 self.peaks[backbone] = max(self.peaks.get(backbone, 0), rss)
 
     def stop(self) -> dict:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return {k: round(v / 2**30, 2) for k, v in self.peaks.items()}
 
@@ -116,7 +116,8 @@ def run_dag(home: Path, data: Path, precision: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"DAG run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     jobs = {}
-    for metrics_path in sorted((home / "runs").glob("*/*/*/metrics.json")):
+    latest = max((home / "runs").iterdir(), key=lambda p: p.stat().st_mtime)  # this run's folder
+    for metrics_path in sorted(latest.glob("*/*/metrics.json")):
         m = json.loads(metrics_path.read_text())
         t, c = m["timings"], m["cache"]
         job = {

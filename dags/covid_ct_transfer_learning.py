@@ -130,11 +130,14 @@ def covid_ct_transfer_learning():
                 "{{ params.weights }}",
                 "--pooling",
                 "{{ params.pooling }}",
+                "--precision",
+                "{{ params.precision }}",
                 "--cache",
                 "{{ 'on' if params.feature_cache else 'off' }}",
                 "--out",
                 "{{ run_dir(run_id) }}/" + backbone.lower(),
-            ],  # fmt: skip
+            ],
+            # fmt: on  # fmt: skip
         )
         for backbone in pipeline.DAG_BACKBONES
     ]

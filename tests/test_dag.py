@@ -63,7 +63,11 @@ def test_train_tasks_are_spark_submits_of_the_job_through_spark_default(dag):
         assert isinstance(task, SparkSubmitOperator)
         assert task._conn_id == "spark_default"
         assert Path(task.application) == ROOT / "jobs" / "transfer_learning.py"
-        assert task.application_args[task.application_args.index("--backbone") + 1].lower() == task_id[6:]
+        args = task.application_args
+        assert args[args.index("--backbone") + 1].lower() == task_id[6:]
+        # Every job-level param of the trigger form reaches the job.
+        for param in ("splits", "seed", "weights", "pooling", "precision", "feature_cache"):
+            assert any(f"params.{param}" in str(a) for a in args), param
 
 
 def test_params_have_descriptions_defaults_and_validate(dag):
@@ -160,3 +164,40 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
     markdown = (report / "report.md").read_text()
     assert "VGG19" in markdown and "task train_vgg19 failed; see its log" in markdown
     assert "Xception: failed" not in markdown and "| **Xception**" not in markdown  # not chosen: no row
+
+
+# --------------------------------------------------------------------------- make run
+
+
+def _localstack(args, tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "COVIDCT_HOME": str(tmp_path / "home"), "AIRFLOW_HOME": str(tmp_path / "af"), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "covidct.localstack", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+
+
+def test_make_run_fails_in_seconds_without_weights_and_runs_nothing(tmp_path):
+    result = _localstack(
+        ["run", "--conf", '{"backbones": ["VGG16"]}'],
+        tmp_path,
+        COVIDCT_WEIGHTS_DIR=str(tmp_path / "none"),
+        KERAS_HOME=str(tmp_path / "keras"),
+        COVIDCT_WEIGHTS_URL="http://127.0.0.1:9/",
+    )
+    assert result.returncode == 2
+    assert "error: ImageNet weights for VGG16 are not available" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "af").exists() and not (tmp_path / "home" / "runs").exists()
+
+
+def test_make_run_rejects_a_conf_that_is_not_json(tmp_path):
+    result = _localstack(["run", "--conf", "{backbones: VGG16"], tmp_path)
+    assert result.returncode == 2 and "--conf is not JSON" in result.stderr
