@@ -201,3 +201,61 @@ def test_make_run_fails_in_seconds_without_weights_and_runs_nothing(tmp_path):
 def test_make_run_rejects_a_conf_that_is_not_json(tmp_path):
     result = _localstack(["run", "--conf", "{backbones: VGG16"], tmp_path)
     assert result.returncode == 2 and "--conf is not JSON" in result.stderr
+
+
+@pytest.mark.slow
+def test_make_ui_starts_the_real_airflow_and_ctrl_c_stops_every_component(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "COVIDCT_HOME": str(tmp_path / "home"),
+        "AIRFLOW_HOME": str(tmp_path / "af"),
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covidct.localstack", "ui"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal would start it
+    )
+    try:
+        deadline, version = time.monotonic() + 180, None
+        while time.monotonic() < deadline and version is None:
+            time.sleep(2)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/version", timeout=2) as response:
+                    version = response.read().decode()
+            except OSError:
+                pass
+        assert version and '"3.3.2"' in version, "the api-server never answered"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Airflow stopped." in output and "Traceback" not in output
+    # No process of this Airflow home is left (they all carry its AIRFLOW_HOME in their environment).
+    marker = f"AIRFLOW_HOME={tmp_path / 'af'}".encode()
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                left.append(environ.parent.name)
+        except OSError:
+            continue
+    assert not left, f"processes left running: {left}"

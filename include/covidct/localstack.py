@@ -12,8 +12,10 @@ silently mean YARN), the venv's ``spark-submit`` on PATH, and ``COVIDCT_HOME=var
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -99,17 +101,47 @@ def ui() -> int:
     _migrate_db(env)
     passwords = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
     print(f"Airflow UI: http://localhost:8080 (admin password printed below, saved in {passwords}).")
-    print("Ctrl-C stops every component.")
-    proc = subprocess.Popen(["airflow", "standalone"], env={**os.environ, **env})
+    print("Ctrl-C (or SIGTERM) stops every component.")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM both stop the stack, even where SIGINT was inherited as ignored.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    # Its own process group: one SIGINT from us (not the terminal's too) starts its shutdown,
+    # and whatever of the group outlives it is ended with the group.
+    proc = subprocess.Popen(
+        ["airflow", "standalone"],
+        env={**os.environ, **env},
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or make's) must not cut the shutdown
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("Stopping Airflow ...", flush=True)
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        _end_group(proc.pid)
+        print("Airflow stopped.")
+        return 0
+
+
+def _end_group(pgid: int) -> None:
+    """SIGTERM, then SIGKILL, to every process left in the group."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + grace
         try:
-            return proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            os.killpg(pgid, sig)
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                os.killpg(pgid, 0)  # raises once the group is empty
+        except ProcessLookupError:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
