@@ -160,31 +160,32 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
 
     results: dict[str, dict] = {}
     with atomic_dir(config.out) as staging:
-        for split in config.splits:
-            target = staging if len(config.splits) == 1 else staging / split
+        # One split: OUT/metrics.json ...; several: OUT/<split>/metrics.json ...
+        targets = {s: staging if len(config.splits) == 1 else staging / s for s in config.splits}
+        shared = {  # the same in every split's metrics.json
+            "backbone": backbone.name,
+            "weights": config.weights,
+            "weights_id": weights_id,
+            "random_weights": is_random(config.weights),
+            "pooling": config.pooling,
+            "precision": config.precision,
+            "feature_dim": backbone.feature_dim(config.pooling),
+            "n_images": n_images,
+            "cache": cache_stats,
+            "versions": versions(spark),
+            "data_dir": str(config.data_dir.absolute()),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        for split, target in targets.items():
             target.mkdir(parents=True, exist_ok=True)
             metrics = fit_and_evaluate(config, split, data, featurizer, target, weights_id)
-            metrics.update(
-                backbone=backbone.name,
-                weights=config.weights,
-                weights_id=weights_id,
-                random_weights=is_random(config.weights),
-                pooling=config.pooling,
-                precision=config.precision,
-                feature_dim=backbone.feature_dim(config.pooling),
-                n_images=n_images,
-                cache=cache_stats,
-                versions=versions(spark),
-                data_dir=str(config.data_dir.absolute()),
-                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            )
+            metrics.update(shared)
             metrics["timings"] = {"featurize_s": round(featurize_s, 3), **metrics["timings"]}
             results[split] = metrics
         total_s = time.monotonic() - started
         for split, metrics in results.items():
             metrics["timings"]["total_s"] = round(total_s, 3)
-            target = staging if len(config.splits) == 1 else staging / split
-            (target / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            (targets[split] / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     data.unpersist()
     feats.unpersist()
     meta.unpersist()
