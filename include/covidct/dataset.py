@@ -61,13 +61,18 @@ def load_images(spark: SparkSession, data_dir: str | Path) -> DataFrame:
     return frames[0].unionByName(frames[1])
 
 
+def split_list_file(short: str, part: str) -> str:
+    """Where an official list lives, relative to the dataset: ``Data-split/COVID/trainCT_COVID.txt``."""
+    return f"Data-split/{short}/{part}CT_{short}.txt"
+
+
 def split_lists(data_dir: str | Path) -> dict[str, list[str]]:
     """The official lists: ``{"train": [...], "val": [...], "test": [...]}`` of relpaths."""
     root = Path(data_dir)
     lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for folder, (short, _) in CLASSES.items():
         for part in lists:
-            path = root / "Data-split" / short / f"{part}CT_{short}.txt"
+            path = root / split_list_file(short, part)
             if not path.is_file():
                 raise CovidctError(f"official split list {path} is missing")
             names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]

@@ -53,7 +53,7 @@ from urllib3.util.retry import Retry
 
 from covidct import __version__
 from covidct.atomic import atomic_dir, sibling, write_text_atomic
-from covidct.dataset import CLASSES, LABEL_NAMES, check_layout
+from covidct.dataset import CLASSES, LABEL_NAMES, check_layout, split_list_file
 from covidct.errors import CovidctError
 from covidct.manifest import MANIFEST_NAME, SPLITS, build_manifest, read_manifest, stale_entries, write_manifest
 
@@ -67,9 +67,7 @@ UPSTREAM_ENV = "COVIDCT_UPSTREAM_URL"
 STATE_NAME = "fetch.json"
 #: class folder -> its archive in the upstream repository
 ARCHIVES = {folder: f"Images-processed/{folder}.zip" for folder in CLASSES}
-SPLIT_LIST_FILES = tuple(
-    f"Data-split/{short}/{split}CT_{short}.txt" for short, _ in CLASSES.values() for split in SPLITS
-)
+SPLIT_LIST_FILES = tuple(split_list_file(short, split) for short, _ in CLASSES.values() for split in SPLITS)
 UPSTREAM_FILES = (*ARCHIVES.values(), *SPLIT_LIST_FILES)
 MB = 1024 * 1024
 

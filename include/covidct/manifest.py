@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidct.atomic import sibling
-from covidct.dataset import CLASSES, check_layout, split_lists
+from covidct.dataset import CLASSES, check_layout, split_list_file, split_lists
 from covidct.errors import CovidctError, ImageDecodeError
 from covidct.image import describe
 
@@ -62,8 +62,7 @@ def image_files(data_dir: str | Path) -> list[tuple[str, Path, int]]:
 
 def list_file(relpath: str, split: str) -> str:
     """The official list that would name ``relpath`` in ``split``: ``Data-split/COVID/trainCT_COVID.txt``."""
-    short = CLASSES[relpath.split("/", 1)[0]][0]
-    return f"Data-split/{short}/{split}CT_{short}.txt"
+    return split_list_file(CLASSES[relpath.split("/", 1)[0]][0], split)
 
 
 def split_entries(data_dir: str | Path) -> pd.DataFrame:
