@@ -26,7 +26,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, chain, dag, task
 
-from covidct import paths, pipeline
+from covidct import paths, pipeline, policy
 from covidct.backbone import POOLINGS, PRECISIONS
 from covidct.operators import TransferLearningSubmitOperator
 from covidct.split import SPLITS
@@ -65,9 +65,11 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
         "weights": Param(
             "imagenet",
             type="string",
-            minLength=1,
+            pattern=policy.WEIGHTS_PATTERN,
+            maxLength=policy.MAX_LENGTH,
             description="imagenet (from $COVIDCT_WEIGHTS_DIR, else Keras' cache/download), "
-            "none (random weights: mechanics only, flagged in the report) or a weights file path.",
+            "none (random weights: mechanics only, flagged in the report) or the absolute path of a weights "
+            "file inside a folder the operator allows ($COVIDCT_ALLOWED_WEIGHTS_DIRS, $COVIDCT_WEIGHTS_DIR).",
         ),
         "pooling": Param("avg", type="string", enum=list(POOLINGS), description="avg, or flatten as sparkdl did."),
         "precision": Param(
@@ -80,8 +82,11 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
         "data_source": Param(
             None,
             type=["null", "string"],
-            description="Empty: $COVIDCT_DATA_SOURCE, else upstream GitHub. Or a mirror URL, a dataset folder, "
-            "or a folder holding the two zips.",
+            pattern=policy.SOURCE_PATTERN,
+            maxLength=policy.MAX_LENGTH,
+            description="Empty: $COVIDCT_DATA_SOURCE, else upstream GitHub. Or a mirror's http(s) base URL, an "
+            "absolute dataset folder, or a folder holding the two zips, among those the operator allows "
+            "($COVIDCT_ALLOWED_SOURCES).",
         ),
         "expect_covid": Param(349, type="integer", minimum=1, description="Expected COVID images."),
         "expect_noncovid": Param(397, type="integer", minimum=1, description="Expected non-COVID images."),
@@ -91,6 +96,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
 def covid_ct_transfer_learning():
     @task
     def fetch_dataset(params=None) -> str:
+        pipeline.check_params(params)  # the operator's allowlist, before anything is written
         return pipeline.fetch_dataset(params["data_source"], params["expect_covid"], params["expect_noncovid"])
 
     @task

@@ -5,6 +5,10 @@
 Takes the same arguments as ``covidct train`` (see ``covidct train --help``); the
 cluster comes from spark-submit (``--master``), i.e. from Airflow's ``spark_default``
 connection, never from this file.
+
+Its arguments come from DAG trigger params, so they are checked again here (``confined``):
+``--weights`` must match the param schema's pattern and lie inside a folder the operator
+allows (``covidct.policy``). ``covidct train``, run by the operator, is not restricted.
 """
 
 import sys
@@ -12,4 +16,4 @@ import sys
 from covidct.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], confined=True))

@@ -2,17 +2,21 @@
 
 A failure at any point leaves the destination as it was (absent, or the previous
 good copy). Only the swap of an existing destination takes two renames; a crash
-between them leaves the previous copy beside it as ``.NAME.old-*``.
+between them leaves the previous copy beside it as ``.NAME.old-*``. Writers of one
+destination take turns (``covidct.locks``): each publishes a complete folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from covidct.locks import DEFAULT_WAIT, locked
 
 
 def sibling(dest: Path, tag: str) -> Path:
@@ -36,18 +40,26 @@ def replace_dir(new: Path, dest: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(dest: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces ``dest``, on failure it is removed."""
+def atomic_dir(
+    dest: str | Path, *, lock: bool = True, what: str = "writer", wait: float = DEFAULT_WAIT
+) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces ``dest``, on failure it is removed.
+
+    With ``lock`` (the default) the block holds the lock on ``dest``: a second writer of
+    the same ``dest`` waits up to ``wait`` seconds, then publishes its own complete copy
+    (``lock=False``: the caller holds it already).
+    """
     dest = Path(dest).expanduser().absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = sibling(dest, "tmp")
-    staging.mkdir()
-    try:
-        yield staging
-        replace_dir(staging, dest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with locked(dest, what=what, wait=wait) if lock else contextlib.nullcontext():
+        staging = sibling(dest, "tmp")
+        staging.mkdir()
+        try:
+            yield staging
+            replace_dir(staging, dest)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from covidct.errors import CovidctError
+from covidct.locks import DEFAULT_WAIT
 
 log = logging.getLogger("covidct")
 
@@ -56,6 +57,11 @@ def _cmd_train(args) -> int:
     from covidct.cache import default_cache_dir
     from covidct.train import TrainConfig, train
 
+    if args.confined:  # the DAG's job: its arguments came from trigger params
+        from covidct.policy import WEIGHTS_PATTERN, Policy, check_pattern
+
+        check_pattern(args.weights, WEIGHTS_PATTERN, "--weights")
+        args.weights = Policy.from_env().check_weights(args.weights)
     config = TrainConfig(
         data_dir=args.data,
         backbone=args.backbone,
@@ -112,6 +118,14 @@ def _add_fetch(sub) -> None:
     )
     p.add_argument("--expect-covid", type=int, default=349, help="COVID images the data must have (default 349)")
     p.add_argument("--expect-noncovid", type=int, default=397, help="non-COVID images (default 397)")
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        metavar="SECONDS",
+        help=f"if another fetch into DEST is running, wait this long for it (default {DEFAULT_WAIT:.0f}; "
+        "0: fail at once)",
+    )
     p.set_defaults(func=_cmd_fetch)
 
 
@@ -119,7 +133,11 @@ def _cmd_fetch(args) -> int:
     from covidct.fetch import fetch
 
     result = fetch(
-        args.dest, source=args.source, expected_covid=args.expect_covid, expected_noncovid=args.expect_noncovid
+        args.dest,
+        source=args.source,
+        expected_covid=args.expect_covid,
+        expected_noncovid=args.expect_noncovid,
+        lock_wait=args.lock_wait,
     )
     print(result.summary())
     return 0
@@ -191,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, confined: bool = False) -> int:
+    """Run a command; ``confined``: its arguments are untrusted (the DAG's job), see ``covidct.policy``."""
     args = build_parser().parse_args(argv)
+    args.confined = confined
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -37,13 +37,13 @@ import stat
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -55,6 +55,7 @@ from covidct import __version__
 from covidct.atomic import atomic_dir, sibling, write_text_atomic
 from covidct.dataset import CLASSES, LABEL_NAMES, check_layout, split_list_file
 from covidct.errors import CovidctError
+from covidct.locks import DEFAULT_WAIT, locked
 from covidct.manifest import MANIFEST_NAME, SPLITS, build_manifest, read_manifest, stale_entries, write_manifest
 
 if TYPE_CHECKING:
@@ -174,6 +175,8 @@ class RemoteSource(Source):
     location: str  # the base URL
     http: HttpOptions = field(default_factory=HttpOptions)
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
+    #: vets each redirect target (raises CovidctError to refuse it); None: follow any redirect
+    allow_url: Callable[[str], object] | None = None
 
     def url(self, name: str) -> str:
         return self.location.rstrip("/") + "/" + quote(name)
@@ -181,7 +184,7 @@ class RemoteSource(Source):
     def gather(self, work: Path, previous: dict | None, only: Iterable[str] | None = None) -> dict[str, SourceFile]:
         known = (previous or {}).get("files", {}) if (previous or {}).get("source") == self.location else {}
         files = {}
-        with _session(self.http) as session:
+        with _session(self.http, self.allow_url) as session:
             for name in only or UPSTREAM_FILES:
                 target = work / name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -258,15 +261,18 @@ class FolderSource(Source):
 
 
 def open_source(
-    source: str | Path | None, http: HttpOptions | None = None, limits: ArchiveLimits | None = None
+    source: str | Path | None,
+    http: HttpOptions | None = None,
+    limits: ArchiveLimits | None = None,
+    allow_url: Callable[[str], object] | None = None,
 ) -> Source:
     """The Source that ``source`` names (see the module docstring), or a CovidctError saying why not."""
     http, limits = http or HttpOptions(), limits or ArchiveLimits()
     text = str(source).strip() if source is not None else ""
     if text in ("", "upstream"):
-        return RemoteSource(os.environ.get(UPSTREAM_ENV) or UPSTREAM_URL, http=http, limits=limits)
+        return RemoteSource(os.environ.get(UPSTREAM_ENV) or UPSTREAM_URL, http=http, limits=limits, allow_url=allow_url)
     if text.lower().startswith(("http://", "https://")):
-        return RemoteSource(text, http=http, limits=limits)
+        return RemoteSource(text, http=http, limits=limits, allow_url=allow_url)
     if "://" in text:
         raise CovidctError(f"unsupported source {text}: use an http(s):// URL or a local folder")
     root = Path(text).expanduser().resolve()
@@ -295,16 +301,30 @@ def fetch(
     gate: bool = True,
     http: HttpOptions | None = None,
     limits: ArchiveLimits | None = None,
+    lock_wait: float = DEFAULT_WAIT,
+    allow_url: Callable[[str], object] | None = None,
 ) -> FetchResult:
     """Fetch the dataset from ``source`` into ``dest``, validated, atomically, idempotently.
 
     With ``gate`` (the default) the staged copy must pass ``covidct.validate.validate``
     with the expected counts before it replaces ``dest``; otherwise a CovidctError names
     each failed expectation and its files, and ``dest`` is left as it was.
+
+    One fetch into ``dest`` at a time: a second one waits up to ``lock_wait`` seconds for
+    the first (then finds its result up to date) or fails saying that a fetch is running.
+    ``allow_url`` (e.g. ``covidct.policy.Policy.check_url``) vets every redirect target
+    and raises a CovidctError for one that may not be followed.
     """
     started = time.monotonic()
     dest = Path(dest).expanduser().absolute()
-    src = open_source(source, http, limits)
+    src = open_source(source, http, limits, allow_url=allow_url)
+    with locked(dest, what="fetch", wait=lock_wait):
+        return _fetch_locked(dest, src, expected_covid, expected_noncovid, gate, started)
+
+
+def _fetch_locked(
+    dest: Path, src: Source, expected_covid: int, expected_noncovid: int, gate: bool, started: float
+) -> FetchResult:
     previous = _previous_state(dest)
     expectations = {"covid": expected_covid, "noncovid": expected_noncovid} if gate else None
     log.info("fetching COVID-CT from %s into %s", src.location, dest)
@@ -317,7 +337,7 @@ def fetch(
             not_here = [name for name, item in files.items() if item.path is None]
             if not_here:  # some answered 304 but something else changed: get them too
                 files.update(src.gather(work, None, only=not_here))
-            with atomic_dir(dest) as staging:
+            with atomic_dir(dest, lock=False) as staging:
                 src.unpack(files, staging)
                 check_layout(staging)
                 manifest = build_manifest(staging)
@@ -464,16 +484,36 @@ class _Interrupted(Exception):
 
 
 @contextmanager
-def _session(http: HttpOptions) -> Iterator[requests.Session]:
+def _session(http: HttpOptions, allow_url: Callable[[str], object] | None = None) -> Iterator[requests.Session]:
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=http.retry())
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = f"covidct/{__version__} (+https://github.com/UCSD-AI4H/COVID-CT)"
+    if allow_url is not None:
+        session.hooks["response"].append(_redirect_guard(session, allow_url))
     try:
         yield session
     finally:
         session.close()
+
+
+def _redirect_guard(session: requests.Session, allow_url: Callable[[str], object]):
+    """A response hook that vets each redirect before requests follows it (every hop, not just the first)."""
+
+    def hook(response: requests.Response, *args, **kwargs) -> requests.Response:
+        location = session.get_redirect_target(response)
+        if location is None:
+            return response
+        target = urljoin(response.url, location)
+        try:
+            allow_url(target)
+        except CovidctError as exc:
+            response.close()
+            raise CovidctError(f"refusing the redirect from {response.url} to {target}: {exc}") from None
+        return response
+
+    return hook
 
 
 def download(

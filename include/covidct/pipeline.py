@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from covidct import paths
 from covidct.backbone import get_backbone
 from covidct.errors import CovidctError
+from covidct.policy import DATA_SOURCE_ENV, Policy, PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +26,39 @@ def train_task_id(backbone: str) -> str:
     return f"train_{get_backbone(backbone).name.lower()}"
 
 
+def check_params(params: Mapping) -> None:
+    """Refuse, before any work and without retries, trigger params outside the operator's allowlist.
+
+    The DAG's param schema already checked their syntax (the UI and the REST API refuse a
+    malformed value with HTTP 400); this checks what they name: the data source and the
+    weights file (``covidct.policy``).
+    """
+    try:
+        Policy.from_env().check_params(params)
+    except PolicyError as exc:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"refused trigger params: {exc}") from None
+
+
 def fetch_dataset(source: str | None, expected_covid: int, expected_noncovid: int) -> str:
     """Fetch into ``$COVIDCT_HOME/data/COVID-CT`` (a no-op when unchanged); returns the folder.
 
-    Data that fail validation are never published: the previous good copy stays.
+    Data that fail validation are never published: the previous good copy stays. The source
+    and every redirect are held to the operator's allowlist (``covidct.policy``).
     """
     from covidct.fetch import fetch
 
-    source = source or os.environ.get("COVIDCT_DATA_SOURCE") or None
-    result = fetch(paths.data_dir(), source=source, expected_covid=expected_covid, expected_noncovid=expected_noncovid)
+    policy = Policy.from_env()
+    # A param is vetted (and used as rebuilt from its parsed parts); the operator's own setting is not.
+    source = policy.check_source(source) if source else (os.environ.get(DATA_SOURCE_ENV) or None)
+    result = fetch(
+        paths.data_dir(),
+        source=source,
+        expected_covid=expected_covid,
+        expected_noncovid=expected_noncovid,
+        allow_url=policy.check_url,
+    )
     log.info("%s", result.summary())
     return str(paths.data_dir())
 

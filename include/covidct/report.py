@@ -846,7 +846,7 @@ def build_report(
     timings = _timing_rows(entries)
     notes = _notes(splits, n_resamples, seed) + problems
 
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, what="report") as staging:
         for split in splits.values():
             log.info("plotting %s", split.split)
             split.images = _figures(split, staging)

@@ -159,7 +159,7 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
     data.count()
 
     results: dict[str, dict] = {}
-    with atomic_dir(config.out) as staging:
+    with atomic_dir(config.out, what="train job") as staging:
         # One split: OUT/metrics.json ...; several: OUT/<split>/metrics.json ...
         targets = {s: staging if len(config.splits) == 1 else staging / s for s in config.splits}
         shared = {  # the same in every split's metrics.json
