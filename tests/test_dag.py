@@ -108,6 +108,7 @@ def run_dag(dag, conf: dict):
 @pytest.mark.slow
 def test_whole_dag_runs_with_real_spark_submit(airflow_db, dag, small_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(small_dataset))  # the operator allows this data_source
     conf = {"data_source": str(small_dataset), "weights": "none", "expect_covid": 12, "expect_noncovid": 12, "seed": 5}
     dagrun, states, ok = run_dag(dag, conf)
     assert ok, states
@@ -140,6 +141,7 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
     with h5py.File(weights / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(small_dataset))
     monkeypatch.setenv("COVIDCT_WEIGHTS_DIR", str(weights))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setenv("COVIDCT_WEIGHTS_URL", "http://127.0.0.1:9/")  # downloads fail at once

@@ -17,6 +17,7 @@ import hashlib
 import io
 import stat
 import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,10 +93,14 @@ class Upstream:
     drop_midway: dict[str, int] = field(default_factory=dict)
     #: (method, path, status) of every request served
     log: list[tuple[str, str, int]] = field(default_factory=list)
+    #: the loopback address to listen on (127.0.0.2 is another host for allowlist tests)
+    host: str = "127.0.0.1"
+    #: seconds to wait before answering each request (to make a fetch last)
+    delay: float = 0.0
 
     def __post_init__(self):
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = ThreadingHTTPServer((self.host, 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -130,6 +135,8 @@ class Upstream:
 def _handler(upstream: Upstream) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if upstream.delay:
+                time.sleep(upstream.delay)
             path = unquote(urlsplit(self.path).path)
             name = path[len(PREFIX) :] if path.startswith(PREFIX) else None
             status, drop = upstream._next_fault(name or "")
