@@ -372,3 +372,14 @@ def test_the_cli_follows_redirects_freely(chain, tmp_path, capsys):
                  "--expect-covid", "12", "--expect-noncovid", "12"])  # fmt: skip
     assert code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "COVID-CT" / "manifest.parquet").is_file()
+
+
+def test_make_run_refuses_a_param_outside_the_allowlist_in_seconds(site, tmp_path):
+    env = {**os.environ, "COVIDCT_HOME": str(tmp_path / "home"), "AIRFLOW_HOME": str(tmp_path / "af"),
+           "COVIDCT_WEIGHTS_DIR": str(site["weights"]), "COVIDCT_DAG_CONF": '{"weights": "/etc/passwd"}'}  # fmt: skip
+    env.pop(WEIGHTS_DIRS_ENV, None)
+    result = subprocess.run([sys.executable, "-m", "covidct.localstack", "run"], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: weights file '/etc/passwd'" in result.stderr and WEIGHTS_DIRS_ENV in result.stderr
+    assert not (tmp_path / "af").exists() and not (tmp_path / "home").exists()

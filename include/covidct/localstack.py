@@ -52,10 +52,12 @@ def _migrate_db(env: dict[str, str]) -> None:
 
 
 def _preflight_weights(conf: dict) -> None:
-    """Fail in a second, not after retries, when ImageNet weights are missing."""
+    """Fail in a second, not after retries, when ImageNet weights are missing or a param is not allowed."""
     from covidct.backbone import get_backbone, resolve_weights
     from covidct.pipeline import DAG_BACKBONES
+    from covidct.policy import Policy
 
+    Policy.from_env().check_params(conf)  # what the DAG's first task checks (README "Security")
     weights = conf.get("weights", "imagenet")
     for name in conf.get("backbones", DAG_BACKBONES):
         resolve_weights(get_backbone(name), weights)
