@@ -16,8 +16,9 @@ The modules, one concept each:
 - ``predict``    classifying new images with a saved model
 - ``report``     comparing backbones (``stats``: bootstrap CIs, McNemar; ``plots``: figures)
 - ``pipeline``   what the Airflow DAG's tasks do; ``operators``: its spark-submit operator
+- ``policy``     the operator's allowlist for trigger params (data sources, weights files)
 - ``localstack`` ``make run`` / ``make ui`` on embedded defaults
-- ``session``, ``paths``, ``atomic``, ``errors``: plumbing
+- ``session``, ``paths``, ``atomic``, ``locks``, ``errors``: plumbing
 - ``cli``        the ``covidct`` command line
 """
 
