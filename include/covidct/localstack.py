@@ -96,6 +96,9 @@ def run(conf: dict, verbose: bool = False) -> int:
         progress = TaskProgress(screen)
         try:
             dag, dagrun = _test_dag(env, conf, progress)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            error, dagrun = "interrupted", None
         except Exception as exc:  # noqa: BLE001 - whatever broke, the screen gets one line, the log the traceback
             traceback.print_exc()
             error = f"error: {exc}" if isinstance(exc, CovidctError) else f"error: {type(exc).__name__}: {exc}"
