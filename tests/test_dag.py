@@ -151,9 +151,24 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
         "expect_covid": 12,
         "expect_noncovid": 12,
     }
-    dagrun, states, _ = run_dag(dag, conf)
+    import io
+
+    from airflow.sdk.listener import get_listener_manager
+
+    from covidct.localstack import TaskProgress, cause_of, next_step
+
+    progress = TaskProgress(io.StringIO())  # what `make run` shows: the cause of each failed task
+    get_listener_manager().add_listener(progress)
+    try:
+        dagrun, states, _ = run_dag(dag, conf)
+    finally:
+        get_listener_manager().pm.unregister(progress)
     assert states["train_vgg16"] == "success"
     assert states["train_vgg19"] == "failed"
+    # The task's message is the job's own `error:` line (from spark-submit's output), not the command line.
+    cause = cause_of(progress.errors["train_vgg19"])
+    assert cause.startswith("ImageNet weights for VGG19 are not available") and "spark-submit" not in cause
+    assert "COVIDCT_WEIGHTS_URL" in next_step("train_vgg19", progress.errors["train_vgg19"], tmp_path / "log")
     assert states["train_xception"] == "skipped"  # not chosen
     assert states["report"] == "success"
     vgg19 = next(ti for ti in dagrun.get_task_instances() if ti.task_id == "train_vgg19")
