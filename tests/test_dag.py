@@ -210,6 +210,15 @@ def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_p
     assert task_instance(dagrun, "fetch_dataset").try_number == 1
 
 
+def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from covidct import pipeline
+
+    with pytest.raises(AirflowFailException, match="expected 13 COVID images, found 12"):
+        pipeline.validate_dataset(str(small_dataset), expected_covid=13, expected_noncovid=12)
+
+
 @pytest.mark.slow
 def test_scheduled_dag_retries_a_transient_fetch_failure_and_succeeds(airflow_db, small_dataset, tmp_path, monkeypatch):
     """503s beyond fetch's own 5 retries fail the first try (transient); Airflow's retry then gets a 200."""
