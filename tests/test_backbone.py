@@ -60,6 +60,8 @@ def test_missing_weights_fail_saying_both_ways_never_random(tmp_path, monkeypatc
     message = str(info.value)
     assert "COVIDCT_WEIGHTS_DIR" in message and "download" in message
     assert "http://127.0.0.1:9/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    # Instructions any user can follow: nothing that exists only in the development checkout.
+    assert "~/.keras/models" in message and "COVIDCT_WEIGHTS_URL" in message and "shared/tools" not in message
 
 
 def test_a_weights_path_must_exist(tmp_path):

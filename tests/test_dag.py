@@ -153,9 +153,24 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
         "expect_covid": 12,
         "expect_noncovid": 12,
     }
-    dagrun, states, _ = run_dag(dag, conf)
+    import io
+
+    from airflow.sdk.listener import get_listener_manager
+
+    from covidct.localstack import TaskProgress, cause_of, next_step
+
+    progress = TaskProgress(io.StringIO())  # what `make run` shows: the cause of each failed task
+    get_listener_manager().add_listener(progress)
+    try:
+        dagrun, states, _ = run_dag(dag, conf)
+    finally:
+        get_listener_manager().pm.unregister(progress)
     assert states["train_vgg16"] == "success"
     assert states["train_vgg19"] == "failed"
+    # The task's message is the job's own `error:` line (from spark-submit's output), not the command line.
+    cause = cause_of(progress.errors["train_vgg19"])
+    assert cause.startswith("ImageNet weights for VGG19 are not available") and "spark-submit" not in cause
+    assert "COVIDCT_WEIGHTS_URL" in next_step("train_vgg19", progress.errors["train_vgg19"], tmp_path / "log")
     assert states["train_xception"] == "skipped"  # not chosen
     assert states["report"] == "success"
     vgg19 = next(ti for ti in dagrun.get_task_instances() if ti.task_id == "train_vgg19")
@@ -166,6 +181,64 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
     markdown = (report / "report.md").read_text()
     assert "VGG19" in markdown and "task train_vgg19 failed; see its log" in markdown
     assert "Xception: failed" not in markdown and "| **Xception**" not in markdown  # not chosen: no row
+
+
+# --------------------------------------------------------------------------- retries: scheduled DAG
+
+
+def scheduled_dag(retry_delay_s: float = 0.0):
+    """A fresh copy of the DAG with its scheduled retry policy (retries as in the file), minus the wait."""
+    from datetime import timedelta
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags[DAG_ID]
+    for task in dag.tasks:
+        assert task.retries >= 2
+        task.retry_delay = timedelta(seconds=retry_delay_s)
+    return dag
+
+
+def task_instance(dagrun, task_id):
+    return next(ti for ti in dagrun.get_task_instances() if ti.task_id == task_id)
+
+
+@pytest.mark.slow
+def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_path, monkeypatch):
+    """An unknown host name: the fetch task fails on its first try although the DAG allows 2 retries."""
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    dagrun, states, ok = run_dag(scheduled_dag(), {"data_source": "http://covidct.invalid/", "weights": "none"})
+    assert not ok and states["fetch_dataset"] == "failed" and states["validate_dataset"] == "upstream_failed"
+    assert task_instance(dagrun, "fetch_dataset").try_number == 1
+
+
+def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from covidct import pipeline
+
+    with pytest.raises(AirflowFailException, match="expected 13 COVID images, found 12"):
+        pipeline.validate_dataset(str(small_dataset), expected_covid=13, expected_noncovid=12)
+
+
+@pytest.mark.slow
+def test_scheduled_dag_retries_a_transient_fetch_failure_and_succeeds(airflow_db, small_dataset, tmp_path, monkeypatch):
+    """503s beyond fetch's own 5 retries fail the first try (transient); Airflow's retry then gets a 200."""
+    from upstream import Upstream, upstream_files
+
+    covid_zip = "Images-processed/CT_COVID.zip"
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    with Upstream(upstream_files(small_dataset), retry_after="1") as upstream:  # 1 s between fetch's retries
+        upstream.fail_with[covid_zip] = [503] * 6  # the first try's 1 + 5 attempts
+        conf = {"data_source": upstream.base_url, "weights": "none", "expect_covid": 12, "expect_noncovid": 12}
+        from airflow.utils.state import DagRunState
+
+        dagrun = scheduled_dag().test(run_conf=conf, mark_success_pattern=r"train_.*|report")
+    fetch_ti = task_instance(dagrun, "fetch_dataset")
+    assert upstream.statuses(covid_zip) == [503] * 6 + [200]
+    assert fetch_ti.state == "success" and fetch_ti.try_number == 2
+    assert task_instance(dagrun, "validate_dataset").state == "success"
+    assert dagrun.state == DagRunState.SUCCESS
 
 
 # --------------------------------------------------------------------------- make run
@@ -198,6 +271,45 @@ def test_make_run_fails_in_seconds_without_weights_and_runs_nothing(tmp_path):
     assert "error: ImageNet weights for VGG16 are not available" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "af").exists() and not (tmp_path / "home" / "runs").exists()
+
+
+NO_NETWORK_BOUND_S = 60  # issue 15: a machine without network fails `make run` within a minute
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["closed loopback port", "unresolvable name"])
+def test_make_run_without_network_fails_fast_and_says_why(source, tmp_path):
+    """A fresh Airflow home, no task retries: non-zero in the bound, the cause and a next step on screen."""
+    import time
+
+    from upstream import Upstream
+
+    if source == "closed loopback port":
+        with Upstream({}) as gone:
+            url = gone.base_url
+        cause = "Connection refused"
+        env = {"COVIDCT_DAG_CONF": '{"weights": "none"}'}
+    else:
+        url, cause = "http://covidct.invalid/", "Failed to resolve 'covidct.invalid'"
+        weights = tmp_path / "weights"  # weights present: the preflight passes, the fetch fails
+        weights.mkdir()
+        for name in ("vgg16", "vgg19", "xception"):
+            (weights / f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"not read before training")
+        env = {"COVIDCT_WEIGHTS_DIR": str(weights)}
+    started = time.monotonic()
+    result = _localstack(["run"], tmp_path, COVIDCT_DATA_SOURCE=url, **env)
+    took = time.monotonic() - started
+    screen = result.stdout + result.stderr
+    assert result.returncode == 1, screen
+    assert took <= NO_NETWORK_BOUND_S, f"took {took:.0f} s\n{screen}"
+    assert "fetch_dataset      failed" in screen and "validate_dataset   upstream_failed" in screen
+    assert f"error: cannot download {url}Images-processed/CT_COVID.zip: " in screen and cause in screen
+    assert "next:  this machine cannot get the dataset from its source" in screen and "COVIDCT_DATA_SOURCE" in screen
+    assert "Traceback" not in screen
+    # Airflow's own output, tracebacks included, is in the log named on screen.
+    logs = list((tmp_path / "home" / "logs").glob("make-run-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in screen
+    assert "Traceback" in logs[0].read_text() and cause in logs[0].read_text()
 
 
 def test_make_run_rejects_a_conf_that_is_not_json(tmp_path):

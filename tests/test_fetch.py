@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import shutil
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -19,10 +20,10 @@ import pandas as pd
 import pytest
 
 from covidct.cli import main
-from covidct.errors import CovidctError
+from covidct.errors import CovidctError, DownloadError
 from covidct.fetch import STATE_NAME, ArchiveLimits, HttpOptions, fetch
 from covidct.manifest import COLUMNS, MANIFEST_NAME, read_manifest
-from upstream import DEFECTS, Upstream, class_zip, symlink_entry, upstream_files, write_files
+from upstream import DEFECTS, Upstream, class_zip, self_signed_tls, symlink_entry, upstream_files, write_files
 
 HTTP = HttpOptions(timeout=(2.0, 5.0), retries=2, backoff_factor=0.01, backoff_max=0.05, progress_min_bytes=0)
 SMALL = {"expected_covid": 12, "expected_noncovid": 12}
@@ -224,9 +225,11 @@ def test_http_500_for_good_fails_cleanly(upstream, dest):
     assert upstream.statuses(NONCOVID_ZIP) == [500, 500, 500]
 
 
-def test_http_404_names_the_url(upstream, dest):
+def test_http_404_names_the_url_and_is_not_retried(upstream, dest):
     del upstream.files["Data-split/NonCOVID/valCT_NonCOVID.txt"]
     fails(dest, upstream.base_url, "Data-split/NonCOVID/valCT_NonCOVID.txt: HTTP 404")
+    assert upstream.statuses("Data-split/NonCOVID/valCT_NonCOVID.txt") == [404]
+    assert not failure(dest, upstream.base_url).transient
 
 
 def test_connection_dropped_mid_file_is_retried(upstream, tmp_path):
@@ -245,6 +248,73 @@ def test_unreachable_server_fails_cleanly(dest, tmp_path):
     with Upstream({}) as gone:
         url = gone.base_url
     fails(dest, url, "cannot download", "Connection refused")
+
+
+# --- what is retried: the default policy (the scheduled DAG's), on real sockets ------------------
+# Backoff under HttpOptions(): 0, 2, 4, 8, 16 s between the 6 attempts; ~30 s when every retry is used.
+
+
+def failure(dest: Path, source: str, http: HttpOptions = HTTP) -> DownloadError:
+    with pytest.raises(DownloadError) as info:
+        fetch(dest, source, http=http, **SMALL)
+    return info.value
+
+
+def test_a_503_then_200_succeeds_under_the_default_policy(upstream, tmp_path):
+    upstream.fail_with[COVID_ZIP] = [503]
+    result = fetch(tmp_path / "d", upstream.base_url, http=HttpOptions(), **SMALL)
+    assert result.changed and upstream.statuses(COVID_ZIP) == [503, 200]
+
+
+def test_5xx_to_the_end_is_transient(upstream, dest):
+    upstream.fail_with[COVID_ZIP] = [503] * 10
+    error = failure(dest, upstream.base_url)
+    assert error.transient and "gave up after 2 retries" in str(error)
+
+
+def test_an_unknown_host_name_is_not_retried(dest):
+    started = time.monotonic()
+    error = failure(dest, "http://covidct.invalid/", http=HttpOptions())
+    assert time.monotonic() - started < 10  # 5 retries would back off for ~30 s
+    assert "Failed to resolve 'covidct.invalid'" in str(error) and "not retried" in str(error)
+    assert not error.transient  # nor retried by Airflow: no retry fixes a name that does not exist
+
+
+def test_an_untrusted_certificate_is_not_retried(upstream, dest, tmp_path):
+    with Upstream(dict(upstream.files), tls=self_signed_tls(tmp_path)) as tls:
+        started = time.monotonic()
+        error = failure(dest, tls.base_url, http=HttpOptions())
+    assert time.monotonic() - started < 10
+    assert "CERTIFICATE_VERIFY_FAILED" in str(error) and not error.transient
+    assert tls.log == []  # no request ever got through
+
+
+def test_a_refused_connection_is_retried_briefly_and_is_transient(dest):
+    with Upstream({}) as gone:
+        url = gone.base_url
+    started = time.monotonic()
+    error = failure(dest, url, http=HttpOptions())
+    took = time.monotonic() - started
+    assert 1.5 < took < 10, took  # 2 retries: backoff 0 s, then 2 s; not the ~30 s of the full budget
+    assert "Connection refused" in str(error) and "after 2 retries" in str(error) and error.transient
+
+
+def test_a_server_restarting_on_its_port_is_waited_for(good_files, tmp_path):
+    """Refused at first, listening a second later: the refused-connection retries get it."""
+    with Upstream({}) as probe:
+        port = probe._server.server_address[1]
+    started: list[Upstream] = []
+    timer = threading.Timer(1.0, lambda: started.append(Upstream(dict(good_files), port=port).__enter__()))
+    timer.start()
+    try:
+        result = fetch(
+            tmp_path / "d", f"http://127.0.0.1:{port}/UCSD-AI4H/COVID-CT/master/", http=HttpOptions(), **SMALL
+        )
+    finally:
+        timer.join()
+        for server in started:
+            server.__exit__(None, None, None)
+    assert result.changed and started[0].statuses(COVID_ZIP) == [200]
 
 
 # --- bad archives --------------------------------------------------------------------------------

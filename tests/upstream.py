@@ -8,13 +8,17 @@ and ``.DS_Store`` litter of zips made on macOS), ``Images-processed/CT_NonCOVID.
 
 ``Upstream(files)`` serves them (``ThreadingHTTPServer``, port 0) under ``base_url``, with
 ETags and ``If-None-Match`` like raw.githubusercontent.com, and faults injected per path:
-error statuses for the next N requests, a connection closed after half the body.
+error statuses for the next N requests (optionally with ``Retry-After``), a connection closed
+after half the body. ``port`` picks the port (a server "restarting" on a known port), ``tls``
+serves HTTPS with that context (e.g. ``self_signed_tls``: a certificate no client trusts).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
+import ssl
 import stat
 import threading
 import time
@@ -97,17 +101,23 @@ class Upstream:
     host: str = "127.0.0.1"
     #: seconds to wait before answering each request (to make a fetch last)
     delay: float = 0.0
+    #: the Retry-After header of error answers (seconds), None: none
+    retry_after: str | None = None
+    port: int = 0
+    tls: ssl.SSLContext | None = None
 
     def __post_init__(self):
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((self.host, 0), _handler(self))
+        self._server = ThreadingHTTPServer((self.host, self.port), _handler(self))
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def base_url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}{PREFIX}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}{PREFIX}"
 
     def __enter__(self) -> Upstream:
         self._thread.start()
@@ -166,6 +176,8 @@ def _handler(upstream: Upstream) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             if etag:
                 self.send_header("ETag", etag)
+            if status >= 400 and upstream.retry_after is not None:
+                self.send_header("Retry-After", upstream.retry_after)
             if status != 304:
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
@@ -177,6 +189,39 @@ def _handler(upstream: Upstream) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+def self_signed_tls(folder: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1 (no client trusts it)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 # --- bad datasets --------------------------------------------------------------------------------

@@ -144,8 +144,9 @@ def _missing_message(backbone: Backbone, download_error: str | None = None) -> s
     msg = (
         f"ImageNet weights for {backbone.name} are not available. Looked for {where}. "
         f"Either put {backbone.weights_file} into a folder and set {WEIGHTS_DIR_ENV} to it "
-        f"(offline sites: ../shared/tools/offline_imagenet_weights.py or a copy of ~/.keras/models), "
-        f"or let Keras download {backbone.weights_origin} into {keras_cache_dir()}"
+        f"(without network: copy ~/.keras/models from a machine where Keras has downloaded them), "
+        f"or let Keras download {backbone.weights_origin} into {keras_cache_dir()} "
+        f"(${WEIGHTS_URL_ENV} names a mirror of {KERAS_WEIGHTS_BASE})"
     )
     if download_error:
         msg += f" (the download failed: {download_error})"

@@ -32,7 +32,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import stat
 import time
 import zipfile
@@ -48,13 +50,14 @@ from urllib.parse import quote, urljoin
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import MaxRetryError, ProtocolError
+from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
+from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.util.retry import Retry
 
 from covidct import __version__
 from covidct.atomic import atomic_dir, sibling, write_text_atomic
 from covidct.dataset import CLASSES, LABEL_NAMES, check_layout, split_list_file
-from covidct.errors import CovidctError
+from covidct.errors import CovidctError, DownloadError
 from covidct.locks import DEFAULT_WAIT, locked
 from covidct.manifest import MANIFEST_NAME, SPLITS, build_manifest, read_manifest, stale_entries, write_manifest
 
@@ -75,22 +78,34 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class HttpOptions:
-    """Timeouts (connect, read) in seconds, retries with exponential backoff, progress logging."""
+    """Timeouts (connect, read) in seconds, retries with exponential backoff, progress logging.
+
+    What is retried, and how often:
+
+    - timeouts, 429/5xx answers, connections reset or broken mid-file: ``retries`` times
+      (they are what a retry fixes);
+    - a refused connection: ``refused_retries`` times (a few seconds: a server restarting
+      gets them; a closed port on a first try still fails at once, not after minutes);
+    - never: a name that does not resolve, TLS errors (an untrusted certificate), 4xx
+      answers other than 429: a retry cannot fix those.
+    """
 
     timeout: tuple[float, float] = (15.0, 60.0)
     retries: int = 5
+    refused_retries: int = 2
     backoff_factor: float = 1.0
     backoff_max: float = 60.0
     progress_min_bytes: int = 4 * MB  # log progress of files at least this large
 
     def retry(self) -> Retry:
-        """urllib3's policy: retry connection errors, read errors and 429/5xx answers to GET."""
-        return Retry(
+        """urllib3's policy for GET, with the classification above."""
+        return _Retry(
             total=self.retries,
             connect=self.retries,
             read=self.retries,
             status=self.retries,
             other=0,
+            refused=self.refused_retries,
             backoff_factor=self.backoff_factor,
             backoff_max=self.backoff_max,
             status_forcelist=(429, 500, 502, 503, 504),
@@ -98,6 +113,34 @@ class HttpOptions:
             raise_on_status=True,
             respect_retry_after_header=True,
         )
+
+
+class _Retry(Retry):
+    """urllib3's Retry, giving up at once where a retry cannot help and soon on refused connections."""
+
+    def __init__(self, *args, refused: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refused = refused
+
+    def new(self, **kw) -> _Retry:
+        kw.setdefault("refused", self.refused)
+        return super().new(**kw)
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None) -> _Retry:
+        if error is not None and (_permanent(error) or (_refused(error) and self.refused <= 0)):
+            raise MaxRetryError(_pool, url, error) from error  # type: ignore[arg-type]
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        return retry.new(refused=self.refused - 1) if error is not None and _refused(error) else retry
+
+
+def _permanent(error: Exception) -> bool:
+    """Errors that no retry fixes: an unknown host name, a TLS failure (untrusted certificate)."""
+    return isinstance(error, (NameResolutionError, Urllib3SSLError))
+
+
+def _refused(error: Exception) -> bool:
+    """No connection could be made (refused, unreachable): nothing listens there now."""
+    return isinstance(error, NewConnectionError) and not isinstance(error, NameResolutionError)
 
 
 @dataclass(frozen=True)
@@ -355,6 +398,8 @@ def _fetch_locked(
                 shutil.rmtree(work, ignore_errors=True)  # free the downloads before the swap
     except _Rejected as exc:
         raise CovidctError(f"{exc}\n{_untouched(dest, previous)}") from None
+    except DownloadError as exc:
+        raise DownloadError(f"{exc} ({_untouched(dest, previous)})", transient=exc.transient) from None
     except CovidctError as exc:
         raise CovidctError(f"{exc} ({_untouched(dest, previous)})") from None
     except OSError as exc:  # disk full, permissions: the user's to fix
@@ -527,9 +572,10 @@ def download(
 ) -> SourceFile | None:
     """GET ``url`` into ``target``; None if ``known`` (an earlier record) is still current (304).
 
-    Connection errors and 429/5xx answers are retried by urllib3's Retry inside requests; a
-    connection that breaks mid-body is retried under the same policy (its ``increment`` and
-    ``sleep``), from the start of the file.
+    Connection errors and 429/5xx answers are retried by urllib3's Retry inside requests (see
+    ``HttpOptions``); a connection that breaks mid-body is retried under the same policy (its
+    ``increment`` and ``sleep``), from the start of the file. Failures raise DownloadError, whose
+    ``transient`` says whether trying again later may help.
     """
     name = name or url.rsplit("/", 1)[-1]
     retry = http.retry()
@@ -540,9 +586,10 @@ def download(
             try:
                 retry = retry.increment(method="GET", url=url, error=exc.cause)
             except (MaxRetryError, ProtocolError, Urllib3Error):
-                raise CovidctError(
+                raise DownloadError(
                     f"cannot download {url}: the connection kept breaking mid-file "
-                    f"({http.retries + 1} attempts; last: {exc})"
+                    f"({http.retries + 1} attempts; last: {exc})",
+                    transient=True,
                 ) from None
             log.warning("connection broke while downloading %s (%s); retrying", name, exc)
             retry.sleep()
@@ -564,16 +611,17 @@ def _download_once(
         headers["If-Modified-Since"] = known["last_modified"]
     try:
         response = session.get(url, stream=True, timeout=http.timeout, headers=headers)
-    except requests.exceptions.RetryError as exc:
-        raise CovidctError(f"cannot download {url}: gave up after {http.retries} retries ({_reason(exc)})") from None
     except requests.exceptions.RequestException as exc:
-        raise CovidctError(f"cannot download {url}: {_reason(exc)} (after {http.retries} retries)") from None
+        raise _download_error(url, exc, http) from None
     with response:
         if response.status_code == 304 and known:
             log.info("%s: not modified (304)", name)
             return None
         if response.status_code != 200:
-            raise CovidctError(f"cannot download {url}: HTTP {response.status_code} {response.reason}")
+            status = response.status_code
+            raise DownloadError(
+                f"cannot download {url}: HTTP {status} {response.reason}", transient=status == 429 or status >= 500
+            )
         total = int(response.headers.get("Content-Length") or 0) or None
         if total is not None and total > limits.max_bytes:
             raise CovidctError(f"refusing to download {url}: {total} bytes is over the {limits.max_bytes} limit")
@@ -627,6 +675,28 @@ class _Progress:
             log.info("%s: downloaded %.1f MB in %.1f s", self.name, received / MB, seconds)
 
 
+def _download_error(url: str, exc: requests.exceptions.RequestException, http: HttpOptions) -> DownloadError:
+    """The DownloadError of a failed GET: what went wrong, how often it was tried, whether to try later."""
+    inner = exc.args[0] if exc.args else None
+    cause = getattr(inner, "reason", None) or inner  # the urllib3 error behind requests' MaxRetryError
+    what = f"cannot download {url}: {_reason(exc)}"
+    if isinstance(exc, requests.exceptions.RetryError):
+        gave_up = f"gave up after {http.retries} retries ({_reason(exc)})"
+        return DownloadError(f"cannot download {url}: {gave_up}", transient=True)
+    if isinstance(cause, NameResolutionError):
+        # EAI_AGAIN (a temporary failure, e.g. no DNS server reachable) may pass by itself, an
+        # unknown name does not; neither is retried here: seconds do not fix DNS.
+        temporary = getattr(cause.__cause__, "errno", None) == socket.EAI_AGAIN
+        return DownloadError(f"{what} (not retried)", transient=temporary)
+    if isinstance(exc, requests.exceptions.SSLError) or isinstance(cause, Urllib3SSLError):
+        return DownloadError(f"{what} (TLS; not retried)", transient=False)
+    if isinstance(cause, NewConnectionError):
+        return DownloadError(f"{what} (after {http.refused_retries} retries)", transient=True)
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return DownloadError(f"{what} (after {http.retries} retries)", transient=True)
+    return DownloadError(what, transient=False)  # an invalid URL, too many redirects, ...
+
+
 def _reason(exc: Exception) -> str:
     """The innermost useful message of a requests/urllib3 error."""
     inner = exc.args[0] if exc.args else exc
@@ -634,7 +704,8 @@ def _reason(exc: Exception) -> str:
     text = str(reason)
     if "object at 0x" in text:  # "<urllib3.connection.HTTPConnection object at 0x..>: Failed to ..."
         text = text.split(">: ", 1)[-1]
-    return text
+    # "HTTPConnection(host='h', port=80): Failed to ..." (urllib3 >= 2.6): the URL already says it
+    return re.sub(r"^HTTPS?Connection\([^)]*\): ", "", text)
 
 
 # --- archives ------------------------------------------------------------------------------------

@@ -5,8 +5,13 @@ DB), ``spark_default`` = ``local[*]`` (JSON form: the URI ``spark://local[2]`` w
 silently mean YARN), the venv's ``spark-submit`` on PATH, and ``COVIDCT_HOME=var``.
 ``COVIDCT_DATA_SOURCE`` and ``COVIDCT_WEIGHTS_DIR`` are honoured (offline use).
 
-    python -m covidct.localstack run [--conf JSON]   # one DAG run with dag.test(); prints the report
-    python -m covidct.localstack ui                  # airflow standalone on http://localhost:8080
+    python -m covidct.localstack run [--conf JSON] [--verbose]   # one DAG run with dag.test(); prints the report
+    python -m covidct.localstack ui                              # airflow standalone on http://localhost:8080
+
+``run`` is interactive: someone is waiting. Its tasks are not retried (the scheduled DAG
+keeps its retries); the screen shows one line per task and, at the end, each failed
+task's cause and what to do next; Airflow's and Spark's own output (tracebacks included)
+goes to ``$COVIDCT_HOME/logs/make-run-<time>.log``, whose path is printed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
+
+import pluggy
+
+#: Airflow's listener marker (``airflow.listeners.hookimpl``), without importing Airflow before
+#: ``run`` has set its configuration.
+hookimpl = pluggy.HookimplMarker("airflow")
 
 DAG_ID = "covid_ct_transfer_learning"
 PROJECT = Path(__file__).resolve().parents[2]
@@ -63,7 +77,7 @@ def _preflight_weights(conf: dict) -> None:
         resolve_weights(get_backbone(name), weights)
 
 
-def run(conf: dict) -> int:
+def run(conf: dict, verbose: bool = False) -> int:
     """One DAG run in this process (``dag.test()``); returns 0 when it succeeded."""
     env = environment()
     os.environ.update(env)  # before Airflow is imported: it reads its config at import
@@ -74,27 +88,206 @@ def run(conf: dict) -> int:
     except CovidctError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _migrate_db(env)
-    from airflow.dag_processing.dagbag import DagBag
+    from covidct import paths
+
+    log_path = paths.home() / "logs" / f"make-run-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Airflow and Spark output: {log_path}", flush=True)
+    started = time.monotonic()
+    with contextlib.nullcontext(sys.stdout) if verbose else _output_to(log_path) as screen:
+        progress = TaskProgress(screen)
+        try:
+            dag, dagrun = _test_dag(env, conf, progress)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            error, dagrun = "interrupted", None
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the screen gets one line, the log the traceback
+            traceback.print_exc()
+            error = f"error: {exc}" if isinstance(exc, CovidctError) else f"error: {type(exc).__name__}: {exc}"
+            dagrun = None
+    if dagrun is None:
+        print(f"{error}\n(the full output: {log_path})", file=sys.stderr)
+        return 1
+    print(summary(dag, dagrun, progress.errors, time.monotonic() - started, log_path))
     from airflow.utils.state import DagRunState
 
-    from covidct import paths
+    return 0 if dagrun.state == DagRunState.SUCCESS else 1
+
+
+def _test_dag(env: dict[str, str], conf: dict, progress: TaskProgress):
+    """Migrate the DB, load the DAG, make it fail fast, ``dag.test()`` it; returns the DAG and its run."""
+    from covidct.errors import CovidctError
+
+    progress.say(f"preparing Airflow in {env['AIRFLOW_HOME']} ...")
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    from airflow.utils import db
+
+    db.upgradedb()  # `airflow db migrate`, in this process: Airflow is imported once, not twice
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.listener import get_listener_manager
 
     bag = DagBag(dag_folder=env["AIRFLOW__CORE__DAGS_FOLDER"])
     if bag.import_errors:
-        print(f"error: DAG import errors: {bag.import_errors}", file=sys.stderr)
-        return 1
-    started = time.monotonic()
-    dagrun = bag.dags[DAG_ID].test(run_conf=conf)
-    wall = time.monotonic() - started
-    states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
+        raise CovidctError(f"DAG import errors: {bag.import_errors}")
+    dag = bag.dags[DAG_ID]
+    without_retries(dag)
+    manager = get_listener_manager()
+    manager.add_listener(progress)
+    try:
+        return dag, dag.test(run_conf=conf)
+    finally:
+        manager.pm.unregister(progress)
+
+
+def without_retries(dag) -> None:
+    """Someone is waiting: no task retries in this run (the DAG file, and so the scheduler, keep theirs)."""
+    for task in dag.tasks:
+        task.retries = 0
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path) -> Iterator[TextIO]:
+    """Send this process's stdout and stderr (and its children's) to ``log_path``; yields the screen."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    screen = os.fdopen(os.dup(1), "w", buffering=1)
+    try:
+        with open(log_path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        yield screen
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        screen.close()
+
+
+class TaskProgress:
+    """An Airflow listener: one line per task start and end on the screen; keeps each failure's exception."""
+
+    def __init__(self, screen: TextIO):
+        self.screen = screen
+        self.errors: dict[str, BaseException | str | None] = {}
+        self._started: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.screen, flush=True)
+
+    def _took(self, task_id: str) -> str:
+        return f"{time.monotonic() - self._started.get(task_id, time.monotonic()):.0f} s"
+
+    @hookimpl
+    def on_task_instance_running(self, previous_state, task_instance) -> None:
+        self._started[task_instance.task_id] = time.monotonic()
+        self.say(f"{task_instance.task_id} running")
+
+    @hookimpl
+    def on_task_instance_success(self, previous_state, task_instance) -> None:
+        self.say(f"{task_instance.task_id} succeeded ({self._took(task_instance.task_id)})")
+
+    @hookimpl
+    def on_task_instance_failed(self, previous_state, task_instance, error) -> None:
+        self.errors[task_instance.task_id] = error
+        self.say(f"{task_instance.task_id} failed ({self._took(task_instance.task_id)})")
+
+    @hookimpl
+    def on_task_instance_skipped(self, previous_state, task_instance) -> None:
+        self.say(f"{task_instance.task_id} skipped")
+
+
+def summary(dag, dagrun, errors: dict[str, BaseException | str | None], seconds: float, log_path: Path) -> str:
+    """The closing lines: each task's state (in DAG order); for each failed one its cause and what to do next."""
+    from covidct import paths
+
+    order = {task_id: i for i, task_id in enumerate(_dag_order(dag))}
+    lines = [f"\nDAG run {dagrun.run_id}: {dagrun.state} in {seconds / 60:.1f} min"]
+    for ti in sorted(dagrun.get_task_instances(), key=lambda ti: (order.get(ti.task_id, len(order)), ti.task_id)):
+        lines.append(f"  {ti.task_id:18} {ti.state}")
+        if ti.state == "failed":
+            error = errors.get(ti.task_id)
+            cause = cause_of(error) if error is not None else f"no exception recorded; see {log_path}"
+            first, *more = cause.splitlines() or [""]
+            lines.append(f"      error: {first}")
+            lines.extend(f"        {line.strip()}" for line in more[:12])
+            if len(more) > 12:
+                lines.append(f"        ... ({len(more) - 12} more lines in {log_path})")
+            lines.append(f"      next:  {next_step(ti.task_id, error, log_path)}")
     report = paths.run_dir(dagrun.run_id) / "report"
-    print(f"\nDAG run {dagrun.run_id}: {dagrun.state} in {wall / 60:.1f} min")
-    for task_id, state in sorted(states.items()):
-        print(f"  {task_id:18} {state}")
     if (report / "report.html").is_file():
-        print(f"report: {report / 'report.html'}\n        {report / 'report.md'}")
-    return 0 if dagrun.state == DagRunState.SUCCESS else 1
+        lines.append(f"report: {report / 'report.html'}\n        {report / 'report.md'}")
+    lines.append(f"Airflow and Spark output: {log_path}")
+    return "\n".join(lines)
+
+
+def _dag_order(dag) -> list[str]:
+    """Task ids, upstream before downstream (ties by name)."""
+    left = {task.task_id: set(task.upstream_task_ids) for task in dag.tasks}
+    order: list[str] = []
+    while left:
+        ready = sorted(task_id for task_id, upstream in left.items() if not upstream - set(order)) or sorted(left)
+        order.extend(ready)
+        for task_id in ready:
+            del left[task_id]
+    return order
+
+
+def _chain(error: BaseException | str | None) -> list[BaseException]:
+    """The exception and those it was raised from."""
+    found = []
+    while isinstance(error, BaseException) and error not in found:
+        found.append(error)
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def cause_of(error: BaseException | str) -> str:
+    """A task's failure in a few words: the ``error:`` message it raised, never a traceback."""
+    from covidct.errors import CovidctError
+    from covidct.operators import job_error
+
+    if not isinstance(error, BaseException):
+        return str(error)
+    chain = _chain(error)
+    ours = next((e for e in chain if isinstance(e, CovidctError)), None)
+    text = str(ours if ours is not None else error).strip()
+    if ours is None and type(error).__name__ not in ("AirflowFailException",):
+        text = job_error(text) or f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    return text
+
+
+def next_step(task_id: str, error: BaseException | str | None, log_path: Path) -> str:
+    """What the user can do about a failed task."""
+    from covidct.errors import DownloadError
+
+    chain = _chain(error)
+    download = next((e for e in chain if isinstance(e, DownloadError)), None)
+    if download is not None:
+        later = "try again later, or " if download.transient else ""
+        return (
+            f"this machine cannot get the dataset from its source: {later}copy the dataset here and set "
+            "COVIDCT_DATA_SOURCE to it (the folder with CT_COVID/ and CT_NonCOVID/, or one holding "
+            "CT_COVID.zip and CT_NonCOVID.zip), or to a mirror URL; README, section Offline"
+        )
+    text = str(error or "")
+    if task_id == "fetch_dataset":
+        return "fix the data source, or point COVIDCT_DATA_SOURCE (or the data_source param) at a good copy"
+    if task_id == "validate_dataset":
+        return "fix the dataset, or set expect_covid/expect_noncovid in COVIDCT_DAG_CONF if it is meant to differ"
+    if task_id.startswith("train_") and "ImageNet weights" in text:
+        return (
+            "put the weights in COVIDCT_WEIGHTS_DIR, copy ~/.keras/models from a connected machine, or set "
+            "COVIDCT_WEIGHTS_URL to a mirror (README, section Offline); weights none for random weights"
+        )
+    if task_id == "report" and "no backbone succeeded" in text:
+        return "see why the train tasks failed (above)"
+    if any(type(e).__name__ == "AirflowFailException" for e in chain):
+        return "fix what the message names and run again"
+    return f"not a known user error: the traceback is in {log_path}"
 
 
 def ui() -> int:
@@ -151,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the whole DAG once (dag.test)")
     p.add_argument("--conf", default=os.environ.get("COVIDCT_DAG_CONF", "{}"), help="DAG params as JSON")
+    p.add_argument("--verbose", action="store_true", help="show Airflow's and Spark's output instead of logging it")
     sub.add_parser("ui", help="start the Airflow UI and scheduler (airflow standalone)")
     args = parser.parse_args(argv)
     if args.command == "ui":
@@ -160,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as exc:
         print(f"error: --conf is not JSON: {exc}", file=sys.stderr)
         return 2
-    return run(conf)
+    return run(conf, verbose=args.verbose)
 
 
 if __name__ == "__main__":

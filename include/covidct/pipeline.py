@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from covidct import paths
@@ -20,6 +21,23 @@ log = logging.getLogger(__name__)
 #: The study's three backbones: one Spark job (task ``train_<name>``) each.
 DAG_BACKBONES = ("VGG16", "VGG19", "Xception")
 FAILED_STATES = {"failed", "upstream_failed"}
+
+
+@contextmanager
+def retry_only_transient() -> Iterator[None]:
+    """A CovidctError that a retry cannot fix fails the Airflow task at once, without its retries.
+
+    Transient ones (``CovidctError.transient``: a network outage, a server restarting) are raised
+    as they are, for the task's retries. Other exceptions (bugs, a lost worker) too.
+    """
+    try:
+        yield
+    except CovidctError as exc:
+        if exc.transient:
+            raise
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(str(exc)) from exc
 
 
 def train_task_id(backbone: str) -> str:
@@ -45,40 +63,44 @@ def fetch_dataset(source: str | None, expected_covid: int, expected_noncovid: in
     """Fetch into ``$COVIDCT_HOME/data/COVID-CT`` (a no-op when unchanged); returns the folder.
 
     Data that fail validation are never published: the previous good copy stays. The source
-    and every redirect are held to the operator's allowlist (``covidct.policy``).
+    and every redirect are held to the operator's allowlist (``covidct.policy``). Only
+    transient errors (the network, a server) are left to the task's retries.
     """
     from covidct.fetch import fetch
 
-    policy = Policy.from_env()
-    # A param is vetted (and used as rebuilt from its parsed parts); the operator's own setting is not.
-    source = policy.check_source(source) if source else (os.environ.get(DATA_SOURCE_ENV) or None)
-    result = fetch(
-        paths.data_dir(),
-        source=source,
-        expected_covid=expected_covid,
-        expected_noncovid=expected_noncovid,
-        allow_url=policy.check_url,
-    )
+    with retry_only_transient():
+        policy = Policy.from_env()
+        # A param is vetted (and used as rebuilt from its parsed parts); the operator's own setting is not.
+        source = policy.check_source(source) if source else (os.environ.get(DATA_SOURCE_ENV) or None)
+        result = fetch(
+            paths.data_dir(),
+            source=source,
+            expected_covid=expected_covid,
+            expected_noncovid=expected_noncovid,
+            allow_url=policy.check_url,
+        )
     log.info("%s", result.summary())
     return str(paths.data_dir())
 
 
 def validate_dataset(data_dir: str, expected_covid: int, expected_noncovid: int) -> None:
-    """Great Expectations gate: raises CovidctError naming every failed expectation."""
+    """Great Expectations gate: fails (not retried) naming every failed expectation."""
     from covidct.validate import validate
 
-    result = validate(data_dir, expected_covid=expected_covid, expected_noncovid=expected_noncovid)
-    log.info("%s", result.summary())
-    if not result.success:
-        raise CovidctError(result.summary())
+    with retry_only_transient():
+        result = validate(data_dir, expected_covid=expected_covid, expected_noncovid=expected_noncovid)
+        log.info("%s", result.summary())
+        if not result.success:
+            raise CovidctError(result.summary())
 
 
 def select_backbones(backbones: list[str]) -> list[str]:
     """The train task ids of the backbones chosen in the trigger form (the rest are skipped)."""
-    chosen = [train_task_id(b) for b in backbones]
-    unknown = sorted(set(chosen) - {train_task_id(b) for b in DAG_BACKBONES})
-    if not chosen or unknown:
-        raise CovidctError(f"choose one or more of {', '.join(DAG_BACKBONES)} (got {backbones})")
+    with retry_only_transient():
+        chosen = [train_task_id(b) for b in backbones]
+        unknown = sorted(set(chosen) - {train_task_id(b) for b in DAG_BACKBONES})
+        if not chosen or unknown:
+            raise CovidctError(f"choose one or more of {', '.join(DAG_BACKBONES)} (got {backbones})")
     return chosen
 
 
@@ -98,12 +120,12 @@ def build_run_report(run_dir: str, backbones: list[str], states: dict[str, str |
 
     Fails (without retries: nothing would change) when no chosen backbone succeeded.
     """
-    from covidct.report import build_report
-
     if not any(states.get(train_task_id(b)) == "success" for b in backbones):
         from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException(f"no backbone succeeded (train task states: {states}); nothing to compare")
+    from covidct.report import build_report  # after the check: a failed run fails in a second
+
     failures = failures_from_states(states, backbones)
     report = build_report([Path(run_dir)], expected_backbones=list(backbones), failures=failures)
     log.info("report: %s (markdown: %s)", report.html, report.markdown)
