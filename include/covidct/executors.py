@@ -109,12 +109,12 @@ def describe_offer(master: str, timeout_s: float = 5.0) -> str:
     return f"the master ({url}) has {len(alive)} ALIVE worker(s): {free}"
 
 
-def failure_message(master: str, waited_s: float, ask: Ask, offer: str, lost: bool) -> str:
+def failure_message(master: str, bound_s: float, ask: Ask, offer: str, lost: bool) -> str:
     what = "lost every executor and got none back" if lost else "granted no executor"
     return (
-        f"the Spark cluster {master} {what} for {waited_s:.0f} s. The job asks for {ask.describe()}; {offer}. "
+        f"the Spark cluster {master} {what} within {bound_s:.0f} s. The job asks for {ask.describe()}; {offer}. "
         f"Check that the workers are alive and registered with this master and that one offers that many "
-        f"cores and that much memory (bound: {WAIT_CONF} or ${WAIT_ENV})"
+        f"cores and that much memory (the bound is {WAIT_CONF} or ${WAIT_ENV})"
     )
 
 
@@ -180,9 +180,9 @@ class ExecutorWatchdog:
                 return
 
     def _trip(self, waited_s: float, lost: bool) -> None:
-        message = failure_message(self.master, waited_s, self.ask, describe_offer(self.master), lost)
+        message = failure_message(self.master, self.bound_s, self.ask, describe_offer(self.master), lost)
         self.error = NoExecutorsError(message)
-        log.error("%s", message)
+        log.error("no executor for %.0f s: %s", waited_s, message)
         try:
             self.sc.cancelAllJobs()
             self.sc.stop()  # fails every running job; the master marks the application finished
