@@ -25,6 +25,7 @@ from test_cluster import free_port, read_json, spark_env, spark_home, stop, tail
 
 DAG_ID = "covid_ct_transfer_learning"
 WAIT_S = 20  # the executor wait in these tests (the default is 300 s)
+TRAIN_BOUND_S = 90  # a train execution_timeout long enough for the application to register first
 
 
 # --------------------------------------------------------------------------- bounds and DAG wiring
@@ -316,24 +317,24 @@ def test_a_timed_out_run_leaves_nothing_running_and_does_not_block_the_next(
 ):
     """execution_timeout kills the train task (the executor wait is off here): its whole tree goes."""
     monkeypatch.setenv("COVIDCT_EXECUTOR_WAIT_S", "0")
-    monkeypatch.setenv("COVIDCT_TIMEOUT_TRAIN_S", "45")
+    monkeypatch.setenv("COVIDCT_TIMEOUT_TRAIN_S", str(TRAIN_BOUND_S))
     _, dag = load_dag()
     for task in dag.tasks:
         task.retries = 0  # a retry would only time out once more
     conf = {**CONF, "data_source": tiny_dataset}
-    # The application is registered on the master and waiting when the bound hits.
     dagrun, tis = run(dag, conf)
     train = tis["train_vgg16"]
     assert train.state == "failed" and dagrun.state == "failed"
     took = (train.end_date - train.start_date).total_seconds()
-    print(f"\ntrain task timed out after {took:.1f} s (bound 45 s)")
-    assert 45 <= took < 45 + 60, took
+    print(f"\ntrain task timed out after {took:.1f} s (bound {TRAIN_BOUND_S} s)")
+    assert TRAIN_BOUND_S <= took < TRAIN_BOUND_S + 60, took
     [line] = [t for t in webhook.texts("task-failed") if t.startswith("covidct ALERT task-failed: train_vgg16")]
     assert "AirflowTaskTimeout" in line
     assert job_processes(str(tmp_path / "home")) == []
+    # The application had registered and was waiting for executors when the bound hit; it is gone.
     state = settled_apps(workerless)
-    [app] = [a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"]
-    assert app["state"] in ("FINISHED", "KILLED"), app
+    apps = [a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"]
+    assert len(apps) == 1 and apps[0]["state"] in ("FINISHED", "KILLED"), state
 
     # The failed run holds nothing: once a worker is back, the next run starts and succeeds.
     workerless.start_worker()
@@ -349,3 +350,50 @@ def test_a_timed_out_run_leaves_nothing_running_and_does_not_block_the_next(
         (a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"), key=lambda a: a["starttime"]
     )
     assert len(apps) == 2 and apps[-1]["state"] == "FINISHED", apps
+
+
+@pytest.mark.slow
+def test_a_worker_lost_mid_job_fails_the_job_within_the_bound(workerless, tiny_dataset, tmp_path):
+    """As ``docker compose stop spark-worker`` mid-run: the executors go, the job fails by itself."""
+    from conftest import ROOT as root
+
+    workerless.start_worker()
+    out, log = tmp_path / "out", tmp_path / "submit.log"
+    env = {**workerless.env, "COVIDCT_EXECUTOR_WAIT_S": str(WAIT_S), "COVIDCT_SPARK_MASTER_WEBUI": workerless.webui}
+    cmd = ["spark-submit", "--master", workerless.master_url, "--deploy-mode", "client", "--conf",
+           "spark.ui.enabled=false", "--executor-memory", "1g", str(root / "jobs" / "transfer_learning.py"),
+           "--data", str(tiny_dataset), "--backbone", "VGG16", "--split", "random70", "--weights", "none",
+           "--no-cache", "--out", str(out)]  # fmt: skip
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        # Wait until an executor has registered with the driver (and the driver has seen it).
+        deadline = time.monotonic() + 120
+        while not any("Successfully registered with driver" in p.read_text(errors="replace")
+                      for p in (workerless.tmp / "work").glob("app-*/*/stderr")):  # fmt: skip
+            assert proc.poll() is None, f"the job ended before its executor registered:\n{tail(log)}"
+            assert time.monotonic() < deadline, f"no executor registered in 120 s:\n{tail(log)}"
+            time.sleep(0.5)
+        time.sleep(3)
+        workerless.stop_worker()  # SIGTERM, as docker compose stop
+        lost_at = time.monotonic()
+        rc = proc.wait(timeout=WAIT_S + 120)
+        took = time.monotonic() - lost_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"\nworker stopped mid-job -> job exited {rc} after {took:.1f} s (executor wait {WAIT_S} s)")
+    text = log.read_text(errors="replace")
+    assert rc == 2, tail(log)
+    assert (
+        f"error: the Spark cluster {workerless.master_url} lost every executor and got none back within {WAIT_S} s"
+        in text
+    )
+    assert "has no ALIVE worker" in text
+    assert WAIT_S <= took < WAIT_S + 60, took
+    assert not out.exists()  # nothing half-written
+    assert job_processes(str(out)) == []
+    state = settled_apps(workerless)
+    [app] = [a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"]
+    assert app["state"] in ("FINISHED", "KILLED"), app
