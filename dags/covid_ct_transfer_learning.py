@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, chain, dag, task
+from airflow.sdk import Param, chain, dag, task
 
 from covidct import alerts, bounds, paths, pipeline
 from covidct.backbone import POOLINGS, PRECISIONS
@@ -55,16 +55,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
     },
     dagrun_timeout=bounds.timeout("run"),
     on_failure_callback=alerts.run_failed,
-    deadline=[
-        DeadlineAlert(
-            reference=DeadlineReference.DAGRUN_QUEUED_AT,
-            interval=overdue,
-            callback=AsyncCallback(alerts.run_overdue),
-            name="covidct-run-overdue",
-        )
-        for overdue in [bounds.overdue_after()]
-        if overdue
-    ],
+    deadline=alerts.overdue_alerts(bounds.overdue_after()),  # opt-in: COVIDCT_RUN_DEADLINE_S
     tags=["covid-ct", "spark", "transfer-learning"],
     user_defined_macros={"run_dir": lambda run_id: str(paths.run_dir(run_id))},
     params={

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timedelta
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +175,19 @@ async def run_overdue(context: dict, **_) -> None:
     line = overdue_summary(context)
     await asyncio.to_thread(send, line, context, "run-overdue", dag_id=dag_run.get("dag_id"),
                             run_id=dag_run.get("dag_run_id") or dag_run.get("run_id"))  # fmt: skip
+
+
+def overdue_alerts(after: timedelta | None) -> list:
+    """The DAG's ``deadline``: a run still going ``after`` its queueing calls ``run_overdue``."""
+    if not after:
+        return []
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    return [
+        DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT,
+            interval=after,
+            callback=AsyncCallback(run_overdue),
+            name="covidct-run-overdue",
+        )
+    ]
