@@ -149,8 +149,13 @@ class ExecutorWatchdog:
         self._stop.set()
 
     def executors(self) -> int:
-        """Registered executors (the driver's own block manager excluded)."""
-        return max(len(self.sc._jsc.sc().statusTracker().getExecutorInfos()) - 1, 0)
+        """Executors registered with the driver's scheduler (as soon as they register, before
+        their block managers; falls back to the status tracker, which counts block managers)."""
+        jsc = self.sc._jsc.sc()
+        try:
+            return int(jsc.getExecutorIds().size())
+        except Exception:  # not a coarse-grained scheduler backend
+            return max(len(jsc.statusTracker().getExecutorInfos()) - 1, 0)
 
     def _jobs_active(self) -> bool:
         return bool(self.sc.statusTracker().getActiveJobsIds())
@@ -160,6 +165,7 @@ class ExecutorWatchdog:
         since = time.monotonic() - max(time.time() - self.sc.startTime / 1000, 0)
         seen = False
         last_log = since
+        last_n = 0
         while not self._stop.wait(self.poll_s):
             try:
                 n = self.executors()
@@ -167,6 +173,9 @@ class ExecutorWatchdog:
             except Exception:  # the context is stopping or stopped: nothing left to watch
                 return
             now = time.monotonic()
+            if n != last_n:
+                log.info("%d executor(s) registered on %s", n, self.master)
+                last_n = n
             if n > 0 or not counting:
                 seen = seen or n > 0
                 since = now
