@@ -8,6 +8,7 @@ go to a real HTTP webhook on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -396,3 +397,42 @@ def test_a_worker_lost_mid_job_fails_the_job_within_the_bound(workerless, tiny_d
     state = settled_apps(workerless)
     [app] = [a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"]
     assert app["state"] in ("FINISHED", "KILLED"), app
+
+
+# --------------------------------------------------------------------------- on_kill: the whole process tree
+
+
+TREE = """
+import subprocess, sys, time
+# Like spark-submit's JVM: a child (the Python driver) and a grandchild in its own process
+# group (PySpark's worker daemon calls setpgid), both ignoring nothing and living forever.
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+print(child.pid, daemon.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_on_kill_ends_spark_submits_whole_process_tree(monkeypatch):
+    """The provider's on_kill SIGKILLs the spark-submit PID alone; its children would outlive it."""
+    import psutil
+
+    from covidct.operators import TransferLearningSubmitOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
+    op = TransferLearningSubmitOperator(task_id="train_x", conn_id="spark_default", application="job.py")
+    op._hook = op._get_hook()
+    proc = subprocess.Popen(["python3", "-c", TREE], stdout=subprocess.PIPE, text=True)
+    pids = [proc.pid, *map(int, proc.stdout.readline().split())]
+    op._hook._submit_sp = proc  # what SparkSubmitHook.submit() holds while the job runs
+    try:
+        started = time.monotonic()
+        op.on_kill()
+        assert time.monotonic() - started < 10  # SIGTERM was enough: no 15-s wait for SIGKILL
+        proc.wait(timeout=5)
+        left = [p for p in pids[1:] if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert left == [], f"left running after on_kill: {left}"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
