@@ -375,8 +375,8 @@ def test_a_worker_lost_mid_job_fails_the_job_within_the_bound(workerless, tiny_d
             assert time.monotonic() < deadline, f"no executor registered in 180 s:\n{tail(log)}"
             time.sleep(0.5)
         time.sleep(2)
-        workerless.stop_worker()  # SIGTERM, as docker compose stop
         lost_at = time.monotonic()
+        workerless.stop_worker()  # SIGTERM, as docker compose stop; waits until the worker is gone
         rc = proc.wait(timeout=WAIT_S + 120)
         took = time.monotonic() - lost_at
     finally:
