@@ -16,6 +16,11 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    a failed backbone stays green if the report could compare the rest; the failed task is red).
 
 Outputs: `$COVIDCT_HOME/runs/<run id>/<backbone>/<split>/` and `$COVIDCT_HOME/runs/<run id>/report/`.
+
+Bounded time: every task has an `execution_timeout` and the run a `dagrun_timeout`
+(`covidct.bounds`; `COVIDCT_TIMEOUT_*_S` override them), a train job fails by itself when the
+cluster grants no executor for `COVIDCT_EXECUTOR_WAIT_S` (300 s), and failed or overdue runs
+log one `covidct ALERT` line that `COVIDCT_ALERT_WEBHOOK` / `COVIDCT_ALERT_NOTIFIER` route on.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, chain, dag, task
 
-from covidct import paths, pipeline, policy
+from covidct import alerts, bounds, paths, pipeline, policy
 from covidct.backbone import POOLINGS, PRECISIONS
 from covidct.operators import TransferLearningSubmitOperator
 from covidct.split import SPLITS
@@ -41,7 +46,16 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(minutes=2),
+        # Each task's own bound is set by bounds.apply() below; this one is for any task it does not know.
+        "execution_timeout": bounds.timeout("train"),
+        "on_failure_callback": alerts.task_failed,
+    },
+    dagrun_timeout=bounds.timeout("run"),
+    on_failure_callback=alerts.run_failed,
+    deadline=alerts.overdue_alerts(bounds.overdue_after()),  # opt-in: COVIDCT_RUN_DEADLINE_S
     tags=["covid-ct", "spark", "transfer-learning"],
     user_defined_macros={"run_dir": lambda run_id: str(paths.run_dir(run_id))},
     params={
@@ -150,4 +164,4 @@ def covid_ct_transfer_learning():
     chain(data_dir, validate_dataset(data_dir), select_backbones(), trains, report())
 
 
-covid_ct_transfer_learning()
+bounds.apply(covid_ct_transfer_learning())

@@ -17,6 +17,8 @@ The modules, one concept each:
 - ``report``     comparing backbones (``stats``: bootstrap CIs, McNemar; ``plots``: figures)
 - ``pipeline``   what the Airflow DAG's tasks do; ``operators``: its spark-submit operator
 - ``policy``     the operator's allowlist for trigger params (data sources, weights files)
+- ``bounds``     how long each task and a run may take; ``alerts``: failed/overdue run alerts
+- ``executors``  the driver's watchdog: fail fast when the cluster grants no executors
 - ``localstack`` ``make run`` / ``make ui`` on embedded defaults
 - ``session``, ``paths``, ``atomic``, ``locks``, ``errors``: plumbing
 - ``cli``        the ``covidct`` command line

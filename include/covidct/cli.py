@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from covidct import executors
 from covidct.errors import CovidctError
 from covidct.locks import DEFAULT_WAIT
 
@@ -222,12 +223,13 @@ def main(argv: list[str] | None = None, *, confined: bool = False) -> int:
     try:
         return args.func(args)
     except CovidctError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {executors.failure() or exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         from covidct.train import user_error
 
-        found = user_error(exc)
+        # The executor watchdog stopped Spark: whatever the job was doing failed because of it.
+        found = executors.failure() or user_error(exc)
         if found is None:
             raise
         print(f"error: {found}", file=sys.stderr)

@@ -248,7 +248,7 @@ def _chain(error: BaseException | str | None) -> list[BaseException]:
 def cause_of(error: BaseException | str) -> str:
     """A task's failure in a few words: the ``error:`` message it raised, never a traceback."""
     from covidct.errors import CovidctError
-    from covidct.operators import job_error
+    from covidct.operators import job_error_line
 
     if not isinstance(error, BaseException):
         return str(error)
@@ -256,7 +256,7 @@ def cause_of(error: BaseException | str) -> str:
     ours = next((e for e in chain if isinstance(e, CovidctError)), None)
     text = str(ours if ours is not None else error).strip()
     if ours is None and type(error).__name__ not in ("AirflowFailException",):
-        text = job_error(text) or f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        text = job_error_line(text.splitlines()) or f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
     return text
 
 

@@ -2,21 +2,72 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import signal
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-#: ``covidct`` exits with 2 for user errors (bad input, undecodable image, missing weights).
+log = logging.getLogger(__name__)
+
+#: ``covidct`` exits with 2 for user errors (bad input, undecodable image, missing weights)
+#: and when the cluster grants no executor within the bound.
 USER_ERROR_EXIT = 2
+#: On kill: how long spark-submit and the drivers get to stop after SIGTERM (the driver JVM's
+#: shutdown hook stops the SparkContext, so the master marks the application finished).
+KILL_GRACE_S = 15.0
+
+
+def end_process_tree(pid: int, grace_s: float = KILL_GRACE_S) -> list[int]:
+    """SIGTERM ``pid`` and every descendant, then SIGKILL what is left after ``grace_s``.
+
+    The tree is read before anything is signalled: once the driver JVM is gone its
+    children (the Python driver, PySpark's worker daemon, which sits in its own process
+    group, and its workers) are re-parented and could no longer be found. Returns the PIDs
+    that had to be killed.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in alive]
+
+
+def job_error_line(lines) -> str | None:
+    """The message of the last ``error: ...`` line the job printed (the CLI's one-line message), if any."""
+    found = None
+    for line in lines or ():
+        text = str(line).strip()
+        if text.startswith("error: "):
+            found = text.removeprefix("error: ").strip()
+    return found
 
 
 class TransferLearningSubmitOperator(SparkSubmitOperator):
     """``spark-submit`` of ``jobs/transfer_learning.py``; the cluster is the connection's.
 
-    A user error (exit status 2: bad input, undecodable image, missing weights) fails the
-    task at once with the job's own ``error:`` line as the message: retrying cannot fix
-    it. Other failures (a lost executor, a killed driver) are retried as usual.
+    A user error or a cluster that grants no executor (exit status 2) fails the task at
+    once, with the job's one-line message: retrying cannot fix it. Other failures (a
+    killed driver, a crash) are retried as usual.
+
+    Killed or timed out (``execution_timeout``), the task ends the whole process tree of
+    its ``spark-submit`` in client mode: the driver JVM (SIGTERM first, so its shutdown hook
+    unregisters the application from the cluster), the Python driver and PySpark's local
+    workers. The provider's own ``on_kill`` only SIGKILLs the spark-submit PID, which skips
+    the JVM's shutdown hooks and leaves the Python processes to notice on their own.
     """
 
     def execute(self, context):
@@ -24,11 +75,21 @@ class TransferLearningSubmitOperator(SparkSubmitOperator):
             return super().execute(context)
         except AirflowException as exc:
             if re.search(rf"Error code is: {USER_ERROR_EXIT}\b", str(exc)):
-                raise AirflowFailException(job_error(str(exc)) or f"the job rejected its input: {exc}") from exc
+                hook = self._hook
+                reason = job_error_line(getattr(hook, "_last_submit_log_lines", None)) if hook else None
+                reason = reason or job_error_line(str(exc).splitlines()) or "the job rejected its input"
+                raise AirflowFailException(f"{reason} (exit status 2, not retried)") from exc
             raise
 
-
-def job_error(output: str) -> str | None:
-    """The message of the last ``error: ...`` line the job printed (the hook quotes its output's tail)."""
-    found = re.findall(r"^error: (.+)$", output, flags=re.MULTILINE)
-    return found[-1].strip() if found else None
+    def on_kill(self) -> None:
+        hook = self._hook
+        proc = getattr(hook, "_submit_sp", None) if hook is not None else None
+        client_mode = hook is not None and not (
+            hook._is_yarn_cluster_mode or hook._should_track_driver_status or hook._should_track_driver_via_k8s_api()
+        )
+        if client_mode and proc is not None and proc.poll() is None:
+            log.info("Stopping spark-submit (pid %d) and its drivers", proc.pid)
+            killed = end_process_tree(proc.pid)
+            if killed:
+                log.warning("Killed after %.0f s without exiting: pids %s", KILL_GRACE_S, killed)
+        super().on_kill()  # cluster-mode drivers, YARN applications, Kubernetes pods

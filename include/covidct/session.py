@@ -2,7 +2,8 @@
 
 Under ``spark-submit`` the master and resources come from the submit command (the
 Airflow connection); elsewhere (``covidct train`` run directly, tests) it is
-``local[*]`` unless ``COVIDCT_SPARK_MASTER`` says otherwise.
+``local[*]`` unless ``COVIDCT_SPARK_MASTER`` says otherwise. On a cluster, a watchdog
+(``covidct.executors``) fails the job when no executor is granted within a bound.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from contextlib import contextmanager
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
+
+from covidct import executors
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def get_spark(app_name: str = "covidct", conf: dict[str, str] | None = None) -> 
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("COVIDCT_SPARK_LOG_LEVEL", "WARN"))
+    executors.watch(spark)  # a no-op in local mode
     return spark
 
 
