@@ -11,6 +11,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from conftest import ROOT
 from covidct import pipeline
@@ -339,8 +340,9 @@ def _dag_fetch(chain, monkeypatch, tmp_path, allowed: list[str]):
 
 def test_a_redirect_to_a_host_not_allowed_is_refused_at_that_hop(chain, monkeypatch, tmp_path):
     first, second = chain["first"].origin, chain["second"].origin
-    with pytest.raises(CovidctError) as info:
+    with pytest.raises(AirflowFailException) as info:  # a refused redirect is not retried
         _dag_fetch(chain, monkeypatch, tmp_path, [first + "/", second + "/"])
+    assert isinstance(info.value.__cause__, CovidctError)
     message = str(info.value)
     assert f"refusing the redirect from {second}{PREFIX}" in message
     assert "to http://127.0.0.2:" in message and "host 127.0.0.2" in message and SOURCES_ENV in message
@@ -351,7 +353,7 @@ def test_a_redirect_to_a_host_not_allowed_is_refused_at_that_hop(chain, monkeypa
 
 
 def test_a_redirect_to_the_first_hop_only_allowed_is_refused_too(chain, monkeypatch, tmp_path):
-    with pytest.raises(CovidctError, match=f"refusing the redirect from {chain['first'].origin}"):
+    with pytest.raises(AirflowFailException, match=f"refusing the redirect from {chain['first'].origin}"):
         _dag_fetch(chain, monkeypatch, tmp_path, [chain["first"].origin + "/"])
     assert chain["second"].hits == [] and chain["data"].log == []
 

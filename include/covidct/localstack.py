@@ -256,7 +256,9 @@ def cause_of(error: BaseException | str) -> str:
     ours = next((e for e in chain if isinstance(e, CovidctError)), None)
     text = str(ours if ours is not None else error).strip()
     if ours is None and type(error).__name__ not in ("AirflowFailException",):
-        text = job_error_line(text.splitlines()) or f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        text = (
+            job_error_line(text.splitlines()) or f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        )
     return text
 
 
