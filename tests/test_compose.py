@@ -246,7 +246,7 @@ def stack(tmp_path_factory, real_data_dir):
         size = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", image], capture_output=True, text=True)
         stack.figures["image"] = {"name": image, "size_gb": round(int(size.stdout) / 1e9, 2)}
         started = time.monotonic()
-        stack.compose("up", "-d", "--wait", "--wait-timeout", "600", timeout=900)
+        stack.compose("up", "-d", "--wait", "--wait-timeout", "1200", timeout=1500)
         stack.figures["up_to_healthy_s"] = round(time.monotonic() - started, 1)
         yield stack
     finally:
@@ -396,6 +396,20 @@ def test_trigger_form_in_a_real_browser(stack, browser):
     assert response.status_code == 200, response.text
 
 
+def test_two_workers(stack):
+    stack.compose(
+        "up", "-d", "--no-recreate", "--wait", "--wait-timeout", "900", "--scale", "spark-worker=2", timeout=1200
+    )
+    deadline = time.monotonic() + 120
+    while stack.master()["aliveworkers"] != 2 and time.monotonic() < deadline:
+        time.sleep(2)
+    master = stack.master()
+    assert master["aliveworkers"] == 2, master["workers"]
+    assert len({w["host"] for w in master["workers"] if w["state"] == "ALIVE"}) == 2
+    stack.compose("up", "-d", "--no-recreate", "--scale", "spark-worker=1", timeout=600)  # back to one
+    assert len(stack.containers("spark-worker")) == 1
+
+
 # ------------------------------------------------------------------------- faults, mid-job
 
 
@@ -446,15 +460,3 @@ def test_fault_postgres_restarted_mid_job(stack):
     started = time.monotonic()
     stack.compose("restart", "postgres", timeout=300)
     finish_fault(stack, "postgres_restarted", run_id, started, {})
-
-
-def test_two_workers(stack):
-    stack.compose(
-        "up", "-d", "--no-recreate", "--wait", "--wait-timeout", "300", "--scale", "spark-worker=2", timeout=600
-    )
-    deadline = time.monotonic() + 120
-    while stack.master()["aliveworkers"] != 2 and time.monotonic() < deadline:
-        time.sleep(2)
-    master = stack.master()
-    assert master["aliveworkers"] == 2, master["workers"]
-    assert len({w["host"] for w in master["workers"] if w["state"] == "ALIVE"}) == 2
