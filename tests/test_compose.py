@@ -214,11 +214,11 @@ class Stack:
         pytest.fail("no Spark application got executors")
 
     def outputs(self, run_id: str) -> dict:
-        """metrics.json of the quick run and the report's files, read inside the scheduler container."""
+        """metrics.json of a one-split VGG16 run (``vgg16/``, no split folder) and the report's files."""
         script = (
             "import json, sys; from covidct import paths; d = paths.run_dir(sys.argv[1]); "
             "print(json.dumps({'dir': str(d), "
-            "'metrics': json.loads((d / 'vgg16' / 'random70' / 'metrics.json').read_text()), "
+            "'metrics': json.loads((d / 'vgg16' / 'metrics.json').read_text()), "
             "'report': sorted(p.name for p in (d / 'report').iterdir())}))"
         )
         return json.loads(self.exec("scheduler", "python", "-c", script, run_id))
