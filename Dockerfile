@@ -1,16 +1,19 @@
-# syntax=docker/dockerfile:1
-#
 # One image for the whole docker-compose stack: Airflow 3.3.2 (api-server, scheduler,
 # dag-processor, triggerer), the Spark standalone master and workers, and the covidct
 # package. The Spark driver runs inside the scheduler container and the executors inside
 # the workers, so both have the same Python, Java, PySpark, TensorFlow and covidct.
 #
 #   docker build -t covid-ct-pipelines:0.1.0 .      (or: docker compose build)
+#   docker build --build-arg PYTHON_IMAGE=registry.example.org/python:3.11-slim-bookworm ...
+#
+# No `# syntax=` line on purpose: it makes BuildKit fetch a frontend image from Docker Hub,
+# which fails on air-gapped sites. PYTHON_IMAGE lets such a site use its own registry's copy.
 #
 # Based on python:3.11-slim (Debian bookworm, which has OpenJDK 17) plus our exact pins
 # (pyproject.toml + constraints.txt), not on apache/airflow: that image ships ~80 providers
 # pinned by Airflow's own constraints, which our constraints.txt would partly override.
-FROM python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 # Java 17 for Spark 4; tini as PID 1 (signals, zombie reaping); curl for the healthchecks;
 # procps (ps) for Spark's launch scripts. The man1 folder: openjdk's postinst needs it on slim.
@@ -28,6 +31,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python -m venv /opt/venv && pip install --upgrade "pip>=24"
 
 WORKDIR /opt/covidct
+# An air-gapped site's PyPI mirror: --build-arg PIP_INDEX_URL=https://pypi.example.org/simple
+ARG PIP_INDEX_URL=https://pypi.org/simple
 # The dependencies first: this slow layer is rebuilt only when the pins change.
 COPY pyproject.toml constraints.txt ./
 COPY docker/requirements.txt docker/requirements.txt

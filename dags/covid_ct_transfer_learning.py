@@ -28,8 +28,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import pendulum
-from airflow.sdk import Param, chain, dag, task
+from airflow.sdk import CronTriggerTimetable, Param, chain, dag, task
 
 from covidct import alerts, bounds, paths, pipeline, policy
 from covidct.backbone import POOLINGS, PRECISIONS
@@ -41,8 +40,11 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
 
 @dag(
     dag_id="covid_ct_transfer_learning",
-    schedule="@weekly",  # scheduled retraining; the feature cache makes unchanged data cheap
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    # Scheduled retraining every Sunday 00:00 UTC; the feature cache makes unchanged data cheap.
+    # No start_date and run_immediately=0: unpausing never starts a run for a past week by itself
+    # (with a start_date, Airflow would run the last missed week at once, with the default conf,
+    # and a run the user triggers would wait behind it). The first scheduled run is the next Sunday.
+    schedule=CronTriggerTimetable("@weekly", timezone="UTC", run_immediately=timedelta(0)),
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,

@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import pendulum
 import pytest
 
 from conftest import ROOT
@@ -51,7 +52,23 @@ def test_retries_tags_schedule_and_docs(dag):
     assert all(t.retries >= 2 for t in dag.tasks), {t.task_id: t.retries for t in dag.tasks}
     assert set(dag.tags) <= APPROVED_TAGS and dag.tags
     assert dag.catchup is False and dag.max_active_runs == 1
-    assert dag.schedule == "@weekly"
+    from airflow.serialization.encoders import coerce_to_core_timetable
+
+    assert coerce_to_core_timetable(dag.timetable).summary in ("@weekly", "0 0 * * 0")  # Sundays 00:00 UTC
+
+
+def test_unpausing_schedules_no_past_week(dag):
+    """A new user unpauses the DAG to trigger it: no run for a past week may start by itself."""
+    from airflow.serialization.encoders import coerce_to_core_timetable
+    from airflow.timetables.base import TimeRestriction
+
+    now = pendulum.now("UTC")
+    restriction = TimeRestriction(earliest=dag.start_date, latest=None, catchup=dag.catchup)
+    first = coerce_to_core_timetable(dag.timetable).next_dagrun_info(
+        last_automated_data_interval=None, restriction=restriction
+    )
+    assert first.run_after > now, f"unpausing now would start the run of {first.run_after} at once"
+    assert first.run_after - now <= pendulum.duration(days=7)  # still weekly retraining
     assert "train_vgg16" in dag.doc_md
 
 

