@@ -19,6 +19,7 @@ random weights are flagged in red, in words, wherever they appear.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import itertools
 import json
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 
 from covidct import plots, stats
 from covidct.atomic import atomic_dir
@@ -461,240 +464,63 @@ def _figures(split: SplitResult, folder: Path) -> dict[str, Path]:
     }
 
 
-# --------------------------------------------------------------------------- HTML
+# --------------------------------------------------------------------------- rendering
+# Presentation lives in templates/ (Jinja2): report.html.j2 (autoescaped) and report.md.j2.
 
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1300px;color:#222;
- padding:0 1em;line-height:1.4}
-h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:2px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0 1em;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.3em .5em;text-align:right;vertical-align:top}
-th{background:#f2f2f2}td.name,th.name{text-align:left}
-.ci{display:block;color:#666;font-size:.85em;white-space:nowrap}
-.remark{display:block;font-size:.8em;color:#555}
-.banner{background:#b00020;color:#fff;padding:.8em 1em;font-weight:bold;margin:1em 0;border-radius:4px}
-.failbox{border:2px solid #b00020;color:#b00020;padding:.6em 1em;margin:1em 0;border-radius:4px}
-tr.random td{background:#fde7ea;color:#b00020}
-.rw{color:#b00020;font-weight:bold;display:block;font-size:.85em}
-tr.failed td{background:#fff4e5;color:#8a3b00;font-weight:bold}
-.figs img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
-.muted{color:#666;font-size:.9em}
-"""
+TEMPLATES = "templates"
 
 
-def _h(text) -> str:
-    return html.escape(str(text))
-
-
-def _tr(random: bool) -> str:
-    return '<tr class="random">' if random else "<tr>"
-
-
-def _html_name_cell(label: str, random: bool) -> str:
-    extra = f'<span class="rw">{_h(RANDOM_WARNING)}</span>' if random else ""
-    return f'<td class="name">{_h(label)}{extra}</td>'
-
-
-def _html_metrics_table(split: SplitResult) -> str:
-    head = ['<th class="name">Backbone</th>', '<th class="name">Weights</th>', "<th>Test images</th>"]
-    for key, title, percent in COLUMNS:
-        head.append(f"<th>{_h(title)}{' %' if percent else ''}<span class='ci'>95 % CI</span></th>")
-        if key == "accuracy":
-            head.append("<th>Study's accuracy %<span class='ci'>(correct/test)</span></th>")
-    lines = ["<table>", "<tr>" + "".join(head) + "</tr>"]
-    for e in split.entries:
-        cells = [_html_name_cell(e.label, e.random_weights), f'<td class="name">{_h(_weights_text(e))}</td>']
-        cells.append(f"<td>{_h(e.metrics.get('n_test', '—'))}</td>")
-        for key, _title, percent in COLUMNS:
-            ci = _fmt_ci(e.interval(key), percent)
-            cells.append(f"<td>{_fmt(e.value(key), percent)}<span class='ci'>{_h(ci)}</span></td>")
-            if key == "accuracy":
-                figure, remark = _paper_cell(e)
-                remark_html = f"<span class='remark'>{_h(remark)}</span>" if remark else ""
-                cells.append(f"<td>{_h(figure)}{remark_html}</td>")
-        lines.append(_tr(e.random_weights) + "".join(cells) + "</tr>")
-    span = len(head) - 1
-    for backbone, reason in split.failed.items():
-        lines.append(
-            f'<tr class="failed"><td class="name">{_h(backbone)}</td>'
-            f'<td class="name" colspan="{span}">{_h(f"{backbone}: failed — {reason}")}</td></tr>'
-        )
-    lines.append("</table>")
-    return "\n".join(lines)
-
-
-def _html_mcnemar(split: SplitResult) -> str:
-    if not split.mcnemar:
-        return "<p class='muted'>McNemar: fewer than two backbones with predictions on this split.</p>"
-    lines = [
-        "<table>",
-        "<tr><th class='name'>A</th><th class='name'>B</th><th>Test images</th><th>b (only A right)</th>"
-        "<th>c (only B right)</th><th>p (exact)</th></tr>",
-    ]
-    for row in split.mcnemar:
-        random = row["a_random_weights"] or row["b_random_weights"]
-        names = _html_name_cell(row["backbone_a"], row["a_random_weights"])
-        names += _html_name_cell(row["backbone_b"], row["b_random_weights"])
-        if row["tested"]:
-            cells = f"<td>{row['n']}</td><td>{row['b']}</td><td>{row['c']}</td><td>{_fmt_p(row['pvalue'])}</td>"
-        else:
-            cells = f"<td class='name' colspan='4'>{_h(row['reason'])}</td>"
-        lines.append(_tr(random) + f"{names}{cells}</tr>")
-    lines.append("</table>")
-    return "\n".join(lines)
-
-
-def _html_timings(rows: list[dict]) -> str:
-    lines = [
-        "<table>",
-        "<tr><th class='name'>Backbone</th><th class='name'>Split</th><th>Featurize s</th><th>Fit s</th>"
-        "<th>Evaluate s</th><th>Job total s</th><th class='name'>Feature cache</th><th>Study fit min</th>"
-        "<th>Study evaluate min</th></tr>",
-    ]
-    for r in rows:
-        study = [r["paper_fit_min"], r["paper_evaluate_min"]]
-        cells = [
-            _html_name_cell(r["backbone"], r["random_weights"]),
-            f"<td class='name'>{_h(r['split'])}</td>",
-            *(f"<td>{_seconds(r[k])}</td>" for k in ("featurize_s", "fit_s", "evaluate_s", "total_s")),
-            f"<td class='name'>{_h(r['cache_text'])}</td>",
-            *(f"<td>{'—' if v is None else v}</td>" for v in study),
-        ]
-        lines.append(_tr(r["random_weights"]) + "".join(cells) + "</tr>")
-    lines.append("</table>")
-    return "\n".join(lines)
-
-
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def render_html(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
-    parts = [
-        "<!DOCTYPE html>",
-        "<html lang='en'><head><meta charset='utf-8'><title>COVID-CT backbone comparison</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>COVID-CT backbone comparison</h1>",
-        f"<p class='muted'>Generated {_h(data['generated_at'])} from {_h(', '.join(data['run_dirs']))}</p>",
-    ]
-    if data["random_weights"]:
-        parts.append(
-            f"<div class='banner'>⚠ {_h(RANDOM_WARNING)}: {_h(', '.join(data['random_weights']))} used untrained "
-            "(random) weights (weights=none). Their figures only test the pipeline.</div>"
-        )
-    if data["failures"]:
-        items = "".join(f"<li>{_h(f'{b}: failed — {r}')}</li>" for b, r in data["failures"].items())
-        parts.append(f"<div class='failbox'><b>Failed backbones</b><ul>{items}</ul></div>")
-    parts.append(
-        f"<p>Compared with {_h(PAPER_CITATION)}: accuracy 85.65 % (VGG16), 84.26 % (VGG19), 82.87 % (Xception) "
-        f"on {PAPER_TEST_IMAGES} test images of a random 70/30 split.</p>"
-    )
-    for split in splits.values():
-        parts.append(f"<h2>{_h(SPLIT_TITLES.get(split.split, split.split))}</h2>")
-        parts.append(_html_metrics_table(split))
-        parts.append("<h3>McNemar tests</h3>")
-        parts.append(_html_mcnemar(split))
-        parts.append("<div class='figs'>")
-        for kind, path in split.images.items():
-            title = FIGURE_TITLES.get(kind, kind)
-            alt = f"{title}, {split.split} split"
-            parts.append(f"<h3>{_h(title)}</h3><img alt='{_h(alt)}' src='{_data_uri(path)}'>")
-        parts.append("</div>")
-    parts.append("<h2>Timings and feature cache</h2>")
-    parts.append(_html_timings(timings))
-    parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_h(n)}</li>" for n in notes) + "</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-# --------------------------------------------------------------------------- Markdown
+def _html_escape(value):
+    """Every ``{{ }}`` of the HTML template is escaped as html.escape does (markup from macros passes)."""
+    return value if hasattr(value, "__html__") else Markup(html.escape(str(value)))
 
 
 def _md(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_name(label: str, random: bool) -> str:
-    return f"{_md(label)} {MD_RANDOM} — not a meaningful result" if random else _md(label)
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+@functools.cache
+def _environment(kind: str) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("covidct", TEMPLATES),
+        autoescape=kind == "html",
+        finalize=_html_escape if kind == "html" else None,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(fmt=_fmt, fmt_ci=_fmt_ci, fmt_p=_fmt_p, seconds=_seconds, md=_md, data_uri=_data_uri)
+    env.globals.update(
+        columns=COLUMNS,
+        split_titles=SPLIT_TITLES,
+        figure_titles=FIGURE_TITLES,
+        paper_citation=PAPER_CITATION,
+        paper_test_images=PAPER_TEST_IMAGES,
+        random_warning=RANDOM_WARNING,
+        md_random=MD_RANDOM,
+        paper_cell=_paper_cell,
+        weights_text=_weights_text,
+    )
+    return env
+
+
+def _render(template: str, data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
+    kind = "html" if template.endswith(".html.j2") else "md"
+    context = {"data": data, "splits": list(splits.values()), "timings": timings, "notes": notes}
+    return _environment(kind).get_template(template).render(context)
+
+
+def render_html(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
+    return _render("report.html.j2", data, splits, timings, notes)
 
 
 def render_markdown(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
-    lines = ["# COVID-CT backbone comparison", ""]
-    if data["random_weights"]:
-        lines += [
-            f"> {MD_RANDOM} — not a meaningful result: {', '.join(data['random_weights'])} used untrained "
-            "(random) weights (weights=none). Their figures only test the pipeline.",
-            "",
-        ]
-    if data["failures"]:
-        lines += ["**Failed backbones:**", ""] + [f"- {b}: failed — {r}" for b, r in data["failures"].items()] + [""]
-    lines += [
-        f"Generated {data['generated_at']} from {', '.join(data['run_dirs'])}.",
-        "",
-        f"Compared with {PAPER_CITATION}: accuracy 85.65 % (VGG16), 84.26 % (VGG19), 82.87 % (Xception) on "
-        f"{PAPER_TEST_IMAGES} test images of a random 70/30 split.",
-        "",
-    ]
-    for split in splits.values():
-        lines += [f"## {SPLIT_TITLES.get(split.split, split.split)}", ""]
-        header = ["Backbone", "Weights", "Test images"]
-        for key, title, percent in COLUMNS:
-            header.append(f"{title}{' %' if percent else ''} [95 % CI]")
-            if key == "accuracy":
-                header.append("Study's accuracy %")
-        rows = []
-        for e in split.entries:
-            row = [_md_name(e.label, e.random_weights), _md(_weights_text(e)), str(e.metrics.get("n_test", "—"))]
-            for key, _title, percent in COLUMNS:
-                row.append(f"{_fmt(e.value(key), percent)} {_fmt_ci(e.interval(key), percent)}")
-                if key == "accuracy":
-                    figure, remark = _paper_cell(e)
-                    row.append(f"{figure} ({remark})" if remark else figure)
-            rows.append(row)
-        for backbone, reason in split.failed.items():
-            rows.append(
-                [f"**{_md(backbone)}**", f"**{_md(f'{backbone}: failed — {reason}')}**"] + [""] * (len(header) - 2)
-            )
-        lines += _md_table(header, rows) + ["", "### McNemar tests", ""]
-        if split.mcnemar:
-            mc_rows = []
-            for r in split.mcnemar:
-                names = [
-                    _md_name(r["backbone_a"], r["a_random_weights"]),
-                    _md_name(r["backbone_b"], r["b_random_weights"]),
-                ]
-                if r["tested"]:
-                    mc_rows.append(names + [str(r["n"]), str(r["b"]), str(r["c"]), _fmt_p(r["pvalue"])])
-                else:
-                    mc_rows.append(names + [_md(r["reason"]), "", "", ""])
-            lines += _md_table(["A", "B", "Test images", "b (only A right)", "c (only B right)", "p (exact)"], mc_rows)
-        else:
-            lines.append("Fewer than two backbones with predictions on this split.")
-        lines.append("")
-        for kind, path in split.images.items():
-            lines += [f"![{FIGURE_TITLES.get(kind, kind)}, {split.split} split]({path.name})", ""]
-    lines += ["## Timings and feature cache", ""]
-    timing_rows = []
-    for r in timings:
-        timing_rows.append(
-            [_md_name(r["backbone"], r["random_weights"]), r["split"]]
-            + [_seconds(r[k]) for k in ("featurize_s", "fit_s", "evaluate_s", "total_s")]
-            + [_md(r["cache_text"])]
-            + ["—" if r[k] is None else str(r[k]) for k in ("paper_fit_min", "paper_evaluate_min")]
-        )
-    lines += _md_table(
-        ["Backbone", "Split", "Featurize s", "Fit s", "Evaluate s", "Job total s", "Feature cache", "Study fit min",
-         "Study evaluate min"],
-        timing_rows,
-    )  # fmt: skip
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return _render("report.md.j2", data, splits, timings, notes)
 
 
 # --------------------------------------------------------------------------- summary.json
