@@ -40,9 +40,11 @@ def test_tasks_and_dependencies(dag):
         "fetch_dataset": {"validate_dataset"},
         "validate_dataset": {"select_backbones"},
         "select_backbones": TRAIN_TASKS,
-        **{t: {"report"} for t in TRAIN_TASKS},
+        **{t: {"ensemble"} for t in TRAIN_TASKS},
+        "ensemble": {"report"},
         "report": set(),
     }
+    assert dag.task_dict["ensemble"].trigger_rule == "all_done"
     assert dag.task_dict["report"].trigger_rule == "all_done"
     dag.check_cycle()  # raises on a cycle
 
@@ -66,7 +68,7 @@ def test_train_tasks_are_spark_submits_of_the_job_through_spark_default(dag):
         args = task.application_args
         assert args[args.index("--backbone") + 1].lower() == task_id[6:]
         # Every job-level param of the trigger form reaches the job.
-        for param in ("splits", "seed", "weights", "pooling", "precision", "feature_cache"):
+        for param in ("splits", "seed", "seeds", "weights", "pooling", "precision", "feature_cache"):
             assert any(f"params.{param}" in str(a) for a in args), param
 
 
@@ -76,8 +78,14 @@ def test_params_have_descriptions_defaults_and_validate(dag):
     params = dag.params
     assert all(params.get_param(k).description for k in params)
     assert params.validate()["backbones"] == ["VGG16", "VGG19", "Xception"]
+    assert params.validate()["seeds"] is None  # default: random70 with `seed` only, as before
+    for good in ("0-9", "1,5,20-24", "42"):
+        candidate = copy.deepcopy(params)
+        candidate.update({"seeds": good})
+        assert candidate.validate()["seeds"] == good
     for bad in ({"backbones": ["AlexNet"]}, {"backbones": []}, {"splits": ["random80"]}, {"pooling": "max"},
-                {"seed": -1}):  # fmt: skip
+                {"seed": -1}, {"seeds": "0-9; rm -rf /"}, {"seeds": "-1"}, {"seeds": "0 - 9"}, {"seeds": ""},
+                {"seeds": "{{ 7*7 }}"}, {"seeds": 5}):  # fmt: skip
         with pytest.raises(ParamValidationError):
             candidate = copy.deepcopy(params)
             candidate.update(bad)

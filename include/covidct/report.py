@@ -8,12 +8,19 @@
     report.md     the same tables; figures are the PNG files beside it
     summary.json  the table data, for programs
     roc_<split>.png  confusion_<split>.png  calibration_<split>.png
+    seeds_random70.png   (where the run repeated random70 over several seeds)
 
 The figures in the tables are metrics.json's (Spark's evaluators); the 95 % intervals
 come from a seeded percentile bootstrap over the test predictions (``covidct.stats``),
 resampling patients rather than images on the ``official`` split. Backbones that were
 expected but have no results, or whose task failed, are named as failed. Runs with
 random weights are flagged in red, in words, wherever they appear.
+
+The ensembles (``covidct.ensemble``, ``RUN_DIR/ensemble/<split>/{mean,stacked}/``) are found
+like backbones and get the same rows, intervals, McNemar tests and curves. Repeated random70
+splits (``seeds.json`` from ``covidct train --seeds``) get their own table: per model the
+mean ± sd and min–max of accuracy and AUC over the seeds, and where the study's accuracy falls
+in that distribution, with a box/strip plot.
 """
 
 from __future__ import annotations
@@ -73,7 +80,10 @@ FIGURE_TITLES = {"roc": "ROC curves", "confusion": "Confusion matrices", "calibr
 RANDOM_WARNING = "RANDOM WEIGHTS — not a meaningful result"
 MD_RANDOM = "**⚠ RANDOM WEIGHTS**"
 HTML_NAME, MARKDOWN_NAME, SUMMARY_NAME = "report.html", "report.md", "summary.json"
-_SKIP_DIRS = {"model", "predictions.parquet"}
+SEEDS_NAME = "seeds.json"
+#: What an ensemble is held against: the study's best figure (VGG16's 85.65 %).
+STUDY_BEST = "VGG16"
+_SKIP_DIRS = {"model", "predictions.parquet", "members"}
 _PREDICTION_COLUMNS = {"relpath", "label", "probability", "prediction"}
 
 
@@ -118,6 +128,40 @@ class SplitResult:
 
 
 @dataclass
+class Repeat:
+    """One model's random70 results over several seeds (a seeds.json)."""
+
+    label: str
+    backbone: str
+    split: str
+    seeds: list[int]
+    accuracy: np.ndarray
+    auc: np.ndarray
+    random_weights: bool
+    source: Path
+    study_name: str | None  # whose figure of the study it is compared with
+    study_accuracy: float | None
+
+    def describe(self, name: str) -> dict:
+        values = np.asarray(getattr(self, name), dtype=float)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+        sd = float(values.std(ddof=1)) if len(values) > 1 else None
+        return {"n": int(len(values)), "mean": float(values.mean()), "sd": sd,
+                "min": float(values.min()), "max": float(values.max())}  # fmt: skip
+
+    @property
+    def study_percentile(self) -> float | None:
+        """Percent of our seeds below the study's accuracy (ties count half)."""
+        if self.study_accuracy is None or not len(self.accuracy):
+            return None
+        from scipy.stats import percentileofscore
+
+        return float(percentileofscore(self.accuracy, self.study_accuracy, kind="mean"))
+
+
+@dataclass
 class Report:
     out: Path
     html: Path
@@ -129,6 +173,7 @@ class Report:
     random_weights: list[str]  # "Xception (official)", ...
     notes: list[str]
     summary: dict  # what summary.json holds
+    repeats: list[Repeat] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -200,6 +245,48 @@ def find_metrics(run_dirs: list[Path], skip: Path | None = None) -> list[Path]:
             if "metrics.json" in filenames:
                 found[(here / "metrics.json").resolve()] = None
     return list(found)
+
+
+def find_seeds(run_dirs: list[Path], skip: Path | None = None) -> list[Path]:
+    """Every seeds.json (random70 repeated over seeds) under the run folders."""
+    found: dict[Path, None] = {}
+    for root in run_dirs:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            continue
+        for folder, dirnames, filenames in os.walk(root):
+            here = Path(folder)
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if not d.startswith(".") and d not in _SKIP_DIRS and (skip is None or (here / d).resolve() != skip)
+            )
+            if SEEDS_NAME in filenames:
+                found[(here / SEEDS_NAME).resolve()] = None
+    return list(found)
+
+
+def load_repeat(path: Path, notes: list[str]) -> Repeat | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        runs = data["runs"]
+        backbone = canonical_backbone(data["backbone"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        notes.append(f"{path} could not be read ({exc}); it is left out.")
+        return None
+    study_name = backbone if backbone in PAPER else (STUDY_BEST if data.get("ensemble") else None)
+    return Repeat(
+        label=backbone,
+        backbone=backbone,
+        split=str(data.get("split", "random70")),
+        seeds=[int(r["seed"]) for r in runs],
+        accuracy=np.array([_number(r.get("accuracy")) for r in runs], dtype=float),
+        auc=np.array([_number(r.get("auc")) for r in runs], dtype=float),
+        random_weights=bool(data.get("random_weights")),
+        source=path,
+        study_name=study_name,
+        study_accuracy=PAPER[study_name]["accuracy"] if study_name else None,
+    )
 
 
 def read_predictions(folder: Path) -> pd.DataFrame:
@@ -382,6 +469,8 @@ def _weights_text(entry: Entry) -> str:
 def _timing_rows(entries: list[Entry]) -> list[dict]:
     rows = []
     for e in sorted(entries, key=lambda e: (_backbone_order(e.backbone), e.label, _split_order(e.split))):
+        if e.metrics.get("ensemble"):
+            continue  # no job of its own: it combines the backbones' predictions
         t = e.metrics.get("timings") or {}
         paper = PAPER.get(e.backbone, {})
         rows.append(
@@ -402,7 +491,7 @@ def _timing_rows(entries: list[Entry]) -> list[dict]:
     return rows
 
 
-def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int) -> list[str]:
+def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int, repeats: list[Repeat] = ()) -> list[str]:
     notes = [
         f"Study: {PAPER_CITATION}. It reported accuracy on one random 70/30 image-level split "
         f"({PAPER_TEST_IMAGES} test images); that protocol is our random70 split. Images of one patient can "
@@ -429,6 +518,23 @@ def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int) -> list[
         "featurizes all images once (or reads them from the feature cache) for all its splits: compare the "
         "study's fit + evaluation with featurize_s + fit_s + evaluate_s, or with the job's total_s.",
     ]
+    if any(e.metrics.get("ensemble") for split in splits.values() for e in split.entries):
+        notes.append(
+            "Ensemble: the mean of the backbones' probabilities of COVID on the same test images, COVID above 0.5; "
+            "the product's model (covidct predict --model RUN_DIR/ensemble). Ensemble (stacked): a logistic "
+            "regression on the backbones' probabilities, fitted only on out-of-fold predictions of the training "
+            "images (each predicted by an LR fitted without its fold; whole patients per fold on official), never "
+            "on a test image. The product uses the mean: it fits nothing, so it cannot overfit the few hundred "
+            "training images, and the stack did not do better (compare the two rows). The ensembles' figures are "
+            "scikit-learn's on their predictions (the same definitions as Spark's evaluators)."
+        )
+    if repeats:
+        notes.append(
+            "Repeated splits: random70 refitted once per seed from the same features (featurized once), each "
+            "seed a different 70/30 image-level split. sd is the sample standard deviation over seeds; the "
+            "percentile is the share of our seeds whose accuracy is below the study's figure (ties count half). "
+            "The ensembles are held against the study's best figure (VGG16, 85.65 %)."
+        )
     for split in splits.values():
         for e in split.entries:
             for problem in e.problems:
@@ -464,6 +570,55 @@ def _figures(split: SplitResult, folder: Path) -> dict[str, Path]:
     }
 
 
+def _seeds_figure(repeats: list[Repeat], folder: Path) -> Path | None:
+    if not repeats:
+        return None
+    series = [plots.SeedSeries(r.label, r.accuracy, r.auc, r.random_weights, r.study_accuracy) for r in repeats]
+    seeds = sorted({s for r in repeats for s in r.seeds})
+    title = f"random70 over {len(seeds)} seeds ({_seed_ranges(seeds)})"
+    return plots.seeds_figure(series, folder / "seeds_random70.png", title)
+
+
+def _repeat_summary(r: Repeat) -> dict:
+    return {
+        "label": r.label,
+        "backbone": r.backbone,
+        "split": r.split,
+        "seeds": r.seeds,
+        "random_weights": r.random_weights,
+        "accuracy": {**r.describe("accuracy"), "values": r.accuracy.tolist()},
+        "auc": {**r.describe("auc"), "values": r.auc.tolist()},
+        "study": r.study_name,
+        "study_accuracy": r.study_accuracy,
+        "study_percentile": r.study_percentile,
+        "source": str(r.source),
+    }
+
+
+def _seed_ranges(seeds) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
+    seeds, parts = sorted(seeds), []
+    for s in seeds:
+        if parts and s == parts[-1][1] + 1:
+            parts[-1][1] = s
+        else:
+            parts.append([s, s])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _mean_sd(described: dict, percent: bool) -> str:
+    if described.get("mean") is None:
+        return "—"
+    sd = described.get("sd")
+    return _fmt(described["mean"], percent) + ("" if sd is None else f" ± {_fmt(sd, percent)}")
+
+
+def _min_max(described: dict, percent: bool) -> str:
+    if described.get("min") is None:
+        return "—"
+    return f"{_fmt(described['min'], percent)}–{_fmt(described['max'], percent)}"
+
+
 # --------------------------------------------------------------------------- rendering
 # Presentation lives in templates/ (Jinja2): report.html.j2 (autoescaped) and report.md.j2.
 
@@ -494,7 +649,8 @@ def _environment(kind: str) -> jinja2.Environment:
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(fmt=_fmt, fmt_ci=_fmt_ci, fmt_p=_fmt_p, seconds=_seconds, md=_md, data_uri=_data_uri)
+    env.filters.update(fmt=_fmt, fmt_ci=_fmt_ci, fmt_p=_fmt_p, seconds=_seconds, md=_md, data_uri=_data_uri,
+                       seed_ranges=_seed_ranges, mean_sd=_mean_sd, min_max=_min_max)  # fmt: skip
     env.globals.update(
         columns=COLUMNS,
         split_titles=SPLIT_TITLES,
@@ -509,18 +665,20 @@ def _environment(kind: str) -> jinja2.Environment:
     return env
 
 
-def _render(template: str, data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
+def _render(template: str, data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str],
+            repeats: list[Repeat] | None = None, seeds_image: Path | None = None) -> str:  # fmt: skip
     kind = "html" if template.endswith(".html.j2") else "md"
-    context = {"data": data, "splits": list(splits.values()), "timings": timings, "notes": notes}
+    context = {"data": data, "splits": list(splits.values()), "timings": timings, "notes": notes,
+               "repeats": repeats or [], "seeds_image": seeds_image}  # fmt: skip
     return _environment(kind).get_template(template).render(context)
 
 
-def render_html(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
-    return _render("report.html.j2", data, splits, timings, notes)
+def render_html(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str], **extra) -> str:
+    return _render("report.html.j2", data, splits, timings, notes, **extra)
 
 
-def render_markdown(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
-    return _render("report.md.j2", data, splits, timings, notes)
+def render_markdown(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str], **extra) -> str:
+    return _render("report.md.j2", data, splits, timings, notes, **extra)
 
 
 # --------------------------------------------------------------------------- summary.json
@@ -666,24 +824,36 @@ def build_report(
             _bootstrap(e, n_resamples, seed)
         splits[name] = SplitResult(name, members, failed, compare_pairs(members), {})
 
+    repeats = [r for r in (load_repeat(p, problems) for p in find_seeds(run_dirs, skip=out.resolve())) if r]
+    repeats.sort(key=lambda r: (_split_order(r.split), _backbone_order(r.backbone), str(r.source)))
+    labels = [r.label for r in repeats]
+    for r in repeats:
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} ({r.source.parent})"
+
     random_weights = [f"{e.label} ({e.split})" for e in entries if e.random_weights]
     for item in random_weights:
         log.warning("RANDOM WEIGHTS in the report: %s", item)
     timings = _timing_rows(entries)
-    notes = _notes(splits, n_resamples, seed) + problems
+    notes = _notes(splits, n_resamples, seed, repeats) + problems
 
     with atomic_dir(out) as staging:
         for split in splits.values():
             log.info("plotting %s", split.split)
             split.images = _figures(split, staging)
+        seeds_image = _seeds_figure(repeats, staging)
         data = _summary(run_dirs, splits, overall_failures, random_weights, timings, notes, n_resamples, seed)
+        data["repeats"] = _jsonable([_repeat_summary(r) for r in repeats])
+        data["repeats_image"] = seeds_image.name if seeds_image else None
         (staging / SUMMARY_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (staging / HTML_NAME).write_text(render_html(data, splits, timings, notes), encoding="utf-8")
-        (staging / MARKDOWN_NAME).write_text(render_markdown(data, splits, timings, notes), encoding="utf-8")
+        extra = {"repeats": repeats, "seeds_image": seeds_image}
+        (staging / HTML_NAME).write_text(render_html(data, splits, timings, notes, **extra), encoding="utf-8")
+        (staging / MARKDOWN_NAME).write_text(render_markdown(data, splits, timings, notes, **extra), encoding="utf-8")
     out = out.absolute()
     for split in splits.values():
         split.images = {kind: out / path.name for kind, path in split.images.items()}
     images = [p for s in splits.values() for p in s.images.values()]
+    images += [out / seeds_image.name] if seeds_image else []
     log.info("wrote report %s (%d backbones, %d splits)", out, len(found), len(splits))
     return Report(
         out=out,
@@ -696,4 +866,5 @@ def build_report(
         random_weights=random_weights,
         notes=notes,
         summary=data,
+        repeats=repeats,
     )
