@@ -281,6 +281,9 @@ def _seed_members(run_dir: Path, skip: Path) -> dict[str, Path]:
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         backbone = canonical_backbone(data.get("backbone", ""))
+        if not (path.parent / "predictions.parquet").exists():
+            log.warning("%s has no predictions.parquet beside it; its seeds are left out of the ensemble", path)
+            continue
         if backbone in BACKBONES and not data.get("ensemble"):
             if backbone in found:
                 raise CovidctError(f"{backbone} has two seed folders in {run_dir}")

@@ -169,7 +169,7 @@ def seeds_figure(series: list[SeedSeries], path: Path, title: str) -> Path:
     for ax, metric, name in ((axes[0], "accuracy", "Accuracy"), (axes[1], "auc", "AUC")):
         values = [np.asarray(getattr(s, metric), dtype=float) for s in series]
         values = [v[np.isfinite(v)] for v in values]
-        ax.boxplot(values, positions=positions, vert=False, widths=0.5, showfliers=False,
+        ax.boxplot(values, positions=positions, vert=False, widths=0.5, whis=(0, 100), showfliers=False,
                    medianprops={"color": "black"})  # fmt: skip
         marked = False
         for pos, v, s in zip(positions, values, series, strict=True):
