@@ -27,7 +27,7 @@ def run(spark, small_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     for backbone in BACKBONES:
         args = ["train", "--data", str(small_dataset), "--backbone", backbone, "--weights", "none", "--no-cache",
-                "--split", "official,random70", "--seed", "7", "--seeds", "0-2", "--stack-folds", "3",
+                "--split", "official,random70", "--seed", "7", "--seeds", "0-2", "--stack-folds", "3", "--stack-seeds",
                 "--out", str(run_dir / backbone.lower())]  # fmt: skip
         assert main(args) == 0
     assert main(["ensemble", str(run_dir)]) == 0

@@ -40,6 +40,12 @@ def _add_train(sub) -> None:
         default=5,
         help="folds of the out-of-fold training predictions the stacked ensemble is fitted on (0: none)",
     )
+    p.add_argument(
+        "--stack-seeds",
+        action="store_true",
+        help="out-of-fold predictions for every seed of --seeds too (the stacked ensemble per seed; "
+        "folds x seeds more LR fits)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random), or a weights file")
     p.add_argument("--pooling", default="avg", choices=["avg", "flatten"])
@@ -83,6 +89,7 @@ def _cmd_train(args) -> int:
         cache_dir=None if args.cache == "off" else (args.cache_dir or default_cache_dir()),
         seeds=args.seeds if args.seeds and args.seeds.strip() else None,
         stack_folds=args.stack_folds,
+        stack_seeds=args.stack_seeds,
     )
     results = train(config)
     for split, m in results.items():

@@ -299,7 +299,8 @@ def evaluate_seeds(folders: dict[str, Path], notes: list[str]) -> dict[str, tupl
     oofs = {b: pd.read_parquet(folders[b] / "oof.parquet") for b in names if (folders[b] / "oof.parquet").exists()}
     seeds = [s for s in info[names[0]]["seeds"] if all(s in info[b]["seeds"] for b in names)]
     if len(oofs) < len(names):
-        notes.append("Ensemble (stacked) over seeds: some backbones have no out-of-fold predictions; not fitted.")
+        notes.append("Ensemble (stacked) over seeds: not fitted, some backbones have no out-of-fold predictions "
+                     "per seed (train with --stack-seeds).")  # fmt: skip
     runs: dict[str, list[dict]] = {MEAN: [], STACKED: []}
     frames: dict[str, list[pd.DataFrame]] = {MEAN: [], STACKED: []}
     for seed in seeds:

@@ -13,7 +13,7 @@ training images (k-fold LR fits inside the train part, whole patients per fold o
 ``official``): what the stacked ensemble (``covidct.ensemble``) is fitted on, so that it
 never sees a test image. ``--seeds`` repeats the random70 protocol per seed from the same
 features into ``OUT/random70-seeds/`` (``seeds.json``: metrics per seed; ``predictions.parquet``
-and ``oof.parquet`` with a ``seed`` column; no models).
+with a ``seed`` column, and ``oof.parquet`` with ``--stack-seeds``; no models).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class TrainConfig:
     cache_dir: Path | None = None  # None: no feature cache
     seeds: list[int] | None = None  # random70 repeated per seed (features reused); None: only ``seed``
     stack_folds: int = STACK_FOLDS  # out-of-fold predictions for the stacked ensemble; 0: none
+    stack_seeds: bool = False  # also per seed (folds x seeds more LR fits): the stacked ensemble over seeds
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -267,7 +268,7 @@ def repeat_seeds(config: TrainConfig, data: DataFrame, target: Path, shared: dic
         frame = covid_probability(model.transform(test_df)).toPandas()
         frame = frame.sort_values("relpath", kind="stable").reset_index(drop=True)
         fit_s = time.monotonic() - t0
-        if config.stack_folds:
+        if config.stack_folds and config.stack_seeds:
             oofs.append(out_of_fold(config, "random70", seed, train_df).assign(seed=seed))
         n_train = train_df.count()
         train_df.unpersist()
@@ -292,7 +293,7 @@ def repeat_seeds(config: TrainConfig, data: DataFrame, target: Path, shared: dic
         "split": "random70",
         "seeds": config.seeds,
         "main_seed": config.seed,
-        "stack_folds": config.stack_folds,
+        "stack_folds": config.stack_folds if config.stack_seeds else 0,
         "lr": {"maxIter": config.max_iter, "regParam": config.reg_param, "elasticNetParam": config.elastic_net_param},
         **shared,
         "runs": rows,
