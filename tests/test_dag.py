@@ -102,6 +102,26 @@ def test_run_folders_never_collide_and_are_hadoop_safe(monkeypatch, tmp_path):
     assert ":" not in a.name and "+" not in a.name
 
 
+def test_ensemble_task_combines_the_backbones_that_succeeded(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from covidct import pipeline
+    from test_report import make_run
+
+    run = make_run(tmp_path / "run")
+    everything = ["VGG16", "VGG19", "Xception"]
+    ok = dict.fromkeys(TRAIN_TASKS, "success")
+    with pytest.raises(AirflowSkipException, match="two or more backbones"):
+        pipeline.build_run_ensemble(str(run), everything, {**ok, "train_vgg19": "failed", "train_xception": "failed"})
+    out = pipeline.build_run_ensemble(str(run), everything, ok)
+    assert Path(out) == (run / "ensemble").absolute()
+    manifest = json.loads((run / "ensemble" / "ensemble.json").read_text())
+    assert [m["backbone"] for m in manifest["members"]] == everything and manifest["method"] == "mean"
+    with pytest.raises(AirflowFailException, match="needs two or more backbones"):  # a user error: no retries
+        (tmp_path / "empty").mkdir()
+        pipeline.build_run_ensemble(str(tmp_path / "empty"), everything, ok)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -129,7 +149,8 @@ def test_whole_dag_runs_with_real_spark_submit(airflow_db, dag, small_dataset, t
             assert metrics["split"] == split and metrics["seed"] == 5 and metrics["random_weights"] is True
     html = (run / "report" / "report.html").read_text()
     assert "RANDOM WEIGHTS" in html
-    assert all(name in html for name in ("VGG16", "VGG19", "Xception"))
+    assert all(name in html for name in ("VGG16", "VGG19", "Xception", "Ensemble (stacked)"))
+    assert (run / "ensemble" / "ensemble.json").is_file()
     # The data were fetched into COVIDCT_HOME and the features cached there.
     assert (tmp_path / "home" / "data" / "COVID-CT" / "CT_COVID").is_dir()
     assert (tmp_path / "home" / "feature-cache" / "VGG16").is_dir()
