@@ -803,7 +803,7 @@ def build_report(
     entries.sort(key=lambda e: (_split_order(e.split), _backbone_order(e.backbone), e.label))
 
     failures = {canonical_backbone(b): str(r) for b, r in (failures or {}).items()}
-    found = {e.backbone for e in entries}
+    found = {e.backbone for e in entries if not e.metrics.get("ensemble")}  # ensembles are never "failed"
     known = list(dict.fromkeys([canonical_backbone(b) for b in expected_backbones or []] + list(failures)))
     known += sorted(found - set(known), key=_backbone_order)
     overall_failures = dict(failures)
