@@ -22,6 +22,30 @@ BACKBONES = ("VGG16", "VGG19")
 SEEDS = [0, 1, 2]
 
 
+def oof_frames(seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Out-of-fold-like predictions of two backbones on 40 training images (no Spark)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(40) % 2
+    frames = {}
+    for name, strength in (("VGG16", 1.5), ("VGG19", 0.5)):
+        logits = (2 * labels - 1) * strength + rng.normal(0, 1, 40)
+        frames[name] = pd.DataFrame({"relpath": [f"CT/{i}.png" for i in range(40)], "label": labels,
+                                     "probability": 1 / (1 + np.exp(-logits))})  # fmt: skip
+    return frames
+
+
+def test_fit_stacker_uses_only_its_training_rows_and_refuses_test_rows():
+    oof = oof_frames()
+    stacker = ens.fit_stacker(oof, test_relpaths={"CT/test-1.png", "CT/test-2.png"})
+    assert stacker.members == ("VGG16", "VGG19") and stacker.n_train == 40
+    assert stacker.coef[0] > stacker.coef[1] > 0  # the stronger backbone weighs more
+    x = np.column_stack([oof["VGG16"].probability, oof["VGG19"].probability])
+    assert ((stacker.predict(x) > 0.5) == oof["VGG16"].label).mean() > 0.7
+    with pytest.raises(CovidctError, match="2 test images are among the stacker's training rows"):
+        ens.fit_stacker(oof, test_relpaths={"CT/3.png", "CT/7.png", "CT/test-1.png"})
+    assert ens.Stacker.from_json(stacker.to_json()) == stacker
+
+
 @pytest.fixture(scope="module")
 def run(spark, small_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
@@ -38,9 +62,7 @@ def frame(path) -> pd.DataFrame:
     return pd.read_parquet(path).sort_values("relpath").reset_index(drop=True)
 
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 def test_seeds_repeat_random70_from_the_same_features(run):
     main_metrics = json.loads((run / "vgg16" / "random70" / "metrics.json").read_text())
     seeds = json.loads((run / "vgg16" / "random70-seeds" / "seeds.json").read_text())
@@ -57,6 +79,7 @@ def test_seeds_repeat_random70_from_the_same_features(run):
     assert main_metrics["seed"] == 7 and (run / "vgg16" / "random70" / "model").is_dir()
 
 
+@pytest.mark.slow
 def test_out_of_fold_predictions_cover_the_training_images_only(run):
     for split in ("official", "random70"):
         oof = frame(run / "vgg16" / split / "oof.parquet")
@@ -73,6 +96,7 @@ def test_out_of_fold_predictions_cover_the_training_images_only(run):
         )
 
 
+@pytest.mark.slow
 def test_ensemble_is_the_mean_of_the_members_probabilities(run):
     for split in ("official", "random70"):
         mean = frame(run / "ensemble" / split / "mean" / "predictions.parquet")
@@ -89,6 +113,7 @@ def test_ensemble_is_the_mean_of_the_members_probabilities(run):
     assert sorted(per_seed.seed.unique()) == SEEDS
 
 
+@pytest.mark.slow
 def test_stacked_model_never_sees_test_rows(run):
     split = run / "ensemble" / "random70" / "stacked"
     metrics = json.loads((split / "metrics.json").read_text())
@@ -110,6 +135,7 @@ def test_stacked_model_never_sees_test_rows(run):
     assert stacked.probability.to_numpy() == pytest.approx(refit.predict(x))
 
 
+@pytest.mark.slow
 def test_saved_ensemble_classifies_new_images_with_each_backbone_beside_it(run, small_dataset, tmp_path, capsys):
     manifest = json.loads((run / "ensemble" / "ensemble.json").read_text())
     assert manifest["method"] == "mean" and manifest["trained_on_split"] == "official"
@@ -137,6 +163,7 @@ def test_saved_ensemble_classifies_new_images_with_each_backbone_beside_it(run, 
     assert len(printed) == 3 and all("VGG16 " in line and "VGG19 " in line and "stacked " in line for line in printed)
 
 
+@pytest.mark.slow
 def test_report_has_ensemble_rows_mcnemar_and_the_seeds_table(run, tmp_path):
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
@@ -161,6 +188,7 @@ def test_report_has_ensemble_rows_mcnemar_and_the_seeds_table(run, tmp_path):
     assert "Ensemble (stacked)" in html and "percentile among our seeds" in html
 
 
+@pytest.mark.slow
 def test_ensemble_needs_two_backbones(run, tmp_path, capsys):
     single = tmp_path / "single"
     shutil.copytree(run / "vgg16", single / "vgg16")
