@@ -11,11 +11,16 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    `jobs/transfer_learning.py` (featurize once, then fit and evaluate every chosen split).
    The cluster is the `spark_default` connection: `local[*]`, a standalone master, YARN or
    Kubernetes, without changing this file.
-5. **report** compares the backbones (tables with 95 % CIs, ROC, confusion, calibration, McNemar);
-   it runs when at least one chosen backbone succeeded and names those that failed (a run with
-   a failed backbone stays green if the report could compare the rest; the failed task is red).
+   With `seeds` (e.g. `0-9`) each job also repeats the random70 split per seed from the same features.
+5. **ensemble** combines the backbones that succeeded (two or more): the mean of their COVID
+   probabilities (the product's model, `covidct predict --model <run>/ensemble`) and a stacked LR
+   fitted on out-of-fold training predictions only.
+6. **report** compares the backbones and the ensembles (tables with 95 % CIs, ROC, confusion,
+   calibration, McNemar; mean ± sd over seeds); it runs when at least one chosen backbone succeeded
+   and names those that failed (a run with a failed backbone stays green if the report could compare
+   the rest; the failed task is red).
 
-Outputs: `$COVIDCT_HOME/runs/<run id>/<backbone>/<split>/` and `$COVIDCT_HOME/runs/<run id>/report/`.
+Outputs: `$COVIDCT_HOME/runs/<run id>/<backbone>/<split>/`, `.../ensemble/` and `.../report/`.
 
 Bounded time: every task has an `execution_timeout` and the run a `dagrun_timeout`
 (`covidct.bounds`; `COVIDCT_TIMEOUT_*_S` override them), a train job fails by itself when the
@@ -33,7 +38,7 @@ from airflow.sdk import CronTriggerTimetable, Param, chain, dag, task
 from covidct import alerts, bounds, paths, pipeline, policy
 from covidct.backbone import POOLINGS, PRECISIONS
 from covidct.operators import TransferLearningSubmitOperator
-from covidct.split import SPLITS
+from covidct.split import SEEDS_PATTERN, SPLITS
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
 
@@ -78,6 +83,14 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             description="official: the published patient-level lists; random70: seeded 70/30 (the study's protocol).",
         ),
         "seed": Param(42, type="integer", minimum=0, description="Seed of the random70 split and of random weights."),
+        "seeds": Param(
+            None,
+            type=["null", "string"],
+            pattern=SEEDS_PATTERN,
+            maxLength=200,
+            description="Empty: random70 with `seed` only. Or seeds and ranges, e.g. 0-9 or 1,5,20-24: random70 is "
+            "also refitted per seed from the same features, and the report shows mean ± sd over them.",
+        ),
         "weights": Param(
             "imagenet",
             type="string",
@@ -126,6 +139,12 @@ def covid_ct_transfer_learning():
     # all_done, not all_done_min_one_success: the latter skips when a backbone was not chosen.
     # The task itself fails when no chosen backbone succeeded.
     @task(trigger_rule="all_done")
+    def ensemble(params=None, run_id=None, ti=None) -> str:
+        train_ids = [pipeline.train_task_id(b) for b in params["backbones"]]
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id], task_ids=train_ids)[run_id]
+        return pipeline.build_run_ensemble(str(paths.run_dir(run_id)), params["backbones"], states)
+
+    @task(trigger_rule="all_done")
     def report(params=None, run_id=None, ti=None) -> str:
         train_ids = [pipeline.train_task_id(b) for b in params["backbones"]]
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id], task_ids=train_ids)[run_id]
@@ -148,6 +167,8 @@ def covid_ct_transfer_learning():
                 "{{ params.splits | join(',') }}",
                 "--seed",
                 "{{ params.seed }}",
+                "--seeds",
+                "{{ params.seeds or '' }}",  # empty: random70 with --seed only
                 "--weights",
                 "{{ params.weights }}",
                 "--pooling",
@@ -163,7 +184,7 @@ def covid_ct_transfer_learning():
         )
         for backbone in pipeline.DAG_BACKBONES
     ]
-    chain(data_dir, validate_dataset(data_dir), select_backbones(), trains, report())
+    chain(data_dir, validate_dataset(data_dir), select_backbones(), trains, ensemble(), report())
 
 
 bounds.apply(covid_ct_transfer_learning())

@@ -41,9 +41,11 @@ def test_tasks_and_dependencies(dag):
         "fetch_dataset": {"validate_dataset"},
         "validate_dataset": {"select_backbones"},
         "select_backbones": TRAIN_TASKS,
-        **{t: {"report"} for t in TRAIN_TASKS},
+        **{t: {"ensemble"} for t in TRAIN_TASKS},
+        "ensemble": {"report"},
         "report": set(),
     }
+    assert dag.task_dict["ensemble"].trigger_rule == "all_done"
     assert dag.task_dict["report"].trigger_rule == "all_done"
     dag.check_cycle()  # raises on a cycle
 
@@ -83,7 +85,7 @@ def test_train_tasks_are_spark_submits_of_the_job_through_spark_default(dag):
         args = task.application_args
         assert args[args.index("--backbone") + 1].lower() == task_id[6:]
         # Every job-level param of the trigger form reaches the job.
-        for param in ("splits", "seed", "weights", "pooling", "precision", "feature_cache"):
+        for param in ("splits", "seed", "seeds", "weights", "pooling", "precision", "feature_cache"):
             assert any(f"params.{param}" in str(a) for a in args), param
 
 
@@ -93,8 +95,14 @@ def test_params_have_descriptions_defaults_and_validate(dag):
     params = dag.params
     assert all(params.get_param(k).description for k in params)
     assert params.validate()["backbones"] == ["VGG16", "VGG19", "Xception"]
+    assert params.validate()["seeds"] is None  # default: random70 with `seed` only, as before
+    for good in ("0-9", "1,5,20-24", "42"):
+        candidate = copy.deepcopy(params)
+        candidate.update({"seeds": good})
+        assert candidate.validate()["seeds"] == good
     for bad in ({"backbones": ["AlexNet"]}, {"backbones": []}, {"splits": ["random80"]}, {"pooling": "max"},
-                {"seed": -1}):  # fmt: skip
+                {"seed": -1}, {"seeds": "0-9; rm -rf /"}, {"seeds": "-1"}, {"seeds": "0 - 9"}, {"seeds": ""},
+                {"seeds": "{{ 7*7 }}"}, {"seeds": 5}):  # fmt: skip
         with pytest.raises(ParamValidationError):
             candidate = copy.deepcopy(params)
             candidate.update(bad)
@@ -109,6 +117,26 @@ def test_run_folders_never_collide_and_are_hadoop_safe(monkeypatch, tmp_path):
     b = paths.run_dir("scheduled__2026-11-25T10:00:00+00:00")
     assert a != b and a.parent == tmp_path / "runs"
     assert ":" not in a.name and "+" not in a.name
+
+
+def test_ensemble_task_combines_the_backbones_that_succeeded(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from covidct import pipeline
+    from test_report import make_run
+
+    run = make_run(tmp_path / "run")
+    everything = ["VGG16", "VGG19", "Xception"]
+    ok = dict.fromkeys(TRAIN_TASKS, "success")
+    with pytest.raises(AirflowSkipException, match="two or more backbones"):
+        pipeline.build_run_ensemble(str(run), everything, {**ok, "train_vgg19": "failed", "train_xception": "failed"})
+    out = pipeline.build_run_ensemble(str(run), everything, ok)
+    assert Path(out) == (run / "ensemble").absolute()
+    manifest = json.loads((run / "ensemble" / "ensemble.json").read_text())
+    assert [m["backbone"] for m in manifest["members"]] == everything and manifest["method"] == "mean"
+    with pytest.raises(AirflowFailException, match="needs two or more backbones"):  # a user error: no retries
+        (tmp_path / "empty").mkdir()
+        pipeline.build_run_ensemble(str(tmp_path / "empty"), everything, ok)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -139,7 +167,8 @@ def test_whole_dag_runs_with_real_spark_submit(airflow_db, dag, small_dataset, t
             assert metrics["split"] == split and metrics["seed"] == 5 and metrics["random_weights"] is True
     html = (run / "report" / "report.html").read_text()
     assert "RANDOM WEIGHTS" in html
-    assert all(name in html for name in ("VGG16", "VGG19", "Xception"))
+    assert all(name in html for name in ("VGG16", "VGG19", "Xception", "Ensemble (stacked)"))
+    assert (run / "ensemble" / "ensemble.json").is_file()
     # The data were fetched into COVIDCT_HOME and the features cached there.
     assert (tmp_path / "home" / "data" / "COVID-CT" / "CT_COVID").is_dir()
     assert (tmp_path / "home" / "feature-cache" / "VGG16").is_dir()

@@ -428,3 +428,64 @@ def test_group_key_and_degenerate_bootstrap():
     assert boot.intervals["accuracy"].n_valid == 400
     assert 0 < boot.intervals["auc"].n_valid < 400 and boot.intervals["auc"].low == 1.0
     assert stats.mcnemar([1, 1, 0], [1, 1, 0], [1, 1, 0]) == stats.McNemar(0, 0, 3, 1.0)
+
+
+# --------------------------------------------------------------------------- ensemble and repeated seeds
+
+
+def write_seeds(folder: Path, backbone: str, accuracies: list[float], **extra) -> None:
+    folder.mkdir(parents=True)
+    runs = [
+        {"seed": s, "accuracy": a, "auc": 0.8 + a / 10, "n_train": 522, "n_test": 224} for s, a in enumerate(accuracies)
+    ]
+    data = {"backbone": backbone, "split": "random70", "seeds": list(range(len(accuracies))), "runs": runs, **extra}
+    (folder / "seeds.json").write_text(json.dumps(data))
+
+
+def test_ensemble_rows_get_intervals_mcnemar_and_curves(tmp_path):
+    from covidct.ensemble import build_ensemble
+
+    run = make_run(tmp_path / "run")
+    result = build_ensemble(run)
+    assert any("Ensemble (stacked) on official: no out-of-fold predictions" in n for n in result.notes)
+    rep = reportlib.build_report([run])
+    for split in SPLITS:
+        rows = rep.summary["splits"][split]["rows"]
+        assert [r["label"] for r in rows] == ["VGG16", "VGG19", "Xception", "Ensemble"]
+        ensemble = rows[-1]
+        expected = np.mean([predictions(b, split)["probability"] for b in BACKBONES], axis=0)
+        labels = predictions("VGG16", split)["label"].to_numpy()
+        accuracy = float(((expected > 0.5) == labels).mean())
+        assert ensemble["metrics"]["accuracy"]["value"] == pytest.approx(accuracy)
+        assert ensemble["metrics"]["accuracy"]["ci_low"] < accuracy < ensemble["metrics"]["accuracy"]["ci_high"]
+        assert ensemble["random_weights"] is True  # one member (Xception) has random weights
+        tested = {(m["backbone_a"], m["backbone_b"]) for m in rep.summary["splits"][split]["mcnemar"] if m["tested"]}
+        assert {(b, "Ensemble") for b in BACKBONES} <= tested
+    assert "Ensemble" not in {r["backbone"] for r in rep.summary["timings"]}  # no job of its own
+    md = rep.markdown.read_text(encoding="utf-8")
+    assert "| Ensemble **⚠ RANDOM WEIGHTS** — not a meaningful result |" in md
+
+
+def test_repeated_seeds_table_with_the_study_percentile(tmp_path):
+    run = make_run(tmp_path / "run", backbones=("VGG16",))
+    accuracies = [0.80, 0.82, 0.84, 0.86, 0.8565, 0.88]
+    write_seeds(run / "vgg16" / "random70-seeds", "VGG16", accuracies)
+    write_seeds(run / "ensemble" / "random70-seeds" / "mean", "Ensemble", [0.9] * 6, ensemble=True)
+    rep = reportlib.build_report([run])
+    repeats = {r["label"]: r for r in rep.summary["repeats"]}
+    vgg16 = repeats["VGG16"]
+    assert vgg16["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
+    assert vgg16["accuracy"]["sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert (vgg16["accuracy"]["min"], vgg16["accuracy"]["max"]) == (0.80, 0.88)
+    # 3 seeds below 85.65 %, one equal (counts half), 2 above: (3 + 0.5) / 6
+    assert vgg16["study_percentile"] == pytest.approx(100 * 3.5 / 6)
+    assert repeats["Ensemble"]["study"] == "VGG16" and repeats["Ensemble"]["study_percentile"] == 0
+    md = rep.markdown.read_text(encoding="utf-8")
+    assert (
+        f"| VGG16 | 6 (0-5) | {100 * np.mean(accuracies):.2f} ± {100 * np.std(accuracies, ddof=1):.2f} | 80.00–88.00 |"
+        in md
+    )
+    assert "| 85.65 | 58 |" in md and "85.65 (the study's best, VGG16) | 0 |" in md
+    html = rep.html.read_text(encoding="utf-8")
+    assert "<h2>random70 repeated over 6 seeds</h2>" in html and "alt='Accuracy and AUC per seed, random70'" in html
+    assert (rep.out / "seeds_random70.png").is_file() and rep.out / "seeds_random70.png" in rep.images

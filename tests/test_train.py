@@ -28,7 +28,12 @@ def single_run(spark, small_dataset, tmp_path_factory):
 
 
 def test_writes_metrics_model_and_predictions(single_run):
-    assert sorted(p.name for p in single_run.iterdir()) == ["metrics.json", "model", "predictions.parquet"]
+    assert sorted(p.name for p in single_run.iterdir()) == [
+        "metrics.json",
+        "model",
+        "oof.parquet",
+        "predictions.parquet",
+    ]
     metrics = json.loads((single_run / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
     assert set(metrics["timings"]) == {"featurize_s", "fit_s", "evaluate_s", "total_s"}
@@ -124,6 +129,12 @@ def test_failure_keeps_the_previous_good_output(single_run, small_dataset, tmp_p
         (["--backbone", "AlexNet"], "unknown backbone 'AlexNet'"),
         (["--split", "random80"], "unknown split 'random80'"),
         (["--max-iter", "0"], "must be positive"),
+        (["--seeds", "9-0"], "invalid seed range '9-0'"),
+        (["--seeds", "0-9;x"], "invalid seeds '0-9;x'"),
+        (["--seeds", "3,3"], "seed 3 is given twice"),
+        (["--seeds", "0-500"], "more than 100 seeds"),
+        (["--seeds", "0-9", "--split", "official"], "--seeds repeats the random70 split"),
+        (["--stack-folds", "1"], "stack folds must be 0 (off) or 2..20"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(small_dataset, tmp_path, capsys, extra, message):

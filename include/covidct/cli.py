@@ -31,6 +31,23 @@ def _add_train(sub) -> None:
         "or several: official,random70 / both (features computed once)",
     )
     p.add_argument("--seed", type=int, default=42, help="seed of the random70 split (and of random weights)")
+    p.add_argument(
+        "--seeds",
+        help="also repeat random70 for these seeds from the same features, e.g. 0-9 or 1,5,20-24 "
+        "(written to OUT/random70-seeds/; the report shows mean, sd, min-max); empty: --seed only",
+    )
+    p.add_argument(
+        "--stack-folds",
+        type=int,
+        default=5,
+        help="folds of the out-of-fold training predictions the stacked ensemble is fitted on (0: none)",
+    )
+    p.add_argument(
+        "--stack-seeds",
+        action="store_true",
+        help="out-of-fold predictions for every seed of --seeds too (the stacked ensemble per seed; "
+        "folds x seeds more LR fits)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random), or a weights file")
     p.add_argument("--pooling", default="avg", choices=["avg", "flatten"])
@@ -77,6 +94,9 @@ def _cmd_train(args) -> int:
         reg_param=args.reg_param,
         elastic_net_param=args.elastic_net_param,
         cache_dir=None if args.cache == "off" else (args.cache_dir or default_cache_dir()),
+        seeds=args.seeds if args.seeds and args.seeds.strip() else None,
+        stack_folds=args.stack_folds,
+        stack_seeds=args.stack_seeds,
     )
     results = train(config)
     for split, m in results.items():
@@ -91,7 +111,12 @@ def _cmd_train(args) -> int:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify new images with a saved model")
-    p.add_argument("--model", required=True, type=Path, help="a model/ folder written by `covidct train`")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="a model/ folder written by `covidct train`, or RUN_DIR/ensemble written by `covidct ensemble`",
+    )
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images (recursive)")
     p.add_argument("--out", type=Path, help="write a CSV here (default: print)")
     p.set_defaults(func=_cmd_predict)
@@ -103,9 +128,36 @@ def _cmd_predict(args) -> int:
     rows = predict(args.model, args.images, args.out)
     if args.out is None:
         for r in rows:
-            print(f"{r['probability']:.4f}\t{'COVID' if r['prediction'] else 'non-COVID'}\t{r['path']}")
+            line = f"{r['probability']:.4f}\t{'COVID' if r['prediction'] else 'non-COVID'}\t{r['path']}"
+            if "members" in r:  # an ensemble: each backbone's probability beside the ensemble's
+                parts = [f"{b} {p:.4f}" for b, p in r["members"].items()] + [f"mean {r['mean']:.4f}"]
+                parts += [f"stacked {r['stacked']:.4f}"] if "stacked" in r else []
+                line += f"\t({r['method']}; {', '.join(parts)})"
+            print(line)
     else:
         print(f"wrote {len(rows)} predictions to {args.out}")
+    return 0
+
+
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser("ensemble", help="combine a run's backbones: mean and stacked ensembles, saved for predict")
+    p.add_argument("run_dir", type=Path, help="a run folder holding the backbones' results (*/metrics.json)")
+    p.add_argument("--out", type=Path, help="ensemble folder (default: RUN_DIR/ensemble)")
+    p.set_defaults(func=_cmd_ensemble)
+
+
+def _cmd_ensemble(args) -> int:
+    from covidct.ensemble import LABELS, build_ensemble
+
+    result = build_ensemble(args.run_dir, out=args.out)
+    for split, methods in result.splits.items():
+        for method, m in methods.items():
+            acc, auc = m["accuracy"], m["auc"]
+            print(f"{LABELS[method]} {split}: accuracy {acc:.4f}  auc {auc:.4f}  ({m['n_test']} test images)")
+    for method, runs in result.seeds.items():
+        acc = [r["accuracy"] for r in runs]
+        print(f"{LABELS[method]} random70 over {len(acc)} seeds: accuracy mean {sum(acc) / len(acc):.4f}")
+    print(f"wrote {result.out} ({'+'.join(result.members)}, models of the {result.model_split} split)")
     return 0
 
 
@@ -205,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidct", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_fetch, _add_validate, _add_train, _add_predict, _add_report, _add_cache):
+    for add in (_add_fetch, _add_validate, _add_train, _add_predict, _add_ensemble, _add_report, _add_cache):
         add(sub)
     return parser
 

@@ -115,6 +115,26 @@ def failures_from_states(states: dict[str, str | None], backbones: list[str]) ->
     return failures
 
 
+def build_run_ensemble(run_dir: str, backbones: list[str], states: dict[str, str | None]) -> str:
+    """Combine the run's successful backbones into ``RUN_DIR/ensemble`` (mean + stacked); returns its path.
+
+    Skipped when fewer than two chosen backbones succeeded; a user error fails without retries.
+    """
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from covidct.ensemble import build_ensemble
+
+    done = [b for b in backbones if states.get(train_task_id(b)) == "success"]
+    if len(done) < 2:
+        raise AirflowSkipException(f"an ensemble needs two or more backbones; succeeded: {done or 'none'}")
+    try:
+        result = build_ensemble(Path(run_dir))
+    except CovidctError as exc:
+        raise AirflowFailException(str(exc)) from exc
+    log.info("ensemble: %s (%s)", result.out, "+".join(result.members))
+    return str(result.out)
+
+
 def build_run_report(run_dir: str, backbones: list[str], states: dict[str, str | None]) -> str:
     """Compare the run's backbones, naming those that failed; returns the HTML report's path.
 

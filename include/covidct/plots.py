@@ -144,3 +144,49 @@ def calibration_figure(
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     _footnote(fig, missing)
     return _save(fig, path)
+
+
+@dataclass
+class SeedSeries:
+    """One model's figures over repeated random splits (one value per seed)."""
+
+    label: str
+    accuracy: np.ndarray
+    auc: np.ndarray
+    random_weights: bool = False
+    study_accuracy: float | None = None  # the study's figure to mark, where there is one
+
+    @property
+    def title(self) -> str:
+        return f"{self.label} {RANDOM_TAG}" if self.random_weights else self.label
+
+
+def seeds_figure(series: list[SeedSeries], path: Path, title: str) -> Path:
+    """Accuracy and AUC per seed: a box and the points (jittered) per model; the study's accuracy as a red diamond."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.75 * max(len(series), 2) + 1.2))
+    rng = np.random.default_rng(0)
+    positions = np.arange(len(series))[::-1]
+    for ax, metric, name in ((axes[0], "accuracy", "Accuracy"), (axes[1], "auc", "AUC")):
+        values = [np.asarray(getattr(s, metric), dtype=float) for s in series]
+        values = [v[np.isfinite(v)] for v in values]
+        ax.boxplot(values, positions=positions, vert=False, widths=0.5, whis=(0, 100), showfliers=False,
+                   medianprops={"color": "black"})  # fmt: skip
+        marked = False
+        for pos, v, s in zip(positions, values, series, strict=True):
+            jitter = rng.uniform(-0.12, 0.12, len(v))
+            ax.scatter(v, pos + jitter, s=18, alpha=0.75, color=RED if s.random_weights else "C0", zorder=3)
+            if metric == "accuracy" and s.study_accuracy is not None:
+                label = None if marked else "the study's accuracy"
+                ax.scatter([s.study_accuracy], [pos], marker="D", s=60, color=RED, zorder=4, label=label)
+                marked = True
+        ax.set_yticks(positions, [s.title for s in series])
+        for tick, s in zip(ax.get_yticklabels(), series, strict=True):
+            if s.random_weights:
+                tick.set_color(RED)
+        ax.set_xlabel(f"{name} per seed")
+        ax.grid(alpha=0.3, axis="x")
+        if marked:
+            ax.legend(loc="lower left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

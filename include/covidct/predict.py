@@ -1,4 +1,4 @@
-"""Classifying new images with a model folder written by ``covidct train``."""
+"""Classifying new images with a model folder written by ``covidct train`` or ``covidct ensemble``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
 from pyspark.ml import PipelineModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import functions as F
@@ -16,35 +17,97 @@ from covidct.session import get_spark
 from covidct.train import spark_errors
 
 
-def predict(model_dir: str | Path, images: str | Path, out_csv: str | Path | None = None) -> list[dict]:
-    """``path, probability (of COVID), prediction`` for every image file under ``images``."""
-    model_dir, images = Path(model_dir).expanduser(), Path(images).expanduser()
-    if not (model_dir / "metadata").is_dir():
-        raise CovidctError(f"{model_dir} is not a saved model (expected the model/ folder of a training run)")
-    if not images.exists():
-        raise CovidctError(f"{images} does not exist")
-    spark = get_spark("covidct-predict")
-    model = PipelineModel.load(model_dir.absolute().as_uri())
-    df = (
+def _images(spark, images: Path):
+    return (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
         .load(images.absolute().as_uri())
         .select("path", F.col("content").alias("image"))
     )
+
+
+def _probabilities(model_dir: Path, df) -> dict[str, float]:
+    """``{path: P(COVID)}`` from one saved PipelineModel."""
+    model = PipelineModel.load(model_dir.absolute().as_uri())
     with spark_errors():
-        rows = [
-            {"path": r.path, "probability": float(r.probability), "prediction": int(r.prediction)}
-            for r in model.transform(df)
-            .select("path", vector_to_array("probability")[1].alias("probability"), "prediction")
-            .orderBy("path")
-            .collect()
-        ]
+        rows = model.transform(df).select("path", vector_to_array("probability")[1].alias("p")).collect()
+    return {r.path: float(r.p) for r in rows}
+
+
+def predict(model_dir: str | Path, images: str | Path, out_csv: str | Path | None = None) -> list[dict]:
+    """``path, probability (of COVID), prediction`` for every image file under ``images``.
+
+    With an ensemble folder (``ensemble.json``) each row also has ``members`` (each backbone's
+    probability), ``mean`` and ``stacked`` (where a stacker was fitted) and ``method``: the
+    combination ``probability`` and ``prediction`` come from.
+    """
+    from covidct import ensemble
+
+    model_dir, images = Path(model_dir).expanduser(), Path(images).expanduser()
+    is_ensemble = (model_dir / ensemble.MANIFEST).is_file()
+    if not is_ensemble and not (model_dir / "metadata").is_dir():
+        raise CovidctError(
+            f"{model_dir} is not a saved model (expected the model/ folder of a training run or RUN_DIR/ensemble)"
+        )
+    if not images.exists():
+        raise CovidctError(f"{images} does not exist")
+    manifest = ensemble.load_manifest(model_dir) if is_ensemble else None
+    spark = get_spark("covidct-predict")
+    df = _images(spark, images).cache()
+    if manifest is None:
+        model = PipelineModel.load(model_dir.absolute().as_uri())
+        with spark_errors():
+            rows = [
+                {"path": r.path, "probability": float(r.probability), "prediction": int(r.prediction)}
+                for r in model.transform(df)
+                .select("path", vector_to_array("probability")[1].alias("probability"), "prediction")
+                .orderBy("path")
+                .collect()
+            ]
+    else:
+        rows = _predict_ensemble(model_dir, manifest, df)
+    df.unpersist()
     if not rows:
         raise CovidctError(f"no image files under {images}")
     if out_csv is not None:
-        lines = [["path", "probability_covid", "prediction"]]
-        lines += [[r["path"], f"{r['probability']:.6f}", "COVID" if r["prediction"] else "non-COVID"] for r in rows]
-        buf = io.StringIO()
-        csv.writer(buf).writerows(lines)
-        write_text_atomic(out_csv, buf.getvalue())
+        write_text_atomic(out_csv, _csv(rows, manifest))
     return rows
+
+
+def _predict_ensemble(model_dir: Path, manifest: dict, df) -> list[dict]:
+    from covidct.ensemble import MEAN, STACKED, Stacker
+
+    names = [m["backbone"] for m in manifest["members"]]
+    member = {m["backbone"]: _probabilities(model_dir / m["model"], df) for m in manifest["members"]}
+    stacker = Stacker.from_json(manifest["stacker"]) if manifest.get("stacker") else None
+    threshold = float(manifest.get("threshold", 0.5))
+    rows = []
+    for path in sorted(member[names[0]]):
+        probs = {b: member[b][path] for b in names}
+        row = {"path": path, "members": probs, MEAN: float(np.mean(list(probs.values())))}
+        if stacker is not None:
+            row[STACKED] = float(stacker.predict(np.array([[probs[b] for b in stacker.members]]))[0])
+        row["method"] = manifest["method"]
+        row["probability"] = row[manifest["method"]]
+        row["prediction"] = int(row["probability"] > threshold)
+        rows.append(row)
+    return rows
+
+
+def _csv(rows: list[dict], manifest: dict | None) -> str:
+    label = {1: "COVID", 0: "non-COVID"}
+    if manifest is None:
+        lines = [["path", "probability_covid", "prediction"]]
+        lines += [[r["path"], f"{r['probability']:.6f}", label[r["prediction"]]] for r in rows]
+    else:
+        names = [m["backbone"] for m in manifest["members"]]
+        stacked = any("stacked" in r for r in rows)
+        header = ["path", "probability_covid", "prediction", "method"] + [f"probability_{b}" for b in names]
+        lines = [header + ["probability_mean"] + (["probability_stacked"] if stacked else [])]
+        for r in rows:
+            line = [r["path"], f"{r['probability']:.6f}", label[r["prediction"]], r["method"]]
+            line += [f"{r['members'][b]:.6f}" for b in names] + [f"{r['mean']:.6f}"]
+            lines.append(line + ([f"{r['stacked']:.6f}"] if stacked else []))
+    buf = io.StringIO()
+    csv.writer(buf).writerows(lines)
+    return buf.getvalue()

@@ -8,17 +8,25 @@
     report.md     the same tables; figures are the PNG files beside it
     summary.json  the table data, for programs
     roc_<split>.png  confusion_<split>.png  calibration_<split>.png
+    seeds_random70.png   (where the run repeated random70 over several seeds)
 
 The figures in the tables are metrics.json's (Spark's evaluators); the 95 % intervals
 come from a seeded percentile bootstrap over the test predictions (``covidct.stats``),
 resampling patients rather than images on the ``official`` split. Backbones that were
 expected but have no results, or whose task failed, are named as failed. Runs with
 random weights are flagged in red, in words, wherever they appear.
+
+The ensembles (``covidct.ensemble``, ``RUN_DIR/ensemble/<split>/{mean,stacked}/``) are found
+like backbones and get the same rows, intervals, McNemar tests and curves. Repeated random70
+splits (``seeds.json`` from ``covidct train --seeds``) get their own table: per model the
+mean ± sd and min–max of accuracy and AUC over the seeds, and where the study's accuracy falls
+in that distribution, with a box/strip plot.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import itertools
 import json
@@ -30,8 +38,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 
 from covidct import plots, stats
 from covidct.atomic import atomic_dir
@@ -70,7 +80,10 @@ FIGURE_TITLES = {"roc": "ROC curves", "confusion": "Confusion matrices", "calibr
 RANDOM_WARNING = "RANDOM WEIGHTS — not a meaningful result"
 MD_RANDOM = "**⚠ RANDOM WEIGHTS**"
 HTML_NAME, MARKDOWN_NAME, SUMMARY_NAME = "report.html", "report.md", "summary.json"
-_SKIP_DIRS = {"model", "predictions.parquet"}
+SEEDS_NAME = "seeds.json"
+#: What an ensemble is held against: the study's best figure (VGG16's 85.65 %).
+STUDY_BEST = "VGG16"
+_SKIP_DIRS = {"model", "predictions.parquet", "members"}
 _PREDICTION_COLUMNS = {"relpath", "label", "probability", "prediction"}
 
 
@@ -115,6 +128,40 @@ class SplitResult:
 
 
 @dataclass
+class Repeat:
+    """One model's random70 results over several seeds (a seeds.json)."""
+
+    label: str
+    backbone: str
+    split: str
+    seeds: list[int]
+    accuracy: np.ndarray
+    auc: np.ndarray
+    random_weights: bool
+    source: Path
+    study_name: str | None  # whose figure of the study it is compared with
+    study_accuracy: float | None
+
+    def describe(self, name: str) -> dict:
+        values = np.asarray(getattr(self, name), dtype=float)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
+        sd = float(values.std(ddof=1)) if len(values) > 1 else None
+        return {"n": int(len(values)), "mean": float(values.mean()), "sd": sd,
+                "min": float(values.min()), "max": float(values.max())}  # fmt: skip
+
+    @property
+    def study_percentile(self) -> float | None:
+        """Percent of our seeds below the study's accuracy (ties count half)."""
+        if self.study_accuracy is None or not len(self.accuracy):
+            return None
+        from scipy.stats import percentileofscore
+
+        return float(percentileofscore(self.accuracy, self.study_accuracy, kind="mean"))
+
+
+@dataclass
 class Report:
     out: Path
     html: Path
@@ -126,6 +173,7 @@ class Report:
     random_weights: list[str]  # "Xception (official)", ...
     notes: list[str]
     summary: dict  # what summary.json holds
+    repeats: list[Repeat] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -197,6 +245,48 @@ def find_metrics(run_dirs: list[Path], skip: Path | None = None) -> list[Path]:
             if "metrics.json" in filenames:
                 found[(here / "metrics.json").resolve()] = None
     return list(found)
+
+
+def find_seeds(run_dirs: list[Path], skip: Path | None = None) -> list[Path]:
+    """Every seeds.json (random70 repeated over seeds) under the run folders."""
+    found: dict[Path, None] = {}
+    for root in run_dirs:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            continue
+        for folder, dirnames, filenames in os.walk(root):
+            here = Path(folder)
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if not d.startswith(".") and d not in _SKIP_DIRS and (skip is None or (here / d).resolve() != skip)
+            )
+            if SEEDS_NAME in filenames:
+                found[(here / SEEDS_NAME).resolve()] = None
+    return list(found)
+
+
+def load_repeat(path: Path, notes: list[str]) -> Repeat | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        runs = data["runs"]
+        backbone = canonical_backbone(data["backbone"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        notes.append(f"{path} could not be read ({exc}); it is left out.")
+        return None
+    study_name = backbone if backbone in PAPER else (STUDY_BEST if data.get("ensemble") else None)
+    return Repeat(
+        label=backbone,
+        backbone=backbone,
+        split=str(data.get("split", "random70")),
+        seeds=[int(r["seed"]) for r in runs],
+        accuracy=np.array([_number(r.get("accuracy")) for r in runs], dtype=float),
+        auc=np.array([_number(r.get("auc")) for r in runs], dtype=float),
+        random_weights=bool(data.get("random_weights")),
+        source=path,
+        study_name=study_name,
+        study_accuracy=PAPER[study_name]["accuracy"] if study_name else None,
+    )
 
 
 def read_predictions(folder: Path) -> pd.DataFrame:
@@ -379,6 +469,8 @@ def _weights_text(entry: Entry) -> str:
 def _timing_rows(entries: list[Entry]) -> list[dict]:
     rows = []
     for e in sorted(entries, key=lambda e: (_backbone_order(e.backbone), e.label, _split_order(e.split))):
+        if e.metrics.get("ensemble"):
+            continue  # no job of its own: it combines the backbones' predictions
         t = e.metrics.get("timings") or {}
         paper = PAPER.get(e.backbone, {})
         rows.append(
@@ -399,7 +491,7 @@ def _timing_rows(entries: list[Entry]) -> list[dict]:
     return rows
 
 
-def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int) -> list[str]:
+def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int, repeats: list[Repeat] = ()) -> list[str]:
     notes = [
         f"Study: {PAPER_CITATION}. It reported accuracy on one random 70/30 image-level split "
         f"({PAPER_TEST_IMAGES} test images); that protocol is our random70 split. Images of one patient can "
@@ -426,6 +518,23 @@ def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int) -> list[
         "featurizes all images once (or reads them from the feature cache) for all its splits: compare the "
         "study's fit + evaluation with featurize_s + fit_s + evaluate_s, or with the job's total_s.",
     ]
+    if any(e.metrics.get("ensemble") for split in splits.values() for e in split.entries):
+        notes.append(
+            "Ensemble: the mean of the backbones' probabilities of COVID on the same test images, COVID above 0.5; "
+            "the product's model (covidct predict --model RUN_DIR/ensemble). Ensemble (stacked): a logistic "
+            "regression on the backbones' probabilities, fitted only on out-of-fold predictions of the training "
+            "images (each predicted by an LR fitted without its fold; whole patients per fold on official), never "
+            "on a test image. The product uses the mean: it fits nothing, so it cannot overfit the few hundred "
+            "training images, and the stack did not do better (compare the two rows). The ensembles' figures are "
+            "scikit-learn's on their predictions (the same definitions as Spark's evaluators)."
+        )
+    if repeats:
+        notes.append(
+            "Repeated splits: random70 refitted once per seed from the same features (featurized once), each "
+            "seed a different 70/30 image-level split. sd is the sample standard deviation over seeds; the "
+            "percentile is the share of our seeds whose accuracy is below the study's figure (ties count half). "
+            "The ensembles are held against the study's best figure (VGG16, 85.65 %)."
+        )
     for split in splits.values():
         for e in split.entries:
             for problem in e.problems:
@@ -461,240 +570,115 @@ def _figures(split: SplitResult, folder: Path) -> dict[str, Path]:
     }
 
 
-# --------------------------------------------------------------------------- HTML
-
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1300px;color:#222;
- padding:0 1em;line-height:1.4}
-h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:2px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0 1em;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.3em .5em;text-align:right;vertical-align:top}
-th{background:#f2f2f2}td.name,th.name{text-align:left}
-.ci{display:block;color:#666;font-size:.85em;white-space:nowrap}
-.remark{display:block;font-size:.8em;color:#555}
-.banner{background:#b00020;color:#fff;padding:.8em 1em;font-weight:bold;margin:1em 0;border-radius:4px}
-.failbox{border:2px solid #b00020;color:#b00020;padding:.6em 1em;margin:1em 0;border-radius:4px}
-tr.random td{background:#fde7ea;color:#b00020}
-.rw{color:#b00020;font-weight:bold;display:block;font-size:.85em}
-tr.failed td{background:#fff4e5;color:#8a3b00;font-weight:bold}
-.figs img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
-.muted{color:#666;font-size:.9em}
-"""
+def _seeds_figure(repeats: list[Repeat], folder: Path) -> Path | None:
+    if not repeats:
+        return None
+    series = [plots.SeedSeries(r.label, r.accuracy, r.auc, r.random_weights, r.study_accuracy) for r in repeats]
+    seeds = sorted({s for r in repeats for s in r.seeds})
+    title = f"random70 over {len(seeds)} seeds ({_seed_ranges(seeds)})"
+    return plots.seeds_figure(series, folder / "seeds_random70.png", title)
 
 
-def _h(text) -> str:
-    return html.escape(str(text))
+def _repeat_summary(r: Repeat) -> dict:
+    return {
+        "label": r.label,
+        "backbone": r.backbone,
+        "split": r.split,
+        "seeds": r.seeds,
+        "random_weights": r.random_weights,
+        "accuracy": {**r.describe("accuracy"), "values": r.accuracy.tolist()},
+        "auc": {**r.describe("auc"), "values": r.auc.tolist()},
+        "study": r.study_name,
+        "study_accuracy": r.study_accuracy,
+        "study_percentile": r.study_percentile,
+        "source": str(r.source),
+    }
 
 
-def _tr(random: bool) -> str:
-    return '<tr class="random">' if random else "<tr>"
-
-
-def _html_name_cell(label: str, random: bool) -> str:
-    extra = f'<span class="rw">{_h(RANDOM_WARNING)}</span>' if random else ""
-    return f'<td class="name">{_h(label)}{extra}</td>'
-
-
-def _html_metrics_table(split: SplitResult) -> str:
-    head = ['<th class="name">Backbone</th>', '<th class="name">Weights</th>', "<th>Test images</th>"]
-    for key, title, percent in COLUMNS:
-        head.append(f"<th>{_h(title)}{' %' if percent else ''}<span class='ci'>95 % CI</span></th>")
-        if key == "accuracy":
-            head.append("<th>Study's accuracy %<span class='ci'>(correct/test)</span></th>")
-    lines = ["<table>", "<tr>" + "".join(head) + "</tr>"]
-    for e in split.entries:
-        cells = [_html_name_cell(e.label, e.random_weights), f'<td class="name">{_h(_weights_text(e))}</td>']
-        cells.append(f"<td>{_h(e.metrics.get('n_test', '—'))}</td>")
-        for key, _title, percent in COLUMNS:
-            ci = _fmt_ci(e.interval(key), percent)
-            cells.append(f"<td>{_fmt(e.value(key), percent)}<span class='ci'>{_h(ci)}</span></td>")
-            if key == "accuracy":
-                figure, remark = _paper_cell(e)
-                remark_html = f"<span class='remark'>{_h(remark)}</span>" if remark else ""
-                cells.append(f"<td>{_h(figure)}{remark_html}</td>")
-        lines.append(_tr(e.random_weights) + "".join(cells) + "</tr>")
-    span = len(head) - 1
-    for backbone, reason in split.failed.items():
-        lines.append(
-            f'<tr class="failed"><td class="name">{_h(backbone)}</td>'
-            f'<td class="name" colspan="{span}">{_h(f"{backbone}: failed — {reason}")}</td></tr>'
-        )
-    lines.append("</table>")
-    return "\n".join(lines)
-
-
-def _html_mcnemar(split: SplitResult) -> str:
-    if not split.mcnemar:
-        return "<p class='muted'>McNemar: fewer than two backbones with predictions on this split.</p>"
-    lines = [
-        "<table>",
-        "<tr><th class='name'>A</th><th class='name'>B</th><th>Test images</th><th>b (only A right)</th>"
-        "<th>c (only B right)</th><th>p (exact)</th></tr>",
-    ]
-    for row in split.mcnemar:
-        random = row["a_random_weights"] or row["b_random_weights"]
-        names = _html_name_cell(row["backbone_a"], row["a_random_weights"])
-        names += _html_name_cell(row["backbone_b"], row["b_random_weights"])
-        if row["tested"]:
-            cells = f"<td>{row['n']}</td><td>{row['b']}</td><td>{row['c']}</td><td>{_fmt_p(row['pvalue'])}</td>"
+def _seed_ranges(seeds) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
+    seeds, parts = sorted(seeds), []
+    for s in seeds:
+        if parts and s == parts[-1][1] + 1:
+            parts[-1][1] = s
         else:
-            cells = f"<td class='name' colspan='4'>{_h(row['reason'])}</td>"
-        lines.append(_tr(random) + f"{names}{cells}</tr>")
-    lines.append("</table>")
-    return "\n".join(lines)
+            parts.append([s, s])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)
 
 
-def _html_timings(rows: list[dict]) -> str:
-    lines = [
-        "<table>",
-        "<tr><th class='name'>Backbone</th><th class='name'>Split</th><th>Featurize s</th><th>Fit s</th>"
-        "<th>Evaluate s</th><th>Job total s</th><th class='name'>Feature cache</th><th>Study fit min</th>"
-        "<th>Study evaluate min</th></tr>",
-    ]
-    for r in rows:
-        study = [r["paper_fit_min"], r["paper_evaluate_min"]]
-        cells = [
-            _html_name_cell(r["backbone"], r["random_weights"]),
-            f"<td class='name'>{_h(r['split'])}</td>",
-            *(f"<td>{_seconds(r[k])}</td>" for k in ("featurize_s", "fit_s", "evaluate_s", "total_s")),
-            f"<td class='name'>{_h(r['cache_text'])}</td>",
-            *(f"<td>{'—' if v is None else v}</td>" for v in study),
-        ]
-        lines.append(_tr(r["random_weights"]) + "".join(cells) + "</tr>")
-    lines.append("</table>")
-    return "\n".join(lines)
+def _mean_sd(described: dict, percent: bool) -> str:
+    if described.get("mean") is None:
+        return "—"
+    sd = described.get("sd")
+    return _fmt(described["mean"], percent) + ("" if sd is None else f" ± {_fmt(sd, percent)}")
 
 
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+def _min_max(described: dict, percent: bool) -> str:
+    if described.get("min") is None:
+        return "—"
+    return f"{_fmt(described['min'], percent)}–{_fmt(described['max'], percent)}"
 
 
-def render_html(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
-    parts = [
-        "<!DOCTYPE html>",
-        "<html lang='en'><head><meta charset='utf-8'><title>COVID-CT backbone comparison</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>COVID-CT backbone comparison</h1>",
-        f"<p class='muted'>Generated {_h(data['generated_at'])} from {_h(', '.join(data['run_dirs']))}</p>",
-    ]
-    if data["random_weights"]:
-        parts.append(
-            f"<div class='banner'>⚠ {_h(RANDOM_WARNING)}: {_h(', '.join(data['random_weights']))} used untrained "
-            "(random) weights (weights=none). Their figures only test the pipeline.</div>"
-        )
-    if data["failures"]:
-        items = "".join(f"<li>{_h(f'{b}: failed — {r}')}</li>" for b, r in data["failures"].items())
-        parts.append(f"<div class='failbox'><b>Failed backbones</b><ul>{items}</ul></div>")
-    parts.append(
-        f"<p>Compared with {_h(PAPER_CITATION)}: accuracy 85.65 % (VGG16), 84.26 % (VGG19), 82.87 % (Xception) "
-        f"on {PAPER_TEST_IMAGES} test images of a random 70/30 split.</p>"
-    )
-    for split in splits.values():
-        parts.append(f"<h2>{_h(SPLIT_TITLES.get(split.split, split.split))}</h2>")
-        parts.append(_html_metrics_table(split))
-        parts.append("<h3>McNemar tests</h3>")
-        parts.append(_html_mcnemar(split))
-        parts.append("<div class='figs'>")
-        for kind, path in split.images.items():
-            title = FIGURE_TITLES.get(kind, kind)
-            alt = f"{title}, {split.split} split"
-            parts.append(f"<h3>{_h(title)}</h3><img alt='{_h(alt)}' src='{_data_uri(path)}'>")
-        parts.append("</div>")
-    parts.append("<h2>Timings and feature cache</h2>")
-    parts.append(_html_timings(timings))
-    parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_h(n)}</li>" for n in notes) + "</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+# --------------------------------------------------------------------------- rendering
+# Presentation lives in templates/ (Jinja2): report.html.j2 (autoescaped) and report.md.j2.
+
+TEMPLATES = "templates"
 
 
-# --------------------------------------------------------------------------- Markdown
+def _html_escape(value):
+    """Every ``{{ }}`` of the HTML template is escaped as html.escape does (markup from macros passes)."""
+    return value if hasattr(value, "__html__") else Markup(html.escape(str(value)))
 
 
 def _md(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_name(label: str, random: bool) -> str:
-    return f"{_md(label)} {MD_RANDOM} — not a meaningful result" if random else _md(label)
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+@functools.cache
+def _environment(kind: str) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("covidct", TEMPLATES),
+        autoescape=kind == "html",
+        finalize=_html_escape if kind == "html" else None,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(fmt=_fmt, fmt_ci=_fmt_ci, fmt_p=_fmt_p, seconds=_seconds, md=_md, data_uri=_data_uri,
+                       seed_ranges=_seed_ranges, mean_sd=_mean_sd, min_max=_min_max)  # fmt: skip
+    env.globals.update(
+        columns=COLUMNS,
+        split_titles=SPLIT_TITLES,
+        figure_titles=FIGURE_TITLES,
+        paper_citation=PAPER_CITATION,
+        paper_test_images=PAPER_TEST_IMAGES,
+        random_warning=RANDOM_WARNING,
+        md_random=MD_RANDOM,
+        paper_cell=_paper_cell,
+        weights_text=_weights_text,
+    )
+    return env
 
 
-def render_markdown(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str]) -> str:
-    lines = ["# COVID-CT backbone comparison", ""]
-    if data["random_weights"]:
-        lines += [
-            f"> {MD_RANDOM} — not a meaningful result: {', '.join(data['random_weights'])} used untrained "
-            "(random) weights (weights=none). Their figures only test the pipeline.",
-            "",
-        ]
-    if data["failures"]:
-        lines += ["**Failed backbones:**", ""] + [f"- {b}: failed — {r}" for b, r in data["failures"].items()] + [""]
-    lines += [
-        f"Generated {data['generated_at']} from {', '.join(data['run_dirs'])}.",
-        "",
-        f"Compared with {PAPER_CITATION}: accuracy 85.65 % (VGG16), 84.26 % (VGG19), 82.87 % (Xception) on "
-        f"{PAPER_TEST_IMAGES} test images of a random 70/30 split.",
-        "",
-    ]
-    for split in splits.values():
-        lines += [f"## {SPLIT_TITLES.get(split.split, split.split)}", ""]
-        header = ["Backbone", "Weights", "Test images"]
-        for key, title, percent in COLUMNS:
-            header.append(f"{title}{' %' if percent else ''} [95 % CI]")
-            if key == "accuracy":
-                header.append("Study's accuracy %")
-        rows = []
-        for e in split.entries:
-            row = [_md_name(e.label, e.random_weights), _md(_weights_text(e)), str(e.metrics.get("n_test", "—"))]
-            for key, _title, percent in COLUMNS:
-                row.append(f"{_fmt(e.value(key), percent)} {_fmt_ci(e.interval(key), percent)}")
-                if key == "accuracy":
-                    figure, remark = _paper_cell(e)
-                    row.append(f"{figure} ({remark})" if remark else figure)
-            rows.append(row)
-        for backbone, reason in split.failed.items():
-            rows.append(
-                [f"**{_md(backbone)}**", f"**{_md(f'{backbone}: failed — {reason}')}**"] + [""] * (len(header) - 2)
-            )
-        lines += _md_table(header, rows) + ["", "### McNemar tests", ""]
-        if split.mcnemar:
-            mc_rows = []
-            for r in split.mcnemar:
-                names = [
-                    _md_name(r["backbone_a"], r["a_random_weights"]),
-                    _md_name(r["backbone_b"], r["b_random_weights"]),
-                ]
-                if r["tested"]:
-                    mc_rows.append(names + [str(r["n"]), str(r["b"]), str(r["c"]), _fmt_p(r["pvalue"])])
-                else:
-                    mc_rows.append(names + [_md(r["reason"]), "", "", ""])
-            lines += _md_table(["A", "B", "Test images", "b (only A right)", "c (only B right)", "p (exact)"], mc_rows)
-        else:
-            lines.append("Fewer than two backbones with predictions on this split.")
-        lines.append("")
-        for kind, path in split.images.items():
-            lines += [f"![{FIGURE_TITLES.get(kind, kind)}, {split.split} split]({path.name})", ""]
-    lines += ["## Timings and feature cache", ""]
-    timing_rows = []
-    for r in timings:
-        timing_rows.append(
-            [_md_name(r["backbone"], r["random_weights"]), r["split"]]
-            + [_seconds(r[k]) for k in ("featurize_s", "fit_s", "evaluate_s", "total_s")]
-            + [_md(r["cache_text"])]
-            + ["—" if r[k] is None else str(r[k]) for k in ("paper_fit_min", "paper_evaluate_min")]
-        )
-    lines += _md_table(
-        ["Backbone", "Split", "Featurize s", "Fit s", "Evaluate s", "Job total s", "Feature cache", "Study fit min",
-         "Study evaluate min"],
-        timing_rows,
-    )  # fmt: skip
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+def _render(template: str, data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str],
+            repeats: list[Repeat] | None = None, seeds_image: Path | None = None) -> str:  # fmt: skip
+    kind = "html" if template.endswith(".html.j2") else "md"
+    context = {"data": data, "splits": list(splits.values()), "timings": timings, "notes": notes,
+               "repeats": repeats or [], "seeds_image": seeds_image}  # fmt: skip
+    return _environment(kind).get_template(template).render(context)
+
+
+def render_html(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str], **extra) -> str:
+    return _render("report.html.j2", data, splits, timings, notes, **extra)
+
+
+def render_markdown(data: dict, splits: dict[str, SplitResult], timings: list[dict], notes: list[str], **extra) -> str:
+    return _render("report.md.j2", data, splits, timings, notes, **extra)
 
 
 # --------------------------------------------------------------------------- summary.json
@@ -819,7 +803,7 @@ def build_report(
     entries.sort(key=lambda e: (_split_order(e.split), _backbone_order(e.backbone), e.label))
 
     failures = {canonical_backbone(b): str(r) for b, r in (failures or {}).items()}
-    found = {e.backbone for e in entries}
+    found = {e.backbone for e in entries if not e.metrics.get("ensemble")}  # ensembles are never "failed"
     known = list(dict.fromkeys([canonical_backbone(b) for b in expected_backbones or []] + list(failures)))
     known += sorted(found - set(known), key=_backbone_order)
     overall_failures = dict(failures)
@@ -840,24 +824,36 @@ def build_report(
             _bootstrap(e, n_resamples, seed)
         splits[name] = SplitResult(name, members, failed, compare_pairs(members), {})
 
+    repeats = [r for r in (load_repeat(p, problems) for p in find_seeds(run_dirs, skip=out.resolve())) if r]
+    repeats.sort(key=lambda r: (_split_order(r.split), _backbone_order(r.backbone), str(r.source)))
+    labels = [r.label for r in repeats]
+    for r in repeats:
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} ({r.source.parent})"
+
     random_weights = [f"{e.label} ({e.split})" for e in entries if e.random_weights]
     for item in random_weights:
         log.warning("RANDOM WEIGHTS in the report: %s", item)
     timings = _timing_rows(entries)
-    notes = _notes(splits, n_resamples, seed) + problems
+    notes = _notes(splits, n_resamples, seed, repeats) + problems
 
     with atomic_dir(out, what="report") as staging:
         for split in splits.values():
             log.info("plotting %s", split.split)
             split.images = _figures(split, staging)
+        seeds_image = _seeds_figure(repeats, staging)
         data = _summary(run_dirs, splits, overall_failures, random_weights, timings, notes, n_resamples, seed)
+        data["repeats"] = _jsonable([_repeat_summary(r) for r in repeats])
+        data["repeats_image"] = seeds_image.name if seeds_image else None
         (staging / SUMMARY_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (staging / HTML_NAME).write_text(render_html(data, splits, timings, notes), encoding="utf-8")
-        (staging / MARKDOWN_NAME).write_text(render_markdown(data, splits, timings, notes), encoding="utf-8")
+        extra = {"repeats": repeats, "seeds_image": seeds_image}
+        (staging / HTML_NAME).write_text(render_html(data, splits, timings, notes, **extra), encoding="utf-8")
+        (staging / MARKDOWN_NAME).write_text(render_markdown(data, splits, timings, notes, **extra), encoding="utf-8")
     out = out.absolute()
     for split in splits.values():
         split.images = {kind: out / path.name for kind, path in split.images.items()}
     images = [p for s in splits.values() for p in s.images.values()]
+    images += [out / seeds_image.name] if seeds_image else []
     log.info("wrote report %s (%d backbones, %d splits)", out, len(found), len(splits))
     return Report(
         out=out,
@@ -870,4 +866,5 @@ def build_report(
         random_weights=random_weights,
         notes=notes,
         summary=data,
+        repeats=repeats,
     )

@@ -7,6 +7,13 @@ failed run leaves no partial ``OUT``. With one split::
 
 With several splits (``--split official,random70``) each gets ``OUT/<split>/`` with the
 same three entries; the features are computed (or read from the cache) once for all.
+
+Beside each ``predictions.parquet``, ``oof.parquet`` holds out-of-fold predictions on the
+training images (k-fold LR fits inside the train part, whole patients per fold on
+``official``): what the stacked ensemble (``covidct.ensemble``) is fitted on, so that it
+never sees a test image. ``--seeds`` repeats the random70 protocol per seed from the same
+features into ``OUT/random70-seeds/`` (``seeds.json``: metrics per seed; ``predictions.parquet``
+with a ``seed`` column, and ``oof.parquet`` with ``--stack-seeds``; no models).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+import pandas as pd
 from pyspark import StorageLevel
 from pyspark.ml import PipelineModel
 from pyspark.ml.classification import LogisticRegression
@@ -28,6 +36,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from covidct import split as splitlib
+from covidct import stats
 from covidct.atomic import atomic_dir
 from covidct.backbone import POOLINGS, PRECISIONS, get_backbone, is_random, normalize_weights, weights_identity
 from covidct.cache import CacheKey, FeatureCache
@@ -38,6 +47,12 @@ from covidct.featurizer import DeepImageFeaturizer
 from covidct.session import get_spark, progress
 
 log = logging.getLogger(__name__)
+
+#: Folds of the out-of-fold training predictions the stacked ensemble is fitted on.
+STACK_FOLDS = 5
+#: Partitions of the small DataFrames the repeated LR fits (seeds, folds) run on.
+FIT_PARTITIONS = 2
+SEEDS_DIR = "random70-seeds"
 
 
 @dataclass
@@ -55,12 +70,21 @@ class TrainConfig:
     reg_param: float = 0.05
     elastic_net_param: float = 0.3
     cache_dir: Path | None = None  # None: no feature cache
+    seeds: list[int] | None = None  # random70 repeated per seed (features reused); None: only ``seed``
+    stack_folds: int = STACK_FOLDS  # out-of-fold predictions for the stacked ensemble; 0: none
+    stack_seeds: bool = False  # also per seed (folds x seeds more LR fits): the stacked ensemble over seeds
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
         self.out = Path(self.out).expanduser()
         self.backbone = get_backbone(self.backbone).name
         self.splits = splitlib.parse_splits(self.splits)
+        if self.seeds is not None:
+            self.seeds = splitlib.parse_seeds(self.seeds)
+            if "random70" not in self.splits:
+                raise CovidctError("--seeds repeats the random70 split: add random70 to the splits")
+        if self.stack_folds == 1 or not 0 <= self.stack_folds <= 20:
+            raise CovidctError("stack folds must be 0 (off) or 2..20")
         self.weights = normalize_weights(self.weights)
         self.pooling = str(self.pooling).lower()
         if self.pooling not in POOLINGS:
@@ -182,6 +206,9 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
             metrics.update(shared)
             metrics["timings"] = {"featurize_s": round(featurize_s, 3), **metrics["timings"]}
             results[split] = metrics
+        if config.seeds:
+            with progress(spark, f"{backbone.name}: random70 over {len(config.seeds)} seeds"):
+                repeat_seeds(config, data, staging / SEEDS_DIR, {**shared, "featurize_s": round(featurize_s, 3)})
         total_s = time.monotonic() - started
         for split, metrics in results.items():
             metrics["timings"]["total_s"] = round(total_s, 3)
@@ -193,21 +220,97 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
     return results
 
 
-def fit_and_evaluate(
-    config: TrainConfig, split: str, data: DataFrame, featurizer: DeepImageFeaturizer, target: Path, weights_id: str
-) -> dict:
-    """Fit LR on the split's train part, evaluate its test part, save model + predictions."""
-    assigned = splitlib.assign(data, split, config.seed, config.data_dir)
-    train_df = assigned.filter("split = 'train'").persist()
-    test_df = assigned.filter("split = 'test'").persist()
-    n_train, n_test = train_df.count(), test_df.count()
-    lr = LogisticRegression(
+def _lr(config: TrainConfig) -> LogisticRegression:
+    return LogisticRegression(
         maxIter=config.max_iter,
         regParam=config.reg_param,
         elasticNetParam=config.elastic_net_param,
         labelCol="label",
         featuresCol="features",
     )
+
+
+def out_of_fold(config: TrainConfig, split: str, seed: int, train_df: DataFrame) -> pd.DataFrame:
+    """``relpath, label, probability, fold``: each training image predicted by an LR fitted without its fold.
+
+    Only training images take part: the stacked ensemble fitted on these never sees a test image.
+    Folds hold whole patients on ``official`` (as its test split does), single images on random70.
+    """
+    relpaths = [r.relpath for r in train_df.select("relpath").collect()]
+    folds = splitlib.kfold(relpaths, config.stack_folds, seed, grouped=split == "official")
+    table = train_df.sparkSession.createDataFrame(sorted(folds.items()), "relpath string, fold int")
+    # Few partitions: each LR iteration is one Spark job, and these are a few hundred rows.
+    df = train_df.join(table, "relpath").coalesce(FIT_PARTITIONS).persist()
+    frames = []
+    for k in range(config.stack_folds):
+        model = _lr(config).fit(df.filter(F.col("fold") != k))
+        held_out = model.transform(df.filter(F.col("fold") == k))
+        frames.append(covid_probability(held_out).select("relpath", "label", "probability").toPandas().assign(fold=k))
+    df.unpersist()
+    return pd.concat(frames, ignore_index=True).sort_values("relpath", kind="stable").reset_index(drop=True)
+
+
+def repeat_seeds(config: TrainConfig, data: DataFrame, target: Path, shared: dict) -> list[dict]:
+    """random70 once per seed of ``config.seeds`` from the same features: metrics and predictions, no models.
+
+    Metrics are scikit-learn's on the collected predictions (the definitions Spark's evaluators
+    use; the report checks they agree on the main split).
+    """
+    target.mkdir(parents=True)
+    rows, predictions, oofs = [], [], []
+    data = data.coalesce(FIT_PARTITIONS).persist()  # see out_of_fold
+    for seed in config.seeds:
+        t0 = time.monotonic()
+        assigned = splitlib.assign(data, "random70", seed, config.data_dir)
+        train_df = assigned.filter("split = 'train'").persist()
+        test_df = assigned.filter("split = 'test'")
+        model = _lr(config).fit(train_df)
+        frame = covid_probability(model.transform(test_df)).toPandas()
+        frame = frame.sort_values("relpath", kind="stable").reset_index(drop=True)
+        fit_s = time.monotonic() - t0
+        if config.stack_folds and config.stack_seeds:
+            oofs.append(out_of_fold(config, "random70", seed, train_df).assign(seed=seed))
+        n_train = train_df.count()
+        train_df.unpersist()
+        y, pred = frame["label"].to_numpy(), frame["prediction"].to_numpy()
+        metrics = stats.reference_metrics(y, pred, frame["probability"].to_numpy())
+        confusion = {
+            "tp": int(((y == 1) & (pred == 1)).sum()),
+            "fp": int(((y == 0) & (pred == 1)).sum()),
+            "tn": int(((y == 0) & (pred == 0)).sum()),
+            "fn": int(((y == 1) & (pred == 0)).sum()),
+        }
+        rows.append({"seed": seed, "n_train": n_train, "n_test": len(frame), **metrics, "confusion": confusion,
+                     "timings": {"fit_s": round(fit_s, 3), "total_s": round(time.monotonic() - t0, 3)}})  # fmt: skip
+        predictions.append(frame.assign(seed=seed))
+        log.info("%s random70 seed %d: accuracy %.4f, auc %.4f (%.1f s)", config.backbone, seed,
+                 metrics["accuracy"], metrics["auc"] or float("nan"), time.monotonic() - t0)  # fmt: skip
+    data.unpersist()
+    pd.concat(predictions, ignore_index=True).to_parquet(target / "predictions.parquet", index=False)
+    if oofs:
+        pd.concat(oofs, ignore_index=True).to_parquet(target / "oof.parquet", index=False)
+    summary = {
+        "split": "random70",
+        "seeds": config.seeds,
+        "main_seed": config.seed,
+        "stack_folds": config.stack_folds if config.stack_seeds else 0,
+        "lr": {"maxIter": config.max_iter, "regParam": config.reg_param, "elasticNetParam": config.elastic_net_param},
+        **shared,
+        "runs": rows,
+    }
+    (target / "seeds.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return rows
+
+
+def fit_and_evaluate(
+    config: TrainConfig, split: str, data: DataFrame, featurizer: DeepImageFeaturizer, target: Path, weights_id: str
+) -> dict:
+    """Fit LR on the split's train part, evaluate its test part, save model + predictions (+ out-of-fold)."""
+    assigned = splitlib.assign(data, split, config.seed, config.data_dir)
+    train_df = assigned.filter("split = 'train'").persist()
+    test_df = assigned.filter("split = 'test'").persist()
+    n_train, n_test = train_df.count(), test_df.count()
+    lr = _lr(config)
     t0 = time.monotonic()
     lr_model = lr.fit(train_df)
     fit_s = time.monotonic() - t0
@@ -222,6 +325,11 @@ def fit_and_evaluate(
     # Each row records the weights it came from ("random-seedN" marks random weights).
     out = covid_probability(predictions).withColumn("weights_id", F.lit(weights_id))
     out.coalesce(1).write.parquet((target / "predictions.parquet").as_uri())
+    stack_s = None
+    if config.stack_folds:
+        t0 = time.monotonic()
+        out_of_fold(config, split, config.seed, train_df).to_parquet(target / "oof.parquet", index=False)
+        stack_s = round(time.monotonic() - t0, 3)
     for df in (predictions, train_df, test_df):
         df.unpersist()
     return {
@@ -232,6 +340,8 @@ def fit_and_evaluate(
         **metrics,
         "lr": {"maxIter": config.max_iter, "regParam": config.reg_param, "elasticNetParam": config.elastic_net_param},
         "timings": {"fit_s": round(fit_s, 3), "evaluate_s": round(evaluate_s, 3)},
+        # oof.parquet: out-of-fold training predictions for the stacked ensemble (None: not made)
+        "out_of_fold": {"folds": config.stack_folds, "seconds": stack_s} if config.stack_folds else None,
     }
 
 
