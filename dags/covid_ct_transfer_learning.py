@@ -69,7 +69,14 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             description="imagenet (from $COVIDCT_WEIGHTS_DIR, else Keras' cache/download), "
             "none (random weights: mechanics only, flagged in the report) or a weights file path.",
         ),
-        "pooling": Param("avg", type="string", enum=list(POOLINGS), description="avg, or flatten as sparkdl did."),
+        "pooling": Param(
+            "avg",
+            type="string",
+            enum=list(POOLINGS),
+            description="avg: global average of the last conv block; flatten: it flattened, as sparkdl did; "
+            "avg-b345: global averages of conv blocks 3, 4 and 5 concatenated; avgmax-b345: those plus the "
+            "blocks' global maxima. The multi-layer ones exist for VGG16 and VGG19 only here (untick Xception).",
+        ),
         "precision": Param(
             "float32",
             type="string",
@@ -99,7 +106,7 @@ def covid_ct_transfer_learning():
 
     @task.branch
     def select_backbones(params=None) -> list[str]:
-        return pipeline.select_backbones(params["backbones"])
+        return pipeline.select_backbones(params["backbones"], params["pooling"])
 
     # all_done, not all_done_min_one_success: the latter skips when a backbone was not chosen.
     # The task itself fails when no chosen backbone succeeded.

@@ -52,12 +52,13 @@ def _migrate_db(env: dict[str, str]) -> None:
 
 
 def _preflight_weights(conf: dict) -> None:
-    """Fail in a second, not after retries, when ImageNet weights are missing."""
+    """Fail in a second, not after retries, when ImageNet weights are missing or a pooling does not fit."""
     from covidct.backbone import get_backbone, resolve_weights
     from covidct.pipeline import DAG_BACKBONES
 
     weights = conf.get("weights", "imagenet")
     for name in conf.get("backbones", DAG_BACKBONES):
+        get_backbone(name).check_pooling(str(conf.get("pooling", "avg")))
         resolve_weights(get_backbone(name), weights)
 
 
