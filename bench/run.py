@@ -8,6 +8,8 @@ Sections:
   layouts    Spark cores × TensorFlow intra-op threads for VGG16
   multilayer the multi-layer poolings (avg-b345, avgmax-b345) against avg, img/s of the Spark featurizer
              for VGG16 and VGG19, one Spark session per backbone (--multilayer-backbones)
+  multilayer-cpu  the same poolings' CPU seconds per image through the featurizer's worker model, no
+             Spark: a cost that stays comparable when other jobs share the cores
   dag        the whole DAG on the real images, cold then warm feature cache: wall time and peak RSS
              per Spark job, beside the study's 90.6 minutes (goals: cold ≤ 6 min, warm ≤ 60 s)
   scaling    1×, 2×, 4× the images (copies re-encoded so their hashes differ): 2× must take ≤ 2.1× time
@@ -71,6 +73,14 @@ def section_multilayer(images: int, repeat: int, backbones: list[str], precision
     for backbone in backbones:
         args = ["--backbone", backbone, "--images", str(images), "--repeat", str(repeat), "--precision", precision]
         out[backbone] = run_json([FEATURIZE, "poolings", *args])
+    return out
+
+
+def section_multilayer_cpu(images: int, repeat: int, backbones: list[str]) -> dict:
+    out = {}
+    for backbone in backbones:
+        args = ["--backbone", backbone, "--images", str(images), "--repeat", str(repeat), "--batch-size", "16"]
+        out[backbone] = run_json([FEATURIZE, "cpu-poolings", *args])
     return out
 
 
@@ -229,6 +239,16 @@ def render(results: dict) -> str:
         parts.append(f"\n**Multi-layer poolings (Spark featurizer, float32), {n} real images, median of "
                      "repeated passes in one Spark session (img/s)**\n")  # fmt: skip
         parts.append(markdown_table(["backbone", "pooling", "dims", "img/s", "vs avg", "passes"], rows))
+    if "multilayer-cpu" in results:
+        rows, n = [], None
+        for backbone, r in results["multilayer-cpu"].items():
+            n = r["images"]
+            for pooling, p in r["poolings"].items():
+                passes = " / ".join(f"{x:.3f}" for x in p["cpu_s_per_image"])
+                rows.append([backbone, pooling, p["dim"], f"{p['median_cpu_s']:.3f}", f"{p['cost_ratio']:.2f}", passes])
+        parts.append(f"\n**Multi-layer poolings, CPU seconds per image (featurizer's worker model, float32), {n} real "
+                     "images, median of repeated passes**\n")  # fmt: skip
+        parts.append(markdown_table(["backbone", "pooling", "dims", "CPU s/image", "vs avg", "passes"], rows))
     if "layouts" in results:
         rows = [[name, f"{r['median']:.2f}"] for name, r in results["layouts"].items()]
         parts.append("\n**Thread layouts, VGG16 (img/s)**\n")
@@ -285,6 +305,9 @@ def main() -> int:
             results[_key("featurize", args.precision)] = section_featurize(images, repeat, args.precision)
         elif section == "layouts":
             results["layouts"] = section_layouts(images, repeat)
+        elif section == "multilayer-cpu":
+            backbones = [b.strip() for b in args.multilayer_backbones.split(",") if b.strip()]
+            results["multilayer-cpu"] = section_multilayer_cpu(min(images, 32), repeat, backbones)
         elif section == "multilayer":
             backbones = [b.strip() for b in args.multilayer_backbones.split(",") if b.strip()]
             results["multilayer"] = section_multilayer(images, repeat, backbones)
