@@ -2,9 +2,14 @@
 
     python bench/featurize.py keras  --backbone VGG16 --images 200 [--repeat 3] [--precision bfloat16]
     python bench/featurize.py spark  --backbone VGG16 --images 200 [--repeat 3] [--master local[2]] [--task-cpus 1]
+    python bench/featurize.py poolings --backbone VGG16 --images 200 [--repeat 3] [--poolings avg,avg-b345,avgmax-b345]
+    python bench/featurize.py cpu-poolings --backbone VGG16 --images 32 [--repeat 3]   # CPU s/image, no Spark
 
 Each prints one JSON line: img/s of every timed pass (after a warm-up that builds the
-model), their median, and the cold first pass. Both paths decode the same files with
+model), their median, and the cold first pass. ``poolings`` runs the Spark featurizer once per
+pooling in one Spark session on the same cached images (a cold pass, then the timed passes, pooling
+after pooling: each worker keeps two models, so interleaving three would rebuild them) and gives
+each pooling's median beside its ratio to the first one's. Both paths decode the same files with
 ``covidct.image.decode`` and run the backbone's ``preprocess_input``; bare Keras uses
 TensorFlow's default threads in one process. Needs ImageNet weights in
 ``COVIDCT_WEIGHTS_DIR`` (``make weights``).
@@ -83,9 +88,74 @@ def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_s
             "precision": precision}  # fmt: skip
 
 
+def spark_poolings(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
+                   poolings: list[str], precision: str) -> dict:  # fmt: skip
+    os.environ["COVIDCT_SPARK_MASTER"] = master
+    from covidct.featurizer import DeepImageFeaturizer
+    from covidct.session import get_spark
+
+    spark = get_spark("bench-poolings")
+    df = spark.read.format("binaryFile").load([str(f) for f in files]).withColumnRenamed("content", "image")
+    df = df.cache()
+    df.count()
+    out = {}
+    for pooling in poolings:
+        featurizer = DeepImageFeaturizer(
+            modelName=backbone_name, weights="imagenet", pooling=pooling, batchSize=batch_size, precision=precision
+        )
+
+        def one_pass(featurizer=featurizer) -> float:
+            start = time.perf_counter()
+            featurizer.transform(df).select("features").write.format("noop").mode("overwrite").save()
+            return len(files) / (time.perf_counter() - start)
+
+        cold = one_pass()
+        rates = [one_pass() for _ in range(repeat)]
+        out[pooling] = {"rates": rates, "median": median(rates), "cold": cold, "dim": featurizer.featureDim()}
+        print(f"  {backbone_name} {pooling}: {out[pooling]['median']:.2f} img/s", file=sys.stderr, flush=True)
+    spark.stop()
+    base = out[poolings[0]]["median"]
+    for row in out.values():
+        row["ratio"] = row["median"] / base
+    return {"path": "poolings", "backbone": backbone_name, "images": len(files), "poolings": out, "master": master,
+            "precision": precision}  # fmt: skip
+
+
+def cpu_poolings(backbone_name: str, files: list[Path], repeat: int, batch_size: int, poolings: list[str],
+                 precision: str) -> dict:  # fmt: skip
+    """The featurizer's own worker model per pooling, in this process: CPU seconds per image.
+
+    CPU time (all threads of the process) barely moves when other jobs share the cores, unlike
+    img/s; it is the cost to compare on a loaded machine.
+    """
+    import pandas as pd
+
+    from covidct.featurizer import WorkerModel
+
+    images = pd.Series([f.read_bytes() for f in files])
+    names = pd.Series([str(f) for f in files])
+    out = {}
+    for pooling in poolings:
+        model = WorkerModel(backbone_name, "imagenet", pooling, 0, precision)
+        model.features(images[:batch_size], names[:batch_size], "bytes", batch_size)  # warm-up
+        cpu, wall = [], []
+        for _ in range(repeat):
+            c0, w0 = time.process_time(), time.perf_counter()
+            model.features(images, names, "bytes", batch_size)
+            cpu.append((time.process_time() - c0) / len(files))
+            wall.append(len(files) / (time.perf_counter() - w0))
+        out[pooling] = {"cpu_s_per_image": cpu, "median_cpu_s": median(cpu), "img_s": wall, "dim": model.dim}
+        print(f"  {backbone_name} {pooling}: {median(cpu):.3f} CPU s/image", file=sys.stderr, flush=True)
+    base = out[poolings[0]]["median_cpu_s"]
+    for row in out.values():
+        row["cost_ratio"] = row["median_cpu_s"] / base
+    return {"path": "cpu-poolings", "backbone": backbone_name, "images": len(files), "poolings": out,
+            "precision": precision}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", choices=["keras", "spark"])
+    parser.add_argument("path", choices=["keras", "spark", "poolings", "cpu-poolings"])
     parser.add_argument("--backbone", default="VGG16")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
@@ -94,10 +164,19 @@ def main() -> int:
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--task-cpus", type=int, default=1)
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--poolings", default="avg,avg-b345,avgmax-b345", help="for `poolings`: the first is the base")
     args = parser.parse_args()
     files = sample_images(args.data, args.images)
     if args.path == "keras":
         result = bare_keras(args.backbone, files, args.repeat, args.batch_size, args.precision)
+    elif args.path == "cpu-poolings":
+        poolings = [p.strip() for p in args.poolings.split(",") if p.strip()]
+        result = cpu_poolings(args.backbone, files, args.repeat, args.batch_size, poolings, args.precision)
+    elif args.path == "poolings":
+        poolings = [p.strip() for p in args.poolings.split(",") if p.strip()]
+        result = spark_poolings(
+            args.backbone, files, args.repeat, args.batch_size, args.master, poolings, args.precision
+        )
     else:
         result = spark_featurizer(
             args.backbone, files, args.repeat, args.batch_size, args.master, args.task_cpus, args.precision

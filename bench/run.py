@@ -1,11 +1,15 @@
 """The benchmark harness: one command, a Markdown table on stdout, JSON in bench/results/.
 
-    COVIDCT_WEIGHTS_DIR=... python bench/run.py [--sections featurize,layouts,dag,scaling] [--quick]
+    COVIDCT_WEIGHTS_DIR=... python bench/run.py [--sections featurize,layouts,multilayer,dag,scaling] [--quick]
 
 Sections:
   featurize  bare Keras vs the Spark featurizer, img/s per backbone on the same real images (goal ≥ 0.9×);
              --precision bfloat16 measures both paths with Keras' mixed_bfloat16 policy
   layouts    Spark cores × TensorFlow intra-op threads for VGG16
+  multilayer the multi-layer poolings (avg-b345, avgmax-b345) against avg, img/s of the Spark featurizer
+             for VGG16 and VGG19, one Spark session per backbone (--multilayer-backbones)
+  multilayer-cpu  the same poolings' CPU seconds per image through the featurizer's worker model, no
+             Spark: a cost that stays comparable when other jobs share the cores
   dag        the whole DAG on the real images, cold then warm feature cache: wall time and peak RSS
              per Spark job, beside the study's 90.6 minutes (goals: cold ≤ 6 min, warm ≤ 60 s)
   scaling    1×, 2×, 4× the images (copies re-encoded so their hashes differ): 2× must take ≤ 2.1× time
@@ -62,6 +66,22 @@ LAYOUTS = {
     "1 task × 2 TF threads (spark.task.cpus=2)": ({"--master": "local[2]", "--task-cpus": "2"}, {}),
     "1 task × 1 TF thread (local[1])": ({"--master": "local[1]", "--task-cpus": "1"}, {}),
 }
+
+
+def section_multilayer(images: int, repeat: int, backbones: list[str], precision: str = "float32") -> dict:
+    out = {}
+    for backbone in backbones:
+        args = ["--backbone", backbone, "--images", str(images), "--repeat", str(repeat), "--precision", precision]
+        out[backbone] = run_json([FEATURIZE, "poolings", *args])
+    return out
+
+
+def section_multilayer_cpu(images: int, repeat: int, backbones: list[str]) -> dict:
+    out = {}
+    for backbone in backbones:
+        args = ["--backbone", backbone, "--images", str(images), "--repeat", str(repeat), "--batch-size", "16"]
+        out[backbone] = run_json([FEATURIZE, "cpu-poolings", *args])
+    return out
 
 
 def section_layouts(images: int, repeat: int) -> dict:
@@ -210,6 +230,25 @@ def render(results: dict) -> str:
         n = next(iter(results[name].values()))["keras"]["images"]
         parts.append(f"\n**Featurization ({precision}), {n} real images, median of repeated passes (img/s)**\n")
         parts.append(markdown_table(["backbone", "bare Keras", "Spark featurizer", "ratio", "Spark cold pass"], rows))
+    if "multilayer" in results:
+        rows, n = [], None
+        for backbone, r in results["multilayer"].items():
+            n = r["images"]
+            rows += [[backbone, pooling, p["dim"], f"{p['median']:.2f}", f"{p['ratio']:.2f}",
+                      " / ".join(f"{x:.2f}" for x in p["rates"])] for pooling, p in r["poolings"].items()]  # fmt: skip
+        parts.append(f"\n**Multi-layer poolings (Spark featurizer, float32), {n} real images, median of "
+                     "repeated passes in one Spark session (img/s)**\n")  # fmt: skip
+        parts.append(markdown_table(["backbone", "pooling", "dims", "img/s", "vs avg", "passes"], rows))
+    if "multilayer-cpu" in results:
+        rows, n = [], None
+        for backbone, r in results["multilayer-cpu"].items():
+            n = r["images"]
+            for pooling, p in r["poolings"].items():
+                passes = " / ".join(f"{x:.3f}" for x in p["cpu_s_per_image"])
+                rows.append([backbone, pooling, p["dim"], f"{p['median_cpu_s']:.3f}", f"{p['cost_ratio']:.2f}", passes])
+        parts.append(f"\n**Multi-layer poolings, CPU seconds per image (featurizer's worker model, float32), {n} real "
+                     "images, median of repeated passes**\n")  # fmt: skip
+        parts.append(markdown_table(["backbone", "pooling", "dims", "CPU s/image", "vs avg", "passes"], rows))
     if "layouts" in results:
         rows = [[name, f"{r['median']:.2f}"] for name, r in results["layouts"].items()]
         parts.append("\n**Thread layouts, VGG16 (img/s)**\n")
@@ -242,10 +281,11 @@ def render(results: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="featurize,layouts,dag,scaling")
+    parser.add_argument("--sections", default="featurize,layouts,multilayer,dag,scaling")
     parser.add_argument("--images", type=int, default=200, help="images for featurize/layouts (≥ 200)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scaling-backbone", default="Xception")
+    parser.add_argument("--multilayer-backbones", default="VGG16,VGG19")
     parser.add_argument("--precision", default="float32", choices=PRECISIONS, help="for featurize, dag and scaling")
     parser.add_argument("--quick", action="store_true", help="fewer images everywhere (a smoke run)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("COVIDCT_DATA_DIR", DEFAULT_DATA)))
@@ -265,6 +305,12 @@ def main() -> int:
             results[_key("featurize", args.precision)] = section_featurize(images, repeat, args.precision)
         elif section == "layouts":
             results["layouts"] = section_layouts(images, repeat)
+        elif section == "multilayer-cpu":
+            backbones = [b.strip() for b in args.multilayer_backbones.split(",") if b.strip()]
+            results["multilayer-cpu"] = section_multilayer_cpu(min(images, 32), repeat, backbones)
+        elif section == "multilayer":
+            backbones = [b.strip() for b in args.multilayer_backbones.split(",") if b.strip()]
+            results["multilayer"] = section_multilayer(images, repeat, backbones)
         elif section == "dag":
             results[_key("dag", args.precision)] = section_dag(args.data, args.precision)
         elif section == "scaling":

@@ -100,7 +100,14 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             "none (random weights: mechanics only, flagged in the report) or the absolute path of a weights "
             "file inside a folder the operator allows ($COVIDCT_ALLOWED_WEIGHTS_DIRS, $COVIDCT_WEIGHTS_DIR).",
         ),
-        "pooling": Param("avg", type="string", enum=list(POOLINGS), description="avg, or flatten as sparkdl did."),
+        "pooling": Param(
+            "avg",
+            type="string",
+            enum=list(POOLINGS),
+            description="avg: global average of the last conv block; flatten: it flattened, as sparkdl did; "
+            "avg-b345: global averages of conv blocks 3, 4 and 5 concatenated; avgmax-b345: those plus the "
+            "blocks' global maxima. The multi-layer ones exist for VGG16 and VGG19 only here (untick Xception).",
+        ),
         "precision": Param(
             "float32",
             type="string",
@@ -134,7 +141,7 @@ def covid_ct_transfer_learning():
 
     @task.branch
     def select_backbones(params=None) -> list[str]:
-        return pipeline.select_backbones(params["backbones"])
+        return pipeline.select_backbones(params["backbones"], params["pooling"])
 
     # all_done, not all_done_min_one_success: the latter skips when a backbone was not chosen.
     # The task itself fails when no chosen backbone succeeded.

@@ -23,7 +23,12 @@ WEIGHTS_DIR_ENV = "COVIDCT_WEIGHTS_DIR"
 KERAS_WEIGHTS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 WEIGHTS_URL_ENV = "COVIDCT_WEIGHTS_URL"
 
-POOLINGS = ("avg", "flatten")
+#: Multi-layer poolings: global pools of each conv block output in ``Backbone.blocks`` (blocks
+#: 3, 4 and 5), concatenated. Layout: every block's average first (block 3, 4, 5), then, for
+#: ``avgmax``, every block's maximum in the same order; so ``avg-b345`` is the prefix of
+#: ``avgmax-b345`` and its last part is exactly the plain ``avg`` features.
+MULTI_LAYER_POOLINGS: dict[str, tuple[str, ...]] = {"avg-b345": ("avg",), "avgmax-b345": ("avg", "max")}
+POOLINGS = ("avg", "flatten", *MULTI_LAYER_POOLINGS)
 #: float32: faithful features. bfloat16: Keras' mixed_bfloat16 policy (float32 weights, bfloat16
 #: compute): about 2x faster on CPUs with AVX512_BF16/AMX (AMD Zen 4, Intel Sapphire Rapids),
 #: features within ~1 % of float32; slower on CPUs without native bfloat16.
@@ -43,6 +48,9 @@ class Backbone:
     weights_file: str  # Keras' official notop file name
     weights_subdir: str  # its folder under Keras' download base
     weights_md5: str  # the hash Keras checks
+    #: The outputs of conv blocks 3, 4 and 5 for the multi-layer poolings: (Keras layer name,
+    #: channels). The last is the layer ``pooling="avg"`` pools. Empty: no multi-layer pooling.
+    blocks: tuple[tuple[str, int], ...] = ()
 
     @property
     def weights_origin(self) -> str:
@@ -52,7 +60,27 @@ class Backbone:
 
     def feature_dim(self, pooling: str) -> int:
         h, w, c = self.feature_map
+        if pooling in MULTI_LAYER_POOLINGS:
+            return len(MULTI_LAYER_POOLINGS[pooling]) * sum(channels for _, channels in self.block_layers(pooling))
         return c if pooling == "avg" else h * w * c
+
+    def block_layers(self, pooling: str) -> tuple[tuple[str, int], ...]:
+        """The (layer, channels) a multi-layer pooling reads; a CovidctError where none are defined."""
+        if not self.blocks:
+            supported = ", ".join(b.name for b in BACKBONES.values() if b.blocks)
+            raise CovidctError(
+                f"pooling {pooling!r} is defined for {supported}, not for {self.name}; "
+                f"use pooling avg or flatten with {self.name}"
+            )
+        return self.blocks
+
+    def check_pooling(self, pooling: str) -> str:
+        """``pooling`` if this backbone supports it, else a CovidctError naming what it supports."""
+        if pooling not in POOLINGS:
+            raise CovidctError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+        if pooling in MULTI_LAYER_POOLINGS:
+            self.block_layers(pooling)
+        return pooling
 
     def keras_constructor(self):
         return getattr(importlib.import_module(self.module), self.constructor)
@@ -61,21 +89,29 @@ class Backbone:
         return importlib.import_module(self.module).preprocess_input
 
 
-def _b(name, module, ctor, size, fmap, sub, fname, md5) -> Backbone:
-    return Backbone(name, module, ctor, size, fmap, fname, sub, md5)
+def _b(name, module, ctor, size, fmap, sub, fname, md5, blocks=()) -> Backbone:
+    return Backbone(name, module, ctor, size, fmap, fname, sub, md5, tuple(blocks))
+
+
+# Blocks 3, 4, 5: VGG's block pools (the last is what pooling="avg" pools); ResNet50's stage
+# outputs conv3_x, conv4_x, conv5_x (He et al.'s names). Xception and InceptionV3 have no blocks
+# numbered 3-5 (entry/middle/exit flows; mixed0-10), so they get no multi-layer pooling.
+_VGG_BLOCKS = (("block3_pool", 256), ("block4_pool", 512), ("block5_pool", 512))
+_RESNET50_BLOCKS = (("conv3_block4_out", 512), ("conv4_block6_out", 1024), ("conv5_block3_out", 2048))
 
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         _b("VGG16", "keras.applications.vgg16", "VGG16", 224, (7, 7, 512), "vgg16",
-           "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "6d6bbae143d832006294945121d1f1fc"),
+           "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "6d6bbae143d832006294945121d1f1fc", _VGG_BLOCKS),
         _b("VGG19", "keras.applications.vgg19", "VGG19", 224, (7, 7, 512), "vgg19",
-           "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "253f8cb515780f3b799900260a226db6"),
+           "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "253f8cb515780f3b799900260a226db6", _VGG_BLOCKS),
         _b("Xception", "keras.applications.xception", "Xception", 299, (10, 10, 2048), "xception",
            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", "b0042744bf5b25fce3cb969f33bebb97"),
         _b("ResNet50", "keras.applications.resnet50", "ResNet50", 224, (7, 7, 2048), "resnet",
-           "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
+           "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626",
+           _RESNET50_BLOCKS),
         _b("InceptionV3", "keras.applications.inception_v3", "InceptionV3", 299, (8, 8, 2048), "inception_v3",
            "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", "bcbd6486424b2319ff4ef7d526e38f63"),
     )

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from covidct import executors
+from covidct.backbone import POOLINGS
 from covidct.errors import CovidctError
 from covidct.locks import DEFAULT_WAIT
 
@@ -50,7 +51,14 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random), or a weights file")
-    p.add_argument("--pooling", default="avg", choices=["avg", "flatten"])
+    p.add_argument(
+        "--pooling",
+        default="avg",
+        choices=POOLINGS,
+        help="avg: global average of the last conv block; flatten: it flattened (sparkdl); avg-b345: global "
+        "averages of conv blocks 3, 4, 5 concatenated; avgmax-b345: those plus the blocks' global maxima "
+        "(multi-layer: VGG16, VGG19, ResNet50)",
+    )
     p.add_argument(
         "--precision",
         default="float32",
@@ -248,7 +256,7 @@ def _cmd_cache(args) -> int:
     print(f"feature cache {cache.root}: {len(rows)} keys")
     for r in rows:
         size_mb = r["bytes"] / 1e6
-        key = f"{r['backbone']:12} {r['weights_id']:24} {r['pooling']:8} {r['precision']:9}"
+        key = f"{r['backbone']:12} {r['weights_id']:24} {r['pooling']:11} {r['precision']:9}"
         print(f"  {key} {r['files']:4} files {size_mb:9.1f} MB")
     return 0
 

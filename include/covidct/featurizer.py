@@ -38,7 +38,14 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, BinaryType, FloatType, StructType
 
 from covidct import image as imagelib
-from covidct.backbone import POOLINGS, PRECISIONS, get_backbone, normalize_weights, resolve_weights
+from covidct.backbone import (
+    MULTI_LAYER_POOLINGS,
+    POOLINGS,
+    PRECISIONS,
+    get_backbone,
+    normalize_weights,
+    resolve_weights,
+)
 from covidct.errors import CovidctError
 
 log = logging.getLogger(__name__)
@@ -84,7 +91,10 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         Params._dummy(),
         "pooling",
         "'avg': global average pooling of the last conv block (512 dims for VGG, 2048 otherwise); "
-        "'flatten': the whole last conv block flattened, as sparkdl did (25,088 dims for VGG, 204,800 for Xception)",
+        "'flatten': the whole last conv block flattened, as sparkdl did (25,088 dims for VGG, 204,800 for Xception); "
+        "'avg-b345': global average pools of conv blocks 3, 4, 5 concatenated (1,280 dims for VGG, 3,584 for "
+        "ResNet50); 'avgmax-b345': those averages, then the blocks' global max pools (2,560 / 7,168 dims); "
+        "the multi-layer poolings exist for VGG16, VGG19 and ResNet50",
         _to_pooling,
     )
     weights = Param(
@@ -187,11 +197,15 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         return self.getOrDefault(self.seed)
 
     def featureDim(self) -> int:
-        """Length of the output vectors (known without building the model)."""
+        """Length of the output vectors (known without building the model).
+
+        Raises CovidctError for a multi-layer pooling the backbone does not define.
+        """
         return get_backbone(self.getModelName()).feature_dim(self.getPooling())
 
     def featureArrays(self, dataset: DataFrame) -> Column:
         """The features as ``array<float>`` (compact; what the feature cache stores)."""
+        self.featureDim()  # on the driver: a pooling the backbone lacks fails here, not in a worker
         input_col = self.getInputCol()
         if input_col not in dataset.columns:
             raise ValueError(f"input column {input_col!r} not in the DataFrame (columns: {dataset.columns})")
@@ -271,6 +285,8 @@ class WorkerModel:
             )
             if pooling == "flatten":
                 base = keras.Model(base.inputs, keras.layers.Flatten()(base.outputs[0]), name=base.name + "_flatten")
+            elif pooling in MULTI_LAYER_POOLINGS:
+                base = _multi_layer_model(keras, base, backbone.block_layers(pooling), pooling)
         finally:
             keras.mixed_precision.set_global_policy(previous)
         self.model = base
@@ -290,6 +306,21 @@ class WorkerModel:
             batch = np.stack([self._decode(rows[i], names[i], kind) for i in range(start, stop)])
             out[start:stop] = np.asarray(self.model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
         return out
+
+
+def _multi_layer_model(keras, base, blocks: tuple[tuple[str, int], ...], pooling: str):
+    """One model whose output is the global pools of several block outputs, concatenated.
+
+    Layout: all blocks' averages (in ``blocks`` order), then all blocks' maxima for ``avgmax``.
+    One forward pass computes every block (the deeper blocks reuse the shallower ones).
+    """
+    pools = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
+    outputs = [
+        pools[op](name=f"{op}_{layer}")(base.get_layer(layer).output)
+        for op in MULTI_LAYER_POOLINGS[pooling]
+        for layer, _ in blocks
+    ]
+    return keras.Model(base.inputs, keras.layers.Concatenate(name=pooling)(outputs), name=f"{base.name}_{pooling}")
 
 
 _MODELS: OrderedDict[tuple, WorkerModel] = OrderedDict()

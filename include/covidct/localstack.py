@@ -66,7 +66,7 @@ def _migrate_db(env: dict[str, str]) -> None:
 
 
 def _preflight_weights(conf: dict) -> None:
-    """Fail in a second, not after retries, when ImageNet weights are missing or a param is not allowed."""
+    """Fail in a second, not after retries: missing weights, a param not allowed, a pooling that does not fit."""
     from covidct.backbone import get_backbone, resolve_weights
     from covidct.pipeline import DAG_BACKBONES
     from covidct.policy import Policy
@@ -74,6 +74,7 @@ def _preflight_weights(conf: dict) -> None:
     Policy.from_env().check_params(conf)  # what the DAG's first task checks (README "Security")
     weights = conf.get("weights", "imagenet")
     for name in conf.get("backbones", DAG_BACKBONES):
+        get_backbone(name).check_pooling(str(conf.get("pooling", "avg")))
         resolve_weights(get_backbone(name), weights)
 
 

@@ -94,13 +94,19 @@ def validate_dataset(data_dir: str, expected_covid: int, expected_noncovid: int)
             raise CovidctError(result.summary())
 
 
-def select_backbones(backbones: list[str]) -> list[str]:
-    """The train task ids of the backbones chosen in the trigger form (the rest are skipped)."""
+def select_backbones(backbones: list[str], pooling: str = "avg") -> list[str]:
+    """The train task ids of the backbones chosen in the trigger form (the rest are skipped).
+
+    Fails before any Spark job when a chosen backbone lacks the pooling (multi-layer poolings
+    exist only for backbones with conv blocks 3-5 in the backbone table).
+    """
     with retry_only_transient():
         chosen = [train_task_id(b) for b in backbones]
         unknown = sorted(set(chosen) - {train_task_id(b) for b in DAG_BACKBONES})
         if not chosen or unknown:
             raise CovidctError(f"choose one or more of {', '.join(DAG_BACKBONES)} (got {backbones})")
+        for backbone in backbones:
+            get_backbone(backbone).check_pooling(pooling)
     return chosen
 
 

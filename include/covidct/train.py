@@ -38,7 +38,7 @@ from pyspark.sql import functions as F
 from covidct import split as splitlib
 from covidct import stats
 from covidct.atomic import atomic_dir
-from covidct.backbone import POOLINGS, PRECISIONS, get_backbone, is_random, normalize_weights, weights_identity
+from covidct.backbone import PRECISIONS, get_backbone, is_random, normalize_weights, weights_identity
 from covidct.cache import CacheKey, FeatureCache
 from covidct.dataset import load_images
 from covidct.errors import CovidctError, ImageDecodeError, WeightsNotFoundError
@@ -86,9 +86,7 @@ class TrainConfig:
         if self.stack_folds == 1 or not 0 <= self.stack_folds <= 20:
             raise CovidctError("stack folds must be 0 (off) or 2..20")
         self.weights = normalize_weights(self.weights)
-        self.pooling = str(self.pooling).lower()
-        if self.pooling not in POOLINGS:
-            raise CovidctError(f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        self.pooling = get_backbone(self.backbone).check_pooling(str(self.pooling).lower())
         self.precision = str(self.precision).lower()
         if self.precision not in PRECISIONS:
             raise CovidctError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
