@@ -272,7 +272,8 @@ def settled_apps(cluster: Standalone) -> dict:
     return cluster.wait_for("no active application", lambda s: "activeapps" in s and not s["activeapps"], 30)
 
 
-def run(dag, conf: dict):
+def run(dag, conf: dict, monkeypatch):
+    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(conf["data_source"]))  # the operator allows this data_source
     dagrun = dag.test(run_conf={**conf, "data_source": str(conf["data_source"])})
     tis = {ti.task_id: ti for ti in dagrun.get_task_instances()}
     return dagrun, tis
@@ -285,7 +286,7 @@ def test_train_fails_within_the_bound_when_no_worker_is_left(
     monkeypatch.setenv("COVIDCT_EXECUTOR_WAIT_S", str(WAIT_S))
     _, dag = load_dag()
     started = time.monotonic()
-    dagrun, tis = run(dag, {**CONF, "data_source": tiny_dataset})
+    dagrun, tis = run(dag, {**CONF, "data_source": tiny_dataset}, monkeypatch)
     wall = time.monotonic() - started
     train = tis["train_vgg16"]
     took = (train.end_date - train.start_date).total_seconds()
@@ -323,7 +324,7 @@ def test_a_timed_out_run_leaves_nothing_running_and_does_not_block_the_next(
     for task in dag.tasks:
         task.retries = 0  # a retry would only time out once more
     conf = {**CONF, "data_source": tiny_dataset}
-    dagrun, tis = run(dag, conf)
+    dagrun, tis = run(dag, conf, monkeypatch)
     train = tis["train_vgg16"]
     assert train.state == "failed" and dagrun.state == "failed"
     took = (train.end_date - train.start_date).total_seconds()
@@ -342,7 +343,7 @@ def test_a_timed_out_run_leaves_nothing_running_and_does_not_block_the_next(
     monkeypatch.delenv("COVIDCT_TIMEOUT_TRAIN_S")
     monkeypatch.delenv("COVIDCT_EXECUTOR_WAIT_S")
     _, dag = load_dag()
-    dagrun2, tis2 = run(dag, conf)
+    dagrun2, tis2 = run(dag, conf, monkeypatch)
     assert dagrun2.state == "success", {t: ti.state for t, ti in tis2.items()}
     assert tis2["train_vgg16"].state == "success"
     assert dagrun2.run_id != dagrun.run_id

@@ -253,8 +253,21 @@ def task_instance(dagrun, task_id):
 def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_path, monkeypatch):
     """An unknown host name: the fetch task fails on its first try although the DAG allows 2 retries."""
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
-    dagrun, states, ok = run_dag(scheduled_dag(), {"data_source": "http://covidct.invalid/", "weights": "none"})
+    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", "http://covidct.invalid/")  # the DNS error, not the allowlist
+    import io
+
+    from airflow.sdk.listener import get_listener_manager
+
+    from covidct.localstack import TaskProgress, cause_of
+
+    progress = TaskProgress(io.StringIO())
+    get_listener_manager().add_listener(progress)
+    try:
+        dagrun, states, ok = run_dag(scheduled_dag(), {"data_source": "http://covidct.invalid/", "weights": "none"})
+    finally:
+        get_listener_manager().pm.unregister(progress)
     assert not ok and states["fetch_dataset"] == "failed" and states["validate_dataset"] == "upstream_failed"
+    assert "Failed to resolve 'covidct.invalid'" in cause_of(progress.errors["fetch_dataset"])
     assert task_instance(dagrun, "fetch_dataset").try_number == 1
 
 
@@ -277,6 +290,7 @@ def test_scheduled_dag_retries_a_transient_fetch_failure_and_succeeds(airflow_db
     with Upstream(upstream_files(small_dataset), retry_after="1") as upstream:  # 1 s between fetch's retries
         upstream.fail_with[covid_zip] = [503] * 6  # the first try's 1 + 5 attempts
         conf = {"data_source": upstream.base_url, "weights": "none", "expect_covid": 12, "expect_noncovid": 12}
+        monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", upstream.base_url)
         from airflow.utils.state import DagRunState
 
         dagrun = scheduled_dag().test(run_conf=conf, mark_success_pattern=r"train_.*|report")

@@ -204,6 +204,7 @@ def test_dag_run_with_a_multi_layer_pooling(airflow_db, dag, small_dataset, tmp_
     from covidct import paths
 
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(small_dataset))  # the operator allows this data_source
     conf = {
         "data_source": str(small_dataset), "weights": "none", "expect_covid": 12, "expect_noncovid": 12,
         "backbones": ["VGG16"], "splits": ["official"], "pooling": "avgmax-b345",
