@@ -212,7 +212,7 @@ class Stack:
     def task_log(self, run_id: str, task_id: str, try_number: int) -> str:
         response = self.api(
             "GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-            params={"full_content": "true"}, headers={"Accept": "application/json"},
+            params={"full_content": "true"},
         )  # fmt: skip
         assert response.status_code == 200, response.text
         return response.text
@@ -234,6 +234,34 @@ class Stack:
                 return state
             time.sleep(1)
         pytest.fail("no Spark application got executors")
+
+    def wait_tasks_on_executors(self, timeout: float = 600) -> int:
+        """Wait until the driver (in the scheduler) runs tasks on a registered executor: mid-job.
+
+        Stricter than the master's ``coresused``, which counts cores granted to executors that
+        may not have started yet. Reads the driver's REST API; returns the executors' active tasks.
+        """
+        script = (
+            "import json, urllib.request as u\n"
+            "for port in (4040, 4041, 4042):\n"
+            "    try:\n"
+            "        base = f'http://localhost:{port}/api/v1/applications'\n"
+            "        app = json.load(u.urlopen(base, timeout=5))[0]['id']\n"
+            "        ex = json.load(u.urlopen(f'{base}/{app}/executors', timeout=5))\n"
+            "        print(sum(e['activeTasks'] for e in ex if e['id'] != 'driver'))\n"
+            "        break\n"
+            "    except Exception:\n"
+            "        pass\n"
+            "else:\n"
+            "    print(0)\n"
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            active = int(self.exec("scheduler", "python", "-c", script).strip() or 0)
+            if active > 0:
+                return active
+            time.sleep(1)
+        pytest.fail("no task ran on an executor")
 
     def outputs(self, run_id: str) -> dict:
         """metrics.json of a one-split VGG16 run (``vgg16/``, no split folder) and the report's files."""
@@ -492,9 +520,12 @@ def test_fault_spark_worker_stopped_for_good(stack):
     application is not left running on the master and no spark-submit is left in the scheduler.
     Then the worker is started again and the next run is green.
     """
+    response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})  # also when run alone
+    assert response.status_code == 200, response.text
     run_id = stack.trigger(fault_conf())
     stack.wait_task_running(run_id, "train_vgg16")
     stack.wait_executors_busy()
+    stack.wait_tasks_on_executors()  # the executor really works: the watchdog sees it lost
     started = time.monotonic()
     stack.compose("stop", "spark-worker", timeout=120)
     stopped_s = time.monotonic() - started
@@ -503,7 +534,6 @@ def test_fault_spark_worker_stopped_for_good(stack):
     failed_after_s = round(time.monotonic() - started, 1)
     run_state = stack.wait_run(run_id, timeout=300)
     ti = stack.tasks(run_id)["train_vgg16"]
-    log = stack.task_log(run_id, "train_vgg16", ti["try_number"])
     master = stack.master()
     processes = stack.exec("scheduler", "ps", "-eo", "args")
     stack.figures.setdefault("faults", {})["spark_worker_stopped"] = {
@@ -515,6 +545,8 @@ def test_fault_spark_worker_stopped_for_good(stack):
         "tasks": stack.summary(run_id),
     }
     stack.save()
+    log = stack.task_log(run_id, "train_vgg16", ti["try_number"])
+    (stack.out / "train_vgg16-worker-stopped.log").write_text(log)
     assert state == "failed" and run_state == "failed", stack.figures["faults"]["spark_worker_stopped"]
     assert ti["try_number"] == 1, "exit status 2 is not retried"
     assert failed_after_s >= EXECUTOR_WAIT_S - 5, "failed before the bound: not the watchdog"
