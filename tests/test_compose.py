@@ -41,6 +41,10 @@ CLASSES = {"CT_COVID": "COVID", "CT_NonCOVID": "NonCOVID"}
 INPUT_MOUNT = "/opt/covidct/input"
 ADMIN_PASSWORD = "compose-test-" + uuid.uuid4().hex[:8]
 RUN_TIMEOUT_S = 900
+# The driver's executor watchdog on this stack (default 300 s): short, so that a worker stopped for
+# good fails the run quickly, yet long enough that a worker back after 20 s (plus its start-up and
+# the executor's, slow on a loaded host) lets the job go on.
+EXECUTOR_WAIT_S = 90
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's, never a download
 BROWSER_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -112,6 +116,7 @@ class Stack:
             "COVIDCT_DATA_SOURCE": INPUT_MOUNT,
             "COVIDCT_WEIGHTS_HOST_DIR": str(out / "weights"),
             "AIRFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "COVIDCT_EXECUTOR_WAIT_S": str(EXECUTOR_WAIT_S),
         }
         (out / "weights").mkdir()
         self.figures: dict = {"project": self.project}
@@ -195,6 +200,23 @@ class Stack:
             time.sleep(2)
         pytest.fail(f"{task_id} never ran: {self.summary(run_id)}")
 
+    def wait_task_done(self, run_id: str, task_id: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.tasks(run_id)[task_id]["state"]
+            if state in ("success", "failed", "upstream_failed", "skipped"):
+                return state
+            time.sleep(2)
+        pytest.fail(f"{task_id} not finished after {timeout:.0f} s: {self.summary(run_id)}")
+
+    def task_log(self, run_id: str, task_id: str, try_number: int) -> str:
+        response = self.api(
+            "GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+            params={"full_content": "true"},
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        return response.text
+
     def summary(self, run_id: str) -> dict:
         return {t: (ti["state"], ti["try_number"], ti["duration"]) for t, ti in self.tasks(run_id).items()}
 
@@ -212,6 +234,34 @@ class Stack:
                 return state
             time.sleep(1)
         pytest.fail("no Spark application got executors")
+
+    def wait_tasks_on_executors(self, timeout: float = 600) -> int:
+        """Wait until the driver (in the scheduler) runs tasks on a registered executor: mid-job.
+
+        Stricter than the master's ``coresused``, which counts cores granted to executors that
+        may not have started yet. Reads the driver's REST API; returns the executors' active tasks.
+        """
+        script = (
+            "import json, urllib.request as u\n"
+            "for port in (4040, 4041, 4042):\n"
+            "    try:\n"
+            "        base = f'http://localhost:{port}/api/v1/applications'\n"
+            "        app = json.load(u.urlopen(base, timeout=5))[0]['id']\n"
+            "        ex = json.load(u.urlopen(f'{base}/{app}/executors', timeout=5))\n"
+            "        print(sum(e['activeTasks'] for e in ex if e['id'] != 'driver'))\n"
+            "        break\n"
+            "    except Exception:\n"
+            "        pass\n"
+            "else:\n"
+            "    print(0)\n"
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            active = int(self.exec("scheduler", "python", "-c", script).strip() or 0)
+            if active > 0:
+                return active
+            time.sleep(1)
+        pytest.fail("no task ran on an executor")
 
     def outputs(self, run_id: str) -> dict:
         """metrics.json of a one-split VGG16 run (``vgg16/``, no split folder) and the report's files."""
@@ -460,3 +510,55 @@ def test_fault_postgres_restarted_mid_job(stack):
     started = time.monotonic()
     stack.compose("restart", "postgres", timeout=300)
     finish_fault(stack, "postgres_restarted", run_id, started, {})
+
+
+def test_fault_spark_worker_stopped_for_good(stack):
+    """Issue 14 on the stack: the only worker stopped mid-job and not started again.
+
+    The driver's watchdog fails the job after ``COVIDCT_EXECUTOR_WAIT_S`` without executors: the
+    train task fails (no retry: exit status 2) with the watchdog's line, the run fails, the
+    application is not left running on the master and no spark-submit is left in the scheduler.
+    Then the worker is started again and the next run is green.
+    """
+    response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})  # also when run alone
+    assert response.status_code == 200, response.text
+    run_id = stack.trigger(fault_conf())
+    stack.wait_task_running(run_id, "train_vgg16")
+    stack.wait_executors_busy()
+    stack.wait_tasks_on_executors()  # the executor really works: the watchdog sees it lost
+    started = time.monotonic()
+    stack.compose("stop", "spark-worker", timeout=120)
+    stopped_s = time.monotonic() - started
+    # The bound, the driver's shutdown (up to 30 s of grace) and the polling, on a loaded host.
+    state = stack.wait_task_done(run_id, "train_vgg16", timeout=EXECUTOR_WAIT_S + 240)
+    failed_after_s = round(time.monotonic() - started, 1)
+    run_state = stack.wait_run(run_id, timeout=300)
+    ti = stack.tasks(run_id)["train_vgg16"]
+    master = stack.master()
+    processes = stack.exec("scheduler", "ps", "-eo", "args")
+    stack.figures.setdefault("faults", {})["spark_worker_stopped"] = {
+        "executor_wait_s": EXECUTOR_WAIT_S,
+        "compose_stop_s": round(stopped_s, 1),
+        "stop_to_failed_task_s": failed_after_s,
+        "task_state": state,
+        "run_state": run_state,
+        "tasks": stack.summary(run_id),
+    }
+    stack.save()
+    log = stack.task_log(run_id, "train_vgg16", ti["try_number"])
+    (stack.out / "train_vgg16-worker-stopped.log").write_text(log)
+    assert state == "failed" and run_state == "failed", stack.figures["faults"]["spark_worker_stopped"]
+    assert ti["try_number"] == 1, "exit status 2 is not retried"
+    assert failed_after_s >= EXECUTOR_WAIT_S - 5, "failed before the bound: not the watchdog"
+    assert "lost every executor" in log or "granted no executor" in log, log[-3000:]
+    assert master["activeapps"] == [], master["activeapps"]
+    assert "SparkSubmit" not in processes, processes
+
+    stack.compose("start", "spark-worker", timeout=120)
+    deadline = time.monotonic() + 180
+    while stack.master()["aliveworkers"] < 1 and time.monotonic() < deadline:
+        time.sleep(2)
+    run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS})
+    assert stack.wait_run(run_id) == "success", stack.summary(run_id)
+    metrics = stack.outputs(run_id)["metrics"]
+    assert metrics["n_train"] + metrics["n_test"] == 2 * N_PER_CLASS
