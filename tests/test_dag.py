@@ -271,13 +271,17 @@ def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_p
     assert task_instance(dagrun, "fetch_dataset").try_number == 1
 
 
-def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset):
+def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset, tmp_path):
+    import shutil
+
     from airflow.sdk.exceptions import AirflowFailException
 
     from covidct import pipeline
 
+    data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")  # validation writes DIR/validation/
     with pytest.raises(AirflowFailException, match="expected 13 COVID images, found 12"):
-        pipeline.validate_dataset(str(small_dataset), expected_covid=13, expected_noncovid=12)
+        pipeline.validate_dataset(str(data), expected_covid=13, expected_noncovid=12)
+    assert not (small_dataset / "validation").exists()
 
 
 @pytest.mark.slow
