@@ -71,3 +71,16 @@ def airflow_db() -> Path:
     result = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return Path(_AIRFLOW_HOME)
+
+
+def processes_of_airflow_home(airflow_home: Path) -> list[str]:
+    """PIDs of the processes still running with this AIRFLOW_HOME in their environment."""
+    marker = f"AIRFLOW_HOME={airflow_home}".encode()
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                left.append(environ.parent.name)
+        except OSError:
+            continue
+    return left

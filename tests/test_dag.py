@@ -9,7 +9,7 @@ from pathlib import Path
 import pendulum
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, processes_of_airflow_home
 
 DAG_ID = "covid_ct_transfer_learning"
 TRAIN_TASKS = {"train_vgg16", "train_vgg19", "train_xception"}
@@ -428,12 +428,5 @@ def test_make_ui_starts_the_real_airflow_and_ctrl_c_stops_every_component(tmp_pa
     assert proc.returncode == 0, output[-3000:]
     assert "Airflow stopped." in output and "Traceback" not in output
     # No process of this Airflow home is left (they all carry its AIRFLOW_HOME in their environment).
-    marker = f"AIRFLOW_HOME={tmp_path / 'af'}".encode()
-    left = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                left.append(environ.parent.name)
-        except OSError:
-            continue
+    left = processes_of_airflow_home(tmp_path / "af")
     assert not left, f"processes left running: {left}"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import processes_of_airflow_home
 from upstream import Upstream, upstream_files
 
 DAG_ID = "covid_ct_transfer_learning"
@@ -158,14 +159,7 @@ def airflow(site, tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
     # No process of this Airflow home is left running.
-    marker = f"AIRFLOW_HOME={tmp / 'af'}".encode()
-    left = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                left.append(environ.parent.name)
-        except OSError:
-            continue
+    left = processes_of_airflow_home(tmp / "af")
     assert not left, f"processes left running: {left}"
 
 
