@@ -106,8 +106,19 @@ def client() -> MlflowClient:
         mlflow_dir().mkdir(parents=True, exist_ok=True)
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # MLflow's set_tracking_uri also exports MLFLOW_TRACKING_URI to this process's environment: put the
+    # environment back, so that our own default never passes for a user's setting (a later COVIDCT_HOME,
+    # the embedded artifact root); child processes compute the same default themselves.
+    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
