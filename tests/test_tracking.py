@@ -185,6 +185,35 @@ def test_gate_random_weights_never_first_run_promotes_worse_kept_not_worse_promo
     assert registry.champion(tmp_path / "dl").model_dir == found.model_dir
 
 
+def test_an_ensemble_champion_downloads_as_its_ensemble_folder(tmp_path, monkeypatch):
+    """The ensemble task's run holds the ensemble folder as a pyfunc model; as champion, champion(dest)
+    gives that folder back (what covidct.predict takes), under the DAG run's parent run."""
+    from covidct import registry, tracking
+
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COVIDCT_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ids = {"AIRFLOW_CTX_DAG_ID": DAG_ID, "AIRFLOW_CTX_DAG_RUN_ID": "manual__ens", "AIRFLOW_CTX_TASK_ID": "ensemble"}
+    for key, value in ids.items():
+        monkeypatch.setenv(key, value)
+    folder = tmp_path / "run" / "ensemble"
+    (folder / "members" / "vgg16" / "metadata").mkdir(parents=True)
+    manifest = {"format": 1, "method": "mean", "threshold": 0.5, "random_weights": False,
+                "members": [{"backbone": "VGG16", "model": "members/vgg16", "weights_id": "sha256:abc"}]}  # fmt: skip
+    (folder / "ensemble.json").write_text(json.dumps(manifest))
+    logged = tracking.log_ensemble(folder, {"official": {"mean": {"accuracy": 0.8, "auc": 0.9, "n_test": 20}}})
+    assert logged.parent_run_id == tracking.parent_run(DAG_ID, "manual__ens")
+    run = tracking.client().get_run(logged.run_id)
+    assert run.data.metrics["official/mean/auc"] == 0.9 and run.data.tags["airflow.task_id"] == "ensemble"
+    registry.set_champion(registry.register(logged.models["ensemble"], {"covidct.kind": "ensemble"}))
+    champion = registry.champion(tmp_path / "dl")
+    assert (
+        champion.model_dir.name == "ensemble"
+        and json.loads((champion.model_dir / "ensemble.json").read_text()) == manifest
+    )
+    assert (champion.model_dir / "members" / "vgg16" / "metadata").is_dir()
+
+
 def test_paired_bootstrap_interval_brackets_the_difference():
     from covidct.promotion import paired_auc_difference
 
@@ -304,10 +333,17 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     assert [(r, t) for r, t, _ in events] == [(first.run_id, "promote")]
     assert events[0][2]["version"] == "1" and events[0][2]["name"] == "covid-ct"
     champion = registry.champion(tmp_path / "champion")
-    from covidct.predict import predict
+    import subprocess
+    import sys
 
-    rows = predict(champion.model_dir, small_dataset / "CT_COVID")
-    assert len(rows) == 12 and all(0 <= r["probability"] <= 1 for r in rows)
+    # covidct predict takes the champion's folder as it is (its own Spark: workers see COVIDCT_WEIGHTS_DIR).
+    out = tmp_path / "scores.csv"
+    command = [sys.executable, "-m", "covidct.cli", "predict", "--model", str(champion.model_dir), "--images",
+               str(small_dataset / "CT_COVID"), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = pd.read_csv(out)
+    assert len(scores) == 12 and scores["probability_covid"].between(0, 1).all()
 
     second = dag.test(run_conf={**conf, "weights": "none"})
     states = {ti.task_id: ti.state for ti in second.get_task_instances()}

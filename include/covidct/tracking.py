@@ -377,7 +377,7 @@ def write_info(folder: Path, logged: Logged) -> None:
 def log_ensemble(ensemble_dir: Path, splits: dict[str, dict[str, dict]]) -> Logged | None:
     """The ensemble's child run: its metrics per split and method, and the ensemble folder as a pyfunc model."""
     context = airflow_context()
-    if not enabled():
+    if not enabled() or not context:  # the DAG's ensemble task (`covidct ensemble` by hand logs nothing)
         return None
     started = time.monotonic()
     mlflow_client = client()
@@ -387,7 +387,7 @@ def log_ensemble(ensemble_dir: Path, splits: dict[str, dict[str, dict]]) -> Logg
     from covidct.pyfunc import EnsembleModel
 
     exp = experiment_id(mlflow_client)
-    parent = parent_run(context[TAG_DAG_ID], context[TAG_RUN_ID], mlflow_client=mlflow_client) if context else None
+    parent = parent_run(context[TAG_DAG_ID], context[TAG_RUN_ID], mlflow_client=mlflow_client)
     manifest = json.loads((Path(ensemble_dir) / "ensemble.json").read_text(encoding="utf-8"))
     metrics: dict[str, float] = {}
     for split, methods in splits.items():
