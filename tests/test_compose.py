@@ -3,9 +3,11 @@
 One stack per module run (a unique compose project name, free host ports, ``down -v`` always):
 build the image, ``up -d``, wait until every service is healthy, then through Airflow's REST
 API (as the UI does: a token, the trigger endpoint) run the DAG on a small subset of the real
-dataset, bind-mounted read-only; check outputs in the runs volume and that the Spark master ran
-the executors on a worker. Then faults on the running stack (a worker killed, the scheduler and
-Postgres restarted, each mid-job), the trigger form in a real browser, and two workers.
+dataset, bind-mounted read-only; check outputs in the runs volume, that the Spark master ran
+the executors on a worker, and what the run left on the MLflow tracking server (and that server:
+its UI on loopback, its Host check, its database in Postgres). Then faults on the running stack
+(a worker killed, the scheduler and Postgres restarted, each mid-job), the trigger form in a real
+browser, and two workers.
 
 Needs a Docker engine (``../shared/tools/docker_offline.sh`` provides one offline) and the real
 data (``COVIDCT_DATA_DIR``). Without an engine the tests skip, except under ``CI=true``, where
@@ -72,6 +74,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            address = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def make_subset(real: Path, dest: Path) -> Path:
     """A small copy of the real dataset with matching official lists, readable by the image's user."""
     for folder, short in CLASSES.items():
@@ -95,9 +108,10 @@ class Stack:
     def __init__(self, out: Path, data: Path):
         self.out = out
         self.project = f"covidct-test-{uuid.uuid4().hex[:8]}"
-        self.airflow_port, self.spark_port = free_port(), free_port()
+        self.airflow_port, self.spark_port, self.mlflow_port = free_port(), free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.airflow_port}"
         self.spark = f"http://127.0.0.1:{self.spark_port}"
+        self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
         override = out / "docker-compose.test.yml"
         # The data subset, read-only, where fetch_dataset (an Airflow task) reads it.
         override.write_text(
@@ -113,6 +127,7 @@ class Stack:
         self.env |= {
             "COVIDCT_AIRFLOW_PORT": str(self.airflow_port),
             "COVIDCT_SPARK_UI_PORT": str(self.spark_port),
+            "COVIDCT_MLFLOW_PORT": str(self.mlflow_port),
             "COVIDCT_DATA_SOURCE": INPUT_MOUNT,
             "COVIDCT_WEIGHTS_HOST_DIR": str(out / "weights"),
             "AIRFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
@@ -121,6 +136,7 @@ class Stack:
         (out / "weights").mkdir()
         self.figures: dict = {"project": self.project}
         self._token = None
+        self.quick_run_id: str | None = None
 
     # ---------------------------------------------------------------- compose
 
@@ -219,6 +235,14 @@ class Stack:
 
     def summary(self, run_id: str) -> dict:
         return {t: (ti["state"], ti["try_number"], ti["duration"]) for t, ti in self.tasks(run_id).items()}
+
+    # ---------------------------------------------------------------- MLflow REST API
+
+    def mlflow_api(self, method: str, path: str, **kwargs) -> dict:
+        """One call to the MLflow server's REST API (``/api/2.0/mlflow...``) through its published port."""
+        response = requests.request(method, f"{self.mlflow}/api/2.0/mlflow{path}", timeout=30, **kwargs)
+        assert response.status_code == 200, (path, response.status_code, response.text[:2000])
+        return response.json()
 
     # ---------------------------------------------------------------- Spark
 
@@ -319,6 +343,7 @@ def test_every_service_is_healthy(stack):
         "triggerer",
         "spark-master",
         "spark-worker",
+        "mlflow",
     }
     assert all(state == ("running", "healthy", 0) for state in states.values()), states
     # Published on loopback only, on the ports we chose.
@@ -331,7 +356,15 @@ def test_every_service_is_healthy(stack):
     assert published == {
         ("api-server", "127.0.0.1", stack.airflow_port),
         ("spark-master", "127.0.0.1", stack.spark_port),
+        ("mlflow", "127.0.0.1", stack.mlflow_port),
     }
+    # And so not on this machine's other addresses.
+    address = non_loopback_address()
+    if address:
+        for port in (stack.airflow_port, stack.spark_port, stack.mlflow_port):
+            with socket.socket() as sock:
+                sock.settimeout(5)
+                assert sock.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
 
 
 def test_quick_run_through_the_rest_api(stack):
@@ -341,6 +374,7 @@ def test_quick_run_through_the_rest_api(stack):
     conf = QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS}
     run_id = stack.trigger(conf)
     assert stack.wait_run(run_id) == "success", stack.summary(run_id)
+    stack.quick_run_id = run_id
     assert [r["dag_run_id"] for r in stack.runs()] == [run_id], "a scheduled run started on unpause"
     tasks = stack.tasks(run_id)
     stack.figures["quick_run"] = {
@@ -364,6 +398,50 @@ def test_quick_run_through_the_rest_api(stack):
     worker = json.loads(stack.exec("spark-worker", "curl", "-s", "http://localhost:8081/json/"))
     ran_here = {e["appid"] for e in worker["finishedexecutors"]}
     assert {a["id"] for a in apps} <= ran_here, (apps, worker["finishedexecutors"])
+
+
+# ------------------------------------------------------------------------- the MLflow server
+
+
+def quick_run(stack: Stack) -> str:
+    """The quick run test_quick_run_through_the_rest_api made, or one made now (a test run alone)."""
+    if stack.quick_run_id is None:
+        response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+        assert response.status_code == 200, response.text
+        run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS})
+        assert stack.wait_run(run_id) == "success", stack.summary(run_id)
+        stack.quick_run_id = run_id
+    return stack.quick_run_id
+
+
+def test_mlflow_server(stack):
+    """The tracking server: healthy, its UI on 127.0.0.1, Host headers checked, its store in Postgres."""
+    health = requests.get(f"{stack.mlflow}/health", timeout=10)
+    assert health.status_code == 200 and health.text.strip() == "OK", health.text
+    for base in (stack.mlflow, f"http://localhost:{stack.mlflow_port}"):  # the UI, as a browser opens it
+        ui = requests.get(f"{base}/", timeout=30)
+        assert ui.status_code == 200 and "text/html" in ui.headers["content-type"], (base, ui.status_code)
+        assert "mlflow" in ui.text.lower(), ui.text[:500]
+    # DNS-rebinding protection is on: a Host header that is not ours is refused.
+    foreign = requests.get(
+        f"{stack.mlflow}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+        headers={"Host": f"attacker.example:{stack.mlflow_port}"}, timeout=30,
+    )  # fmt: skip
+    assert foreign.status_code == 403, (foreign.status_code, foreign.text[:300])
+    # Inside the stack, the services reach it by its name (the URI every task and driver has).
+    code = stack.exec(
+        "scheduler", "sh", "-c",
+        'curl -s -o /dev/null -w "%{http_code}" "$MLFLOW_TRACKING_URI/api/2.0/mlflow/experiments/search?max_results=1"',
+    )  # fmt: skip
+    assert code.strip() == "200", code
+    # Its backend store is the database airflow-init created in the stack's Postgres.
+    init_log = stack.compose("logs", "--no-color", "airflow-init").stdout
+    assert "MLflow database 'mlflow' created" in init_log, init_log[-2000:]
+    count = stack.exec("postgres", "psql", "-U", "airflow", "-d", "mlflow", "-tAc", "SELECT count(*) FROM experiments")
+    assert int(count.strip()) >= 1  # at least MLflow's Default experiment
+    # airflow-init's step is safe to run again: the database exists, the schema is up to date.
+    again = stack.exec("mlflow", "python", "/opt/covidct/docker/init_mlflow_db.py")
+    assert "exists: upgrading its schema if needed" in again, again
 
 
 def test_bad_param_is_refused_and_creates_no_run(stack):
