@@ -35,6 +35,7 @@ from conftest import ROOT
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 DAG_ID = "covid_ct_transfer_learning"
+EXPERIMENT, REGISTERED_MODEL = "covid-ct", "covid-ct"  # covidct.tracking / covidct.registry
 QUICK_CONF = {"backbones": ["VGG16"], "splits": ["random70"], "weights": "none"}
 # Per class: images taken from the head of each official list (so every split has some).
 SUBSET = {"train": 30, "val": 5, "test": 10}
@@ -124,7 +125,11 @@ class Stack:
         self.cmd = [compose_bin(), "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
         self.cmd += ["--project-directory", str(ROOT), "--env-file", str(env_file)]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COVIDCT_", "AIRFLOW"))}
+        # The image under this project's own tag (its layers come from the build cache): another
+        # stack built meanwhile on the same engine cannot swap the image under this one.
+        self.image = f"covid-ct-pipelines:{self.project}"
         self.env |= {
+            "COVIDCT_IMAGE": self.image,
             "COVIDCT_AIRFLOW_PORT": str(self.airflow_port),
             "COVIDCT_SPARK_UI_PORT": str(self.spark_port),
             "COVIDCT_MLFLOW_PORT": str(self.mlflow_port),
@@ -328,6 +333,7 @@ def stack(tmp_path_factory, real_data_dir):
         logs = stack.compose("logs", "--no-color", "--timestamps", timeout=300, check=False)
         (out / "compose.log").write_text(logs.stdout + logs.stderr)
         down = stack.compose("down", "-v", "--remove-orphans", "-t", "20", timeout=600, check=False)
+        subprocess.run(["docker", "image", "rm", stack.image], capture_output=True, timeout=300)  # the tag
         assert down.returncode == 0, down.stderr
 
 
@@ -442,6 +448,59 @@ def test_mlflow_server(stack):
     # airflow-init's step is safe to run again: the database exists, the schema is up to date.
     again = stack.exec("mlflow", "python", "/opt/covidct/docker/init_mlflow_db.py")
     assert "exists: upgrading its schema if needed" in again, again
+
+
+def tags_of(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_quick_run_is_tracked_on_the_mlflow_server(stack):
+    """What the quick run left on the MLflow server (over HTTP, from the tasks and the Spark driver):
+    the DAG run's parent run, the train job's child run with params, metrics and its Spark model
+    (written on the cluster, stored in the server's volume), the report, and the gate's decision."""
+    run_id = quick_run(stack)
+    tasks = stack.tasks(run_id)
+    experiment = stack.mlflow_api("GET", "/experiments/get-by-name", params={"experiment_name": EXPERIMENT})
+    experiment = experiment["experiment"]
+    assert experiment["artifact_location"].startswith("mlflow-artifacts:"), experiment  # the server's proxy
+
+    def search(query: str) -> list[dict]:
+        found = stack.mlflow_api(
+            "POST", "/runs/search", json={"experiment_ids": [experiment["experiment_id"]], "filter": query,
+                                          "max_results": 100},
+        )  # fmt: skip
+        return found.get("runs", [])
+
+    [parent] = search(f"tags.`covidct.kind` = 'dag_run' and tags.`airflow.run_id` = '{run_id}'")
+    parent_id = parent["info"]["run_id"]
+    assert tags_of(parent)["airflow.dag_id"] == DAG_ID
+    children = search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    [train] = [c for c in children if tags_of(c).get("covidct.kind") == "train"]
+    assert tags_of(train)["airflow.task_id"] == "train_vgg16" and tags_of(train)["airflow.run_id"] == run_id
+    params = {p["key"]: p["value"] for p in train["data"].get("params", [])}
+    assert params["backbone"] == "VGG16" and params["splits"] == "random70" and params["weights"] == "none"
+    metrics = {m["key"]: m["value"] for m in train["data"].get("metrics", [])}
+    written = stack.outputs(run_id)["metrics"]  # the job's metrics.json in the runs volume
+    for name in ("accuracy", "auc", "f1", "n_train", "n_test"):
+        assert metrics[f"random70/{name}"] == pytest.approx(written[name]), name
+    assert metrics["timings/total_s"] > 0
+    # The report went to the parent run; the gate never promotes random weights (and this run has
+    # no official split to compare on): its decision is on the parent run, the promote task skipped.
+    tags = tags_of(parent)
+    assert tags["covidct.promotion.decision"] == "kept champion", tags
+    assert tasks["promote"]["state"] == "skipped", stack.summary(run_id)
+    listed = stack.mlflow_api("GET", "/artifacts/list", params={"run_id": parent_id, "path": "report"})
+    assert {"report/report.html", "report/report.md"} <= {f["path"] for f in listed.get("files", [])}, listed
+    # No champion on this stack yet.
+    alias = requests.get(
+        f"{stack.mlflow}/api/2.0/mlflow/registered-models/alias",
+        params={"name": REGISTERED_MODEL, "alias": "champion"}, timeout=30,
+    )  # fmt: skip
+    assert alias.status_code == 404, (alias.status_code, alias.text[:500])
+    # The Spark model's files are in the server's volume, nowhere in the scheduler (clients upload).
+    stored = stack.exec("mlflow", "find", "/opt/mlflow/artifacts", "-path", "*sparkml*", "-name", "*.parquet")
+    assert stored.split(), "no Spark model data in the mlflow-artifacts volume"
+    assert stack.exec("scheduler", "find", "/opt/mlflow/artifacts", "-type", "f").split() == []
 
 
 def test_bad_param_is_refused_and_creates_no_run(stack):
