@@ -453,6 +453,13 @@ def test_mlflow_server_service(services):
     allowed = option(command, "--allowed-hosts").split(",")
     assert set(allowed) == {f"mlflow:{port}", "localhost:*", "127.0.0.1:*"}, allowed
     assert "--disable-security-middleware" not in command
+    # The image has the server (the full mlflow package, not only mlflow-skinny) and the driver.
+    import tomllib
+
+    installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    installed += (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+    names = {re.split(r"[<>=!\[; ]", line.strip(), maxsplit=1)[0].lower() for line in installed if line.strip()}
+    assert {"mlflow", "psycopg2-binary"} <= names, names
 
 
 def test_mlflow_spark_tmp_is_shared_by_driver_and_executors(services):
