@@ -258,6 +258,7 @@ def test_ports_published_on_loopback_by_default_and_configurable(tmp_path, servi
     assert [(p["host_ip"], p["published"]) for p in changed["spark-master"]["ports"]] == [("0.0.0.0", "18081")]
     assert [(p["host_ip"], p["published"]) for p in changed["mlflow"]["ports"]] == [("0.0.0.0", "15000")]
     assert changed["scheduler"]["environment"]["AIRFLOW__API__BASE_URL"] == "http://localhost:18080"
+    assert changed["scheduler"]["environment"]["COVIDCT_MLFLOW_UI_URL"] == "http://localhost:15000"
 
 
 def test_base_images_can_come_from_another_registry(tmp_path):
@@ -443,8 +444,11 @@ def test_mlflow_server_service(services):
     assert repo_path_of("/opt/covidct/docker/init_mlflow_db.py") == ROOT / "docker" / "init_mlflow_db.py"
     # Every Airflow service (its tasks, and the Spark drivers in the scheduler) tracks on it by name.
     port = option(command, "--port")
+    published = mlflow["ports"][0]["published"]
     for name in AIRFLOW_SERVICES:
         assert services[name]["environment"]["MLFLOW_TRACKING_URI"] == f"http://mlflow:{port}", name
+        # The report links to the runs as a browser on this machine opens them.
+        assert services[name]["environment"]["COVIDCT_MLFLOW_UI_URL"] == f"http://localhost:{published}", name
     assert services["scheduler"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert [p["target"] for p in mlflow["ports"]] == [int(port)]
     assert mlflow["healthcheck"]["test"][-1] == f"http://localhost:{port}/health"
