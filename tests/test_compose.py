@@ -457,7 +457,9 @@ def tags_of(run: dict) -> dict[str, str]:
 def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     """What the quick run left on the MLflow server (over HTTP, from the tasks and the Spark driver):
     the DAG run's parent run, the train job's child run with params, metrics and its Spark model
-    (written on the cluster, stored in the server's volume), the report, and the gate's decision."""
+    (written on the cluster, stored in the server's volume), the report, and the gate's decision
+    (not promoted: random weights, no official split). Then the registry on the server: the run's
+    model registered and made champion by hand, and downloaded back by ``covidct.registry``."""
     run_id = quick_run(stack)
     tasks = stack.tasks(run_id)
     experiment = stack.mlflow_api("GET", "/experiments/get-by-name", params={"experiment_name": EXPERIMENT})
@@ -501,6 +503,37 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     stored = stack.exec("mlflow", "find", "/opt/mlflow/artifacts", "-path", "*sparkml*", "-name", "*.parquet")
     assert stored.split(), "no Spark model data in the mlflow-artifacts volume"
     assert stack.exec("scheduler", "find", "/opt/mlflow/artifacts", "-type", "f").split() == []
+    stack.figures["mlflow"] = {"experiment_id": experiment["experiment_id"], "parent_run": parent_id,
+                               "children": {tags_of(c).get("covidct.kind"): c["info"]["run_id"] for c in children},
+                               "decision": tags.get("covidct.promotion.reason")}  # fmt: skip
+    stack.save()
+
+    # The registry's path on this stack, which the gate cannot take with random weights: the train
+    # job's logged model registered and made champion by hand (covidct.registry, in the scheduler),
+    # then covidct.registry.champion() downloads it through the server as a complete model folder.
+    script = (
+        "import json, sys\n"
+        "from covidct import paths, registry, tracking\n"
+        "info = tracking.read_info(paths.run_dir(sys.argv[1]) / 'vgg16')\n"
+        "before = registry.champion(sys.argv[2])\n"
+        "version = registry.register(info['models']['random70'], {'covidct.test': 'compose: by hand'})\n"
+        "registry.set_champion(version)\n"
+        "found = registry.champion(sys.argv[2])\n"
+        "files = sorted(str(p.relative_to(found.model_dir)) for p in found.model_dir.rglob('*') if p.is_file())\n"
+        "print(json.dumps({'before': before is not None, 'version': version, 'name': found.name,\n"
+        "                  'found_version': found.version, 'files': files}))\n"
+    )
+    out = stack.exec("scheduler", "python", "-c", script, run_id, "/tmp/covidct-champion-test")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["before"] is False and result["name"] == REGISTERED_MODEL, result
+    assert result["found_version"] == result["version"], result
+    files = result["files"]
+    assert "metadata/part-00000" in files, files  # a PipelineModel folder
+    # Its stages' data, written by the executors on the worker, came through whole.
+    assert any(f.startswith("stages/") and "/data/" in f and f.endswith(".parquet") for f in files), files
+    alias = stack.mlflow_api("GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"})
+    assert alias["model_version"]["version"] == result["version"], alias
+    assert alias["model_version"]["run_id"] == train["info"]["run_id"], alias
 
 
 def test_bad_param_is_refused_and_creates_no_run(stack):
