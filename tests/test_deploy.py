@@ -30,9 +30,7 @@ AIRFLOW_SERVICES = {"airflow-init", "api-server", "scheduler", "dag-processor", 
 SPARK_SERVICES = {"spark-master", "spark-worker"}
 LONG_RUNNING = AIRFLOW_SERVICES - {"airflow-init"} | SPARK_SERVICES | {"postgres", "mlflow"}
 # Paths both the Spark driver (scheduler) and the executors (workers) read or write.
-SHARED_MOUNTS = (
-    "/opt/covidct/var/data", "/opt/covidct/var/runs", "/opt/covidct/var/feature-cache", "/opt/covidct/var/tmp",
-)  # fmt: skip
+SHARED_MOUNTS = ("/opt/covidct/var/data", "/opt/covidct/var/runs", "/opt/covidct/var/feature-cache")
 WEIGHTS_MOUNT = "/opt/covidct/weights"
 SHARED_ENV = ("COVIDCT_HOME", "COVIDCT_WEIGHTS_DIR", "PYSPARK_PYTHON")
 
@@ -464,16 +462,6 @@ def test_mlflow_server_service(services):
     installed += (ROOT / "docker" / "requirements.txt").read_text().splitlines()
     names = {re.split(r"[<>=!\[; ]", line.strip(), maxsplit=1)[0].lower() for line in installed if line.strip()}
     assert {"mlflow", "psycopg2-binary"} <= names, names
-
-
-def test_mlflow_spark_tmp_is_shared_by_driver_and_executors(services):
-    """mlflow.spark.log_model on a cluster: Spark writes the model to MLFLOW_DFS_TMP from the
-    executors, then the driver copies it into the run: both must see the same folder."""
-    scheduler, worker = services["scheduler"], services["spark-worker"]
-    tmp = PurePosixPath(scheduler["environment"]["MLFLOW_DFS_TMP"])
-    assert worker["environment"]["MLFLOW_DFS_TMP"] == str(tmp)
-    shared = [m for m in SHARED_MOUNTS if PurePosixPath(m) in (tmp, *tmp.parents)]
-    assert shared and mounts(scheduler)[shared[0]]["type"] == "volume", tmp
 
 
 def test_named_volumes_mount_over_folders_the_image_owns(services):
