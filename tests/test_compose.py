@@ -493,6 +493,10 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     assert tasks["promote"]["state"] == "skipped", stack.summary(run_id)
     listed = stack.mlflow_api("GET", "/artifacts/list", params={"run_id": parent_id, "path": "report"})
     assert {"report/report.html", "report/report.md"} <= {f["path"] for f in listed.get("files", [])}, listed
+    # The report links to each run where a browser on this machine opens the MLflow UI.
+    report = stack.exec("scheduler", "sh", "-c", f"cat {stack.outputs(run_id)['dir']}/report/report.md")
+    link = f"(http://localhost:{stack.mlflow_port}/#/experiments/{experiment['experiment_id']}/runs/{parent_id})"
+    assert link in report, report[-3000:]
     # No champion on this stack yet.
     alias = requests.get(
         f"{stack.mlflow}/api/2.0/mlflow/registered-models/alias",
