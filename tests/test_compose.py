@@ -174,7 +174,8 @@ class Stack:
         return self._token
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
-        """One call, retried while the API server is down (a restarted database or scheduler)."""
+        """One call, retried while the API server is down (a restarted database or scheduler) or too
+        slow to answer (it stalled for 55 s once on a loaded 2-core host)."""
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -184,7 +185,7 @@ class Stack:
                 )  # fmt: skip
                 if response.status_code < 500 or time.monotonic() > deadline:
                     return response
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 if time.monotonic() > deadline:
                     raise
             time.sleep(3)
