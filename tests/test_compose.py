@@ -175,7 +175,7 @@ class Stack:
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
         """One call, retried while the API server is down (a restarted database or scheduler) or too
-        slow to answer (it stalled for 55 s once on a loaded 2-core host)."""
+        slow to answer (it stalled for 55 s once on a loaded 2-core host; GET and PATCH only)."""
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -185,8 +185,9 @@ class Stack:
                 )  # fmt: skip
                 if response.status_code < 500 or time.monotonic() > deadline:
                     return response
-            except (requests.ConnectionError, requests.Timeout):
-                if time.monotonic() > deadline:
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                # A POST that timed out may have been done: never sent twice (two runs).
+                if time.monotonic() > deadline or (isinstance(exc, requests.Timeout) and method == "POST"):
                     raise
             time.sleep(3)
 
