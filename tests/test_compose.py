@@ -381,8 +381,8 @@ def test_quick_run_through_the_rest_api(stack):
     assert response.status_code == 200 and response.json()["is_paused"] is False, response.text
     conf = QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS}
     run_id = stack.trigger(conf)
-    assert stack.wait_run(run_id) == "success", stack.summary(run_id)
     stack.quick_run_id = run_id
+    assert stack.wait_run(run_id) == "success", stack.summary(run_id)
     assert [r["dag_run_id"] for r in stack.runs()] == [run_id], "a scheduled run started on unpause"
     tasks = stack.tasks(run_id)
     stack.figures["quick_run"] = {
@@ -412,13 +412,12 @@ def test_quick_run_through_the_rest_api(stack):
 
 
 def quick_run(stack: Stack) -> str:
-    """The quick run test_quick_run_through_the_rest_api made, or one made now (a test run alone)."""
+    """The quick run test_quick_run_through_the_rest_api triggered (finished), or one made now (a test run alone)."""
     if stack.quick_run_id is None:
         response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
         assert response.status_code == 200, response.text
-        run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS})
-        assert stack.wait_run(run_id) == "success", stack.summary(run_id)
-        stack.quick_run_id = run_id
+        stack.quick_run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS})
+    assert stack.wait_run(stack.quick_run_id) == "success", stack.summary(stack.quick_run_id)
     return stack.quick_run_id
 
 
