@@ -1,7 +1,8 @@
 # One image for the whole docker-compose stack: Airflow 3.3.2 (api-server, scheduler,
-# dag-processor, triggerer), the Spark standalone master and workers, and the covidct
-# package. The Spark driver runs inside the scheduler container and the executors inside
-# the workers, so both have the same Python, Java, PySpark, TensorFlow and covidct.
+# dag-processor, triggerer), the Spark standalone master and workers, the MLflow tracking
+# server, and the covidct package. The Spark driver runs inside the scheduler container and
+# the executors inside the workers, so both have the same Python, Java, PySpark, TensorFlow
+# and covidct.
 #
 #   docker build -t covid-ct-pipelines:0.1.0 .      (or: docker compose build)
 #   docker build --build-arg PYTHON_IMAGE=registry.example.org/python:3.11-slim-bookworm ...
@@ -57,8 +58,8 @@ ARG AIRFLOW_UID=50000
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /home/airflow --create-home --shell /bin/bash airflow \
     && mkdir -p /opt/airflow/logs /opt/airflow/secrets \
         /opt/covidct/var/data /opt/covidct/var/runs /opt/covidct/var/feature-cache /opt/covidct/weights \
-        /opt/spark/work /opt/spark/logs \
-    && chown -R airflow:0 /opt/airflow /opt/covidct/var /opt/covidct/weights /opt/spark \
+        /opt/spark/work /opt/spark/logs /opt/mlflow/artifacts \
+    && chown -R airflow:0 /opt/airflow /opt/covidct/var /opt/covidct/weights /opt/spark /opt/mlflow \
     && chmod 700 /opt/airflow/secrets
 
 # Runtime settings shared by every service (docker-compose.yml repeats the ones it relies on).
@@ -77,7 +78,7 @@ ENV AIRFLOW_HOME=/opt/airflow \
 
 USER airflow
 WORKDIR /opt/airflow
-# api-server / Spark master UI, Spark master RPC, Spark worker UI, scheduler health check.
-EXPOSE 8080 7077 8081 8974
+# api-server / Spark master UI, Spark master RPC, Spark worker UI, scheduler health check, MLflow.
+EXPOSE 8080 7077 8081 8974 5000
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["airflow", "version"]

@@ -3,9 +3,11 @@
 One stack per module run (a unique compose project name, free host ports, ``down -v`` always):
 build the image, ``up -d``, wait until every service is healthy, then through Airflow's REST
 API (as the UI does: a token, the trigger endpoint) run the DAG on a small subset of the real
-dataset, bind-mounted read-only; check outputs in the runs volume and that the Spark master ran
-the executors on a worker. Then faults on the running stack (a worker killed, the scheduler and
-Postgres restarted, each mid-job), the trigger form in a real browser, and two workers.
+dataset, bind-mounted read-only; check outputs in the runs volume, that the Spark master ran
+the executors on a worker, and what the run left on the MLflow tracking server (and that server:
+its UI on loopback, its Host check, its database in Postgres). Then faults on the running stack
+(a worker killed, the scheduler and Postgres restarted, each mid-job), the trigger form in a real
+browser, and two workers.
 
 Needs a Docker engine (``../shared/tools/docker_offline.sh`` provides one offline) and the real
 data (``COVIDCT_DATA_DIR``). Without an engine the tests skip, except under ``CI=true``, where
@@ -33,6 +35,7 @@ from conftest import ROOT
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 DAG_ID = "covid_ct_transfer_learning"
+EXPERIMENT, REGISTERED_MODEL = "covid-ct", "covid-ct"  # covidct.tracking / covidct.registry
 QUICK_CONF = {"backbones": ["VGG16"], "splits": ["random70"], "weights": "none"}
 # Per class: images taken from the head of each official list (so every split has some).
 SUBSET = {"train": 30, "val": 5, "test": 10}
@@ -72,6 +75,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            address = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def make_subset(real: Path, dest: Path) -> Path:
     """A small copy of the real dataset with matching official lists, readable by the image's user."""
     for folder, short in CLASSES.items():
@@ -95,9 +109,10 @@ class Stack:
     def __init__(self, out: Path, data: Path):
         self.out = out
         self.project = f"covidct-test-{uuid.uuid4().hex[:8]}"
-        self.airflow_port, self.spark_port = free_port(), free_port()
+        self.airflow_port, self.spark_port, self.mlflow_port = free_port(), free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.airflow_port}"
         self.spark = f"http://127.0.0.1:{self.spark_port}"
+        self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
         override = out / "docker-compose.test.yml"
         # The data subset, read-only, where fetch_dataset (an Airflow task) reads it.
         override.write_text(
@@ -110,9 +125,14 @@ class Stack:
         self.cmd = [compose_bin(), "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
         self.cmd += ["--project-directory", str(ROOT), "--env-file", str(env_file)]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COVIDCT_", "AIRFLOW"))}
+        # The image under this project's own tag (its layers come from the build cache): another
+        # stack built meanwhile on the same engine cannot swap the image under this one.
+        self.image = f"covid-ct-pipelines:{self.project}"
         self.env |= {
+            "COVIDCT_IMAGE": self.image,
             "COVIDCT_AIRFLOW_PORT": str(self.airflow_port),
             "COVIDCT_SPARK_UI_PORT": str(self.spark_port),
+            "COVIDCT_MLFLOW_PORT": str(self.mlflow_port),
             "COVIDCT_DATA_SOURCE": INPUT_MOUNT,
             "COVIDCT_WEIGHTS_HOST_DIR": str(out / "weights"),
             "AIRFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
@@ -121,6 +141,7 @@ class Stack:
         (out / "weights").mkdir()
         self.figures: dict = {"project": self.project}
         self._token = None
+        self.quick_run_id: str | None = None
 
     # ---------------------------------------------------------------- compose
 
@@ -153,7 +174,8 @@ class Stack:
         return self._token
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
-        """One call, retried while the API server is down (a restarted database or scheduler)."""
+        """One call, retried while the API server is down (a restarted database or scheduler) or too
+        slow to answer (it stalled for 55 s once on a loaded 2-core host; GET and PATCH only)."""
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -163,8 +185,9 @@ class Stack:
                 )  # fmt: skip
                 if response.status_code < 500 or time.monotonic() > deadline:
                     return response
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                # A POST that timed out may have been done: never sent twice (two runs).
+                if time.monotonic() > deadline or (isinstance(exc, requests.Timeout) and method == "POST"):
                     raise
             time.sleep(3)
 
@@ -219,6 +242,14 @@ class Stack:
 
     def summary(self, run_id: str) -> dict:
         return {t: (ti["state"], ti["try_number"], ti["duration"]) for t, ti in self.tasks(run_id).items()}
+
+    # ---------------------------------------------------------------- MLflow REST API
+
+    def mlflow_api(self, method: str, path: str, **kwargs) -> dict:
+        """One call to the MLflow server's REST API (``/api/2.0/mlflow...``) through its published port."""
+        response = requests.request(method, f"{self.mlflow}/api/2.0/mlflow{path}", timeout=30, **kwargs)
+        assert response.status_code == 200, (path, response.status_code, response.text[:2000])
+        return response.json()
 
     # ---------------------------------------------------------------- Spark
 
@@ -304,6 +335,7 @@ def stack(tmp_path_factory, real_data_dir):
         logs = stack.compose("logs", "--no-color", "--timestamps", timeout=300, check=False)
         (out / "compose.log").write_text(logs.stdout + logs.stderr)
         down = stack.compose("down", "-v", "--remove-orphans", "-t", "20", timeout=600, check=False)
+        subprocess.run(["docker", "image", "rm", stack.image], capture_output=True, timeout=300)  # the tag
         assert down.returncode == 0, down.stderr
 
 
@@ -319,6 +351,7 @@ def test_every_service_is_healthy(stack):
         "triggerer",
         "spark-master",
         "spark-worker",
+        "mlflow",
     }
     assert all(state == ("running", "healthy", 0) for state in states.values()), states
     # Published on loopback only, on the ports we chose.
@@ -331,7 +364,15 @@ def test_every_service_is_healthy(stack):
     assert published == {
         ("api-server", "127.0.0.1", stack.airflow_port),
         ("spark-master", "127.0.0.1", stack.spark_port),
+        ("mlflow", "127.0.0.1", stack.mlflow_port),
     }
+    # And so not on this machine's other addresses.
+    address = non_loopback_address()
+    if address:
+        for port in (stack.airflow_port, stack.spark_port, stack.mlflow_port):
+            with socket.socket() as sock:
+                sock.settimeout(5)
+                assert sock.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
 
 
 def test_quick_run_through_the_rest_api(stack):
@@ -340,6 +381,7 @@ def test_quick_run_through_the_rest_api(stack):
     assert response.status_code == 200 and response.json()["is_paused"] is False, response.text
     conf = QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS}
     run_id = stack.trigger(conf)
+    stack.quick_run_id = run_id
     assert stack.wait_run(run_id) == "success", stack.summary(run_id)
     assert [r["dag_run_id"] for r in stack.runs()] == [run_id], "a scheduled run started on unpause"
     tasks = stack.tasks(run_id)
@@ -364,6 +406,139 @@ def test_quick_run_through_the_rest_api(stack):
     worker = json.loads(stack.exec("spark-worker", "curl", "-s", "http://localhost:8081/json/"))
     ran_here = {e["appid"] for e in worker["finishedexecutors"]}
     assert {a["id"] for a in apps} <= ran_here, (apps, worker["finishedexecutors"])
+
+
+# ------------------------------------------------------------------------- the MLflow server
+
+
+def quick_run(stack: Stack) -> str:
+    """The quick run test_quick_run_through_the_rest_api triggered (finished), or one made now (a test run alone)."""
+    if stack.quick_run_id is None:
+        response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+        assert response.status_code == 200, response.text
+        stack.quick_run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS})
+    assert stack.wait_run(stack.quick_run_id) == "success", stack.summary(stack.quick_run_id)
+    return stack.quick_run_id
+
+
+def test_mlflow_server(stack):
+    """The tracking server: healthy, its UI on 127.0.0.1, Host headers checked, its store in Postgres."""
+    health = requests.get(f"{stack.mlflow}/health", timeout=10)
+    assert health.status_code == 200 and health.text.strip() == "OK", health.text
+    for base in (stack.mlflow, f"http://localhost:{stack.mlflow_port}"):  # the UI, as a browser opens it
+        ui = requests.get(f"{base}/", timeout=30)
+        assert ui.status_code == 200 and "text/html" in ui.headers["content-type"], (base, ui.status_code)
+        assert "mlflow" in ui.text.lower(), ui.text[:500]
+    # DNS-rebinding protection is on: a Host header that is not ours is refused.
+    foreign = requests.get(
+        f"{stack.mlflow}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+        headers={"Host": f"attacker.example:{stack.mlflow_port}"}, timeout=30,
+    )  # fmt: skip
+    assert foreign.status_code == 403, (foreign.status_code, foreign.text[:300])
+    # Inside the stack, the services reach it by its name (the URI every task and driver has).
+    code = stack.exec(
+        "scheduler", "sh", "-c",
+        'curl -s -o /dev/null -w "%{http_code}" "$MLFLOW_TRACKING_URI/api/2.0/mlflow/experiments/search?max_results=1"',
+    )  # fmt: skip
+    assert code.strip() == "200", code
+    # Its backend store is the database airflow-init created in the stack's Postgres.
+    init_log = stack.compose("logs", "--no-color", "airflow-init").stdout
+    assert "MLflow database 'mlflow' created" in init_log, init_log[-2000:]
+    count = stack.exec("postgres", "psql", "-U", "airflow", "-d", "mlflow", "-tAc", "SELECT count(*) FROM experiments")
+    assert int(count.strip()) >= 1  # at least MLflow's Default experiment
+    # airflow-init's step is safe to run again: the database exists, the schema is up to date.
+    again = stack.exec("mlflow", "python", "/opt/covidct/docker/init_mlflow_db.py")
+    assert "exists: upgrading its schema if needed" in again, again
+
+
+def tags_of(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_quick_run_is_tracked_on_the_mlflow_server(stack):
+    """What the quick run left on the MLflow server (over HTTP, from the tasks and the Spark driver):
+    the DAG run's parent run, the train job's child run with params, metrics and its Spark model
+    (written on the cluster, stored in the server's volume), the report, and the gate's decision
+    (not promoted: random weights, no official split). Then the registry on the server: the run's
+    model registered and made champion by hand, and downloaded back by ``covidct.registry``."""
+    run_id = quick_run(stack)
+    tasks = stack.tasks(run_id)
+    experiment = stack.mlflow_api("GET", "/experiments/get-by-name", params={"experiment_name": EXPERIMENT})
+    experiment = experiment["experiment"]
+    assert experiment["artifact_location"].startswith("mlflow-artifacts:"), experiment  # the server's proxy
+
+    def search(query: str) -> list[dict]:
+        found = stack.mlflow_api(
+            "POST", "/runs/search", json={"experiment_ids": [experiment["experiment_id"]], "filter": query,
+                                          "max_results": 100},
+        )  # fmt: skip
+        return found.get("runs", [])
+
+    [parent] = search(f"tags.`covidct.kind` = 'dag_run' and tags.`airflow.run_id` = '{run_id}'")
+    parent_id = parent["info"]["run_id"]
+    assert tags_of(parent)["airflow.dag_id"] == DAG_ID
+    children = search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    [train] = [c for c in children if tags_of(c).get("covidct.kind") == "train"]
+    assert tags_of(train)["airflow.task_id"] == "train_vgg16" and tags_of(train)["airflow.run_id"] == run_id
+    params = {p["key"]: p["value"] for p in train["data"].get("params", [])}
+    assert params["backbone"] == "VGG16" and params["splits"] == "random70" and params["weights"] == "none"
+    metrics = {m["key"]: m["value"] for m in train["data"].get("metrics", [])}
+    written = stack.outputs(run_id)["metrics"]  # the job's metrics.json in the runs volume
+    for name in ("accuracy", "auc", "f1", "n_train", "n_test"):
+        assert metrics[f"random70/{name}"] == pytest.approx(written[name]), name
+    assert metrics["timings/total_s"] > 0
+    # The report went to the parent run; the gate never promotes random weights (and this run has
+    # no official split to compare on): its decision is on the parent run, the promote task skipped.
+    tags = tags_of(parent)
+    assert tags["covidct.promotion.decision"] == "kept champion", tags
+    assert tasks["promote"]["state"] == "skipped", stack.summary(run_id)
+    listed = stack.mlflow_api("GET", "/artifacts/list", params={"run_id": parent_id, "path": "report"})
+    assert {"report/report.html", "report/report.md"} <= {f["path"] for f in listed.get("files", [])}, listed
+    # The report links to each run where a browser on this machine opens the MLflow UI.
+    report = stack.exec("scheduler", "sh", "-c", f"cat {stack.outputs(run_id)['dir']}/report/report.md")
+    link = f"(http://localhost:{stack.mlflow_port}/#/experiments/{experiment['experiment_id']}/runs/{parent_id})"
+    assert link in report, report[-3000:]
+    # No champion on this stack yet.
+    alias = requests.get(
+        f"{stack.mlflow}/api/2.0/mlflow/registered-models/alias",
+        params={"name": REGISTERED_MODEL, "alias": "champion"}, timeout=30,
+    )  # fmt: skip
+    assert alias.status_code == 404, (alias.status_code, alias.text[:500])
+    # The Spark model's files are in the server's volume, nowhere in the scheduler (clients upload).
+    stored = stack.exec("mlflow", "find", "/opt/mlflow/artifacts", "-path", "*sparkml*", "-name", "*.parquet")
+    assert stored.split(), "no Spark model data in the mlflow-artifacts volume"
+    assert stack.exec("scheduler", "find", "/opt/mlflow/artifacts", "-type", "f").split() == []
+    stack.figures["mlflow"] = {"experiment_id": experiment["experiment_id"], "parent_run": parent_id,
+                               "children": {tags_of(c).get("covidct.kind"): c["info"]["run_id"] for c in children},
+                               "decision": tags.get("covidct.promotion.reason")}  # fmt: skip
+    stack.save()
+
+    # The registry's path on this stack, which the gate cannot take with random weights: the train
+    # job's logged model registered and made champion by hand (covidct.registry, in the scheduler),
+    # then covidct.registry.champion() downloads it through the server as a complete model folder.
+    script = (
+        "import json, sys\n"
+        "from covidct import paths, registry, tracking\n"
+        "info = tracking.read_info(paths.run_dir(sys.argv[1]) / 'vgg16')\n"
+        "before = registry.champion(sys.argv[2])\n"
+        "version = registry.register(info['models']['random70'], {'covidct.test': 'compose: by hand'})\n"
+        "registry.set_champion(version)\n"
+        "found = registry.champion(sys.argv[2])\n"
+        "files = sorted(str(p.relative_to(found.model_dir)) for p in found.model_dir.rglob('*') if p.is_file())\n"
+        "print(json.dumps({'before': before is not None, 'version': version, 'name': found.name,\n"
+        "                  'found_version': found.version, 'files': files}))\n"
+    )
+    out = stack.exec("scheduler", "python", "-c", script, run_id, "/tmp/covidct-champion-test")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["before"] is False and result["name"] == REGISTERED_MODEL, result
+    assert result["found_version"] == result["version"], result
+    files = result["files"]
+    assert any(f.startswith("metadata/part-00000") for f in files), files  # a PipelineModel folder
+    # Its stages' data, written by the executors on the worker, came through whole.
+    assert any(f.startswith("stages/") and "/data/" in f and f.endswith(".parquet") for f in files), files
+    alias = stack.mlflow_api("GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"})
+    assert alias["model_version"]["version"] == result["version"], alias
+    assert alias["model_version"]["run_id"] == train["info"]["run_id"], alias
 
 
 def test_bad_param_is_refused_and_creates_no_run(stack):

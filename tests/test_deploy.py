@@ -28,7 +28,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DAG_ID = "covid_ct_transfer_learning"
 AIRFLOW_SERVICES = {"airflow-init", "api-server", "scheduler", "dag-processor", "triggerer"}
 SPARK_SERVICES = {"spark-master", "spark-worker"}
-LONG_RUNNING = AIRFLOW_SERVICES - {"airflow-init"} | SPARK_SERVICES | {"postgres"}
+LONG_RUNNING = AIRFLOW_SERVICES - {"airflow-init"} | SPARK_SERVICES | {"postgres", "mlflow"}
 # Paths both the Spark driver (scheduler) and the executors (workers) read or write.
 SHARED_MOUNTS = ("/opt/covidct/var/data", "/opt/covidct/var/runs", "/opt/covidct/var/feature-cache")
 WEIGHTS_MOUNT = "/opt/covidct/weights"
@@ -220,7 +220,7 @@ def test_compose_binary_exit_status_is_real(tmp_path):
 
 
 def test_services_and_images(services):
-    assert set(services) == AIRFLOW_SERVICES | SPARK_SERVICES | {"postgres"}
+    assert set(services) == AIRFLOW_SERVICES | SPARK_SERVICES | {"postgres", "mlflow"}
     ours = {name: s for name, s in services.items() if name != "postgres"}
     images = {s["image"] for s in ours.values()}
     assert len(images) == 1, f"one image for Airflow and Spark, so driver and executors match: {images}"
@@ -241,17 +241,22 @@ def test_services_and_images(services):
 
 def test_ports_published_on_loopback_by_default_and_configurable(tmp_path, services):
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
-    assert set(published) == {"api-server", "spark-master"}  # the Airflow UI/API and the Spark master UI
+    # The Airflow UI/API, the Spark master UI and the MLflow UI/API.
+    assert set(published) == {"api-server", "spark-master", "mlflow"}
     for name, ports in published.items():
         assert all(p["host_ip"] == "127.0.0.1" for p in ports), (name, ports)
+    assert [(p["target"], p["published"]) for p in published["mlflow"]] == [(5000, "5000")]
     assert services["api-server"]["environment"]["AIRFLOW__API__BASE_URL"] == "http://localhost:8080"
-    overrides = {"COVIDCT_BIND_ADDRESS": "0.0.0.0", "COVIDCT_AIRFLOW_PORT": "18080", "COVIDCT_SPARK_UI_PORT": "18081"}
+    overrides = {"COVIDCT_BIND_ADDRESS": "0.0.0.0", "COVIDCT_AIRFLOW_PORT": "18080", "COVIDCT_SPARK_UI_PORT": "18081",
+                 "COVIDCT_MLFLOW_PORT": "15000"}  # fmt: skip
     result = run_compose(tmp_path, "config", "--format", "json", **overrides)
     assert result.returncode == 0, result.stderr
     changed = json.loads(result.stdout)["services"]
     assert [(p["host_ip"], p["published"]) for p in changed["api-server"]["ports"]] == [("0.0.0.0", "18080")]
     assert [(p["host_ip"], p["published"]) for p in changed["spark-master"]["ports"]] == [("0.0.0.0", "18081")]
+    assert [(p["host_ip"], p["published"]) for p in changed["mlflow"]["ports"]] == [("0.0.0.0", "15000")]
     assert changed["scheduler"]["environment"]["AIRFLOW__API__BASE_URL"] == "http://localhost:18080"
+    assert changed["scheduler"]["environment"]["COVIDCT_MLFLOW_UI_URL"] == "http://localhost:15000"
 
 
 def test_base_images_can_come_from_another_registry(tmp_path):
@@ -398,6 +403,98 @@ def test_runtime_secrets_match_what_airflow_init_writes(services):
     assert "/opt/covidct/docker/init_secrets.py" in script.read_text()
     assert repo_path_of("/opt/covidct/docker/init_secrets.py") == ROOT / "docker" / "init_secrets.py"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+# --------------------------------------------------------------------------- the MLflow server
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_mlflow_server_service(services):
+    """The tracking server: its own database in the stack's Postgres, artifacts in a volume it serves."""
+    from sqlalchemy.engine import make_url
+
+    mlflow = services["mlflow"]
+    command = mlflow["command"]
+    assert command[:2] == ["mlflow", "server"] and "--serve-artifacts" in command
+    assert option(command, "--host") == "0.0.0.0"  # inside its container; published on 127.0.0.1 only
+    destination = option(command, "--artifacts-destination")
+    assert mounts(mlflow)[destination]["type"] == "volume", "artifacts must outlive the container"
+    volume = mounts(mlflow)[destination]["source"]
+    # Only the server holds the artifacts: clients upload and download them over HTTP.
+    for name, service in services.items():
+        if name != "mlflow":
+            assert volume not in {m["source"] for m in service.get("volumes", [])}, name
+    store = make_url(mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"])
+    assert store.drivername == "postgresql+psycopg2" and store.port == 5432
+    postgres = services[store.host]["environment"]
+    assert (store.username, store.password) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
+    assert store.database == "mlflow" != postgres["POSTGRES_DB"]  # its own database, not Airflow's
+    # airflow-init creates that database (idempotently) before the server starts.
+    init_env = services["airflow-init"]["environment"]
+    assert init_env["MLFLOW_BACKEND_STORE_URI"] == mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert mlflow["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    script = repo_path_of("/opt/covidct/docker/airflow-init.sh").read_text()
+    assert "python /opt/covidct/docker/init_mlflow_db.py" in script
+    assert repo_path_of("/opt/covidct/docker/init_mlflow_db.py") == ROOT / "docker" / "init_mlflow_db.py"
+    # Every Airflow service (its tasks, and the Spark drivers in the scheduler) tracks on it by name.
+    port = option(command, "--port")
+    published = mlflow["ports"][0]["published"]
+    for name in AIRFLOW_SERVICES:
+        assert services[name]["environment"]["MLFLOW_TRACKING_URI"] == f"http://mlflow:{port}", name
+        # The report links to the runs as a browser on this machine opens them.
+        assert services[name]["environment"]["COVIDCT_MLFLOW_UI_URL"] == f"http://localhost:{published}", name
+    assert services["scheduler"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    assert [p["target"] for p in mlflow["ports"]] == [int(port)]
+    assert mlflow["healthcheck"]["test"][-1] == f"http://localhost:{port}/health"
+    # Host headers it accepts: its service name (the tasks) and loopback names on any port (a browser
+    # on the published port), nothing else (DNS-rebinding protection stays on).
+    allowed = option(command, "--allowed-hosts").split(",")
+    assert set(allowed) == {f"mlflow:{port}", "localhost:*", "127.0.0.1:*"}, allowed
+    assert "--disable-security-middleware" not in command
+    # The image has the server (the full mlflow package, not only mlflow-skinny) and the driver.
+    import tomllib
+
+    installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    installed += (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+    names = {re.split(r"[<>=!\[; ]", line.strip(), maxsplit=1)[0].lower() for line in installed if line.strip()}
+    assert {"mlflow", "psycopg2-binary"} <= names, names
+
+
+def test_named_volumes_mount_over_folders_the_image_owns(services):
+    """A new named volume copies the owner of the folder it mounts over: the image's user must own
+    it, else the services (not root) cannot write there."""
+    made, owned = set(), set()
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "RUN" and "mkdir -p" in rest:
+            for step in rest.split("&&"):
+                words = step.split()
+                if words[:2] == ["mkdir", "-p"]:
+                    made |= {PurePosixPath(w) for w in words[2:]}
+                elif words[:2] == ["chown", "-R"]:
+                    owned |= {PurePosixPath(w) for w in words[3:]}
+    for name, service in services.items():
+        if name == "postgres":
+            continue
+        for target, mount in mounts(service).items():
+            if mount["type"] == "volume":
+                path = PurePosixPath(target)
+                assert path in made, f"{name}: the image does not create {target}"
+                assert any(o == path or o in path.parents for o in owned), f"{name}: {target} not chowned"
+
+
+def test_init_mlflow_db_refuses_a_wrong_uri(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("init_mlflow_db", ROOT / "docker" / "init_mlflow_db.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for value in ("", "sqlite:////tmp/mlflow.db", "postgresql+psycopg2://airflow@postgres:5432", "not a uri"):
+        monkeypatch.setenv(module.URI_ENV, value)
+        assert module.main() == 2, value
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
 # --------------------------------------------------------------------------- compose <-> DAG
