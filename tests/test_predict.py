@@ -55,6 +55,7 @@ def test_unreadable_files_are_listed_and_the_rest_scored(small_model, small_data
     scored = rows[rows.error == ""]
     assert len(scored) == 4 and set(scored.prediction) <= {"COVID", "non-COVID"}
     assert any(p.endswith("/more/" + Path(p).name) for p in scored.path)  # sub-folders too
+    assert all(p.startswith(f"file:{folder}/") for p in rows.path)  # as Spark's `path` columns write them
     unreadable = {Path(r.path).name: r.error for r in rows[rows.error != ""].itertuples()}
     assert unreadable.keys() == bad.keys()
     for name, reason in bad.items():

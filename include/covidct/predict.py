@@ -17,7 +17,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -100,6 +100,12 @@ def _read_file(path: str) -> tuple[bytes | None, str | None]:
         return None, f"cannot read the file: {exc.strerror or exc}"
 
 
+def _as_path(uri: str) -> str:
+    """``file:///a/b%25c.png`` (the file index's URIs) as Spark's ``path`` columns write it: ``file:/a/b%c.png``."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}:{unquote(parts.path)}" if parts.scheme == "file" else unquote(uri)
+
+
 def _check_udf():
     schema = StructType([StructField("content", BinaryType()), StructField("problem", StringType())])
 
@@ -127,7 +133,7 @@ def read_images(spark, images: Path) -> ImageFiles:
     listed = (
         spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(Path(images).absolute().as_uri())
     )
-    files = sorted(unquote(uri) for uri in listed.inputFiles())  # as URIs (%-escaped); `path` columns are not
+    files = sorted(_as_path(uri) for uri in listed.inputFiles())
     slices = max(spark.sparkContext.defaultParallelism, math.ceil(len(files) / FILES_PER_TASK))
     paths = spark.sparkContext.parallelize([(f,) for f in files], slices).toDF("path string")
     checked = (
