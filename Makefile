@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: venv test test-fast lint run ui weights bench clean
+.PHONY: venv test test-fast lint run ui mlflow-ui weights bench clean
 
 # Create or refresh the venv; a no-op while pyproject.toml and constraints.txt are unchanged.
 $(STAMP): pyproject.toml constraints.txt
@@ -43,6 +43,11 @@ run: venv
 # The Airflow UI on http://localhost:8080 (airflow standalone); Ctrl-C stops it cleanly.
 ui: venv
 	$(BIN)/python -m covidct.localstack ui
+
+# The MLflow UI on http://127.0.0.1:5000 (COVIDCT_MLFLOW_UI_PORT) over the runs of make run / make ui:
+# $MLFLOW_TRACKING_URI, else var/mlflow/mlflow.db (COVIDCT_HOME=var as make run). Ctrl-C stops it.
+mlflow-ui: venv
+	COVIDCT_HOME=$${COVIDCT_HOME:-$(CURDIR)/var} $(BIN)/python -m covidct.tracking ui
 
 # Development helper: genuine ImageNet weights for VGG16/VGG19/Xception built offline into
 # var/weights by a tool in the development checkout's neighbouring folder (../shared/tools).

@@ -19,6 +19,14 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    calibration, McNemar; mean ± sd over seeds); it runs when at least one chosen backbone succeeded
    and names those that failed (a run with a failed backbone stays green if the report could compare
    the rest; the failed task is red).
+7. **promote** compares the run's best model on the official split (a backbone or the ensemble) with
+   the registry's champion (`covid-ct@champion`) on the same test images: promoted when a paired
+   patient-level bootstrap of the AUC difference has its 95 % lower bound at or above -0.02 (the
+   first run promotes; random weights never). On promotion it emits the `covid_ct_champion` asset
+   event; otherwise it is skipped (no event).
+
+MLflow: one parent run per DAG run (created by select_backbones), a child run per train job and
+for the ensemble, the report and the promotion decision on the parent (`covidct.tracking`).
 
 Outputs: `$COVIDCT_HOME/runs/<run id>/<backbone>/<split>/`, `.../ensemble/` and `.../report/`.
 
@@ -38,6 +46,7 @@ from airflow.sdk import CronTriggerTimetable, Param, chain, dag, task
 from covidct import alerts, bounds, paths, pipeline, policy
 from covidct.backbone import POOLINGS, PRECISIONS
 from covidct.operators import TransferLearningSubmitOperator
+from covidct.registry import CHAMPION_ASSET
 from covidct.split import SEEDS_PATTERN, SPLITS
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
@@ -141,7 +150,9 @@ def covid_ct_transfer_learning():
 
     @task.branch
     def select_backbones(params=None) -> list[str]:
-        return pipeline.select_backbones(params["backbones"], params["pooling"])
+        chosen = pipeline.select_backbones(params["backbones"], params["pooling"])
+        pipeline.start_tracking(params)  # the DAG run's MLflow parent run, before the train jobs
+        return chosen
 
     # all_done, not all_done_min_one_success: the latter skips when a backbone was not chosen.
     # The task itself fails when no chosen backbone succeeded.
@@ -156,6 +167,11 @@ def covid_ct_transfer_learning():
         train_ids = [pipeline.train_task_id(b) for b in params["backbones"]]
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id], task_ids=train_ids)[run_id]
         return pipeline.build_run_report(str(paths.run_dir(run_id)), params["backbones"], states)
+
+    # Emits the champion asset's event only when it promotes (otherwise it skips itself).
+    @task(outlets=[CHAMPION_ASSET], execution_timeout=timedelta(minutes=10))
+    def promote(run_id=None, outlet_events=None) -> dict:
+        return pipeline.promote_run(str(paths.run_dir(run_id)), outlet_events)
 
     data_dir = fetch_dataset()
     trains = [
@@ -191,7 +207,7 @@ def covid_ct_transfer_learning():
         )
         for backbone in pipeline.DAG_BACKBONES
     ]
-    chain(data_dir, validate_dataset(data_dir), select_backbones(), trains, ensemble(), report())
+    chain(data_dir, validate_dataset(data_dir), select_backbones(), trains, ensemble(), report(), promote())
 
 
 bounds.apply(covid_ct_transfer_learning())

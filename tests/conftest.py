@@ -34,6 +34,9 @@ os.environ.update(
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
     }
 )
+# MLflow tracking (covidct.tracking) is off unless a test turns it on (tests/test_tracking.py does):
+# the other tests' jobs and DAG runs then log nothing, and pay nothing for it.
+os.environ.setdefault("COVIDCT_TRACKING", "off")
 
 
 @pytest.fixture(scope="session")

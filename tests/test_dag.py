@@ -43,7 +43,8 @@ def test_tasks_and_dependencies(dag):
         "select_backbones": TRAIN_TASKS,
         **{t: {"ensemble"} for t in TRAIN_TASKS},
         "ensemble": {"report"},
-        "report": set(),
+        "report": {"promote"},
+        "promote": set(),
     }
     assert dag.task_dict["ensemble"].trigger_rule == "all_done"
     assert dag.task_dict["report"].trigger_rule == "all_done"

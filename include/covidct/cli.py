@@ -78,10 +78,17 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--cache", choices=["on", "off"], default="on", help="off: featurize every image, no cache")
     p.add_argument("--no-cache", dest="cache", action="store_const", const="off", help="same as --cache off")
+    p.add_argument(
+        "--tracking",
+        choices=["on", "off"],
+        help="log an MLflow run (params, metrics, metrics.json, the models) to $MLFLOW_TRACKING_URI, else "
+        "$COVIDCT_HOME/mlflow/mlflow.db (default: on, unless COVIDCT_TRACKING=off)",
+    )
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
+    from covidct import tracking
     from covidct.cache import default_cache_dir
     from covidct.train import TrainConfig, train
 
@@ -107,6 +114,7 @@ def _cmd_train(args) -> int:
         seeds=args.seeds if args.seeds and args.seeds.strip() else None,
         stack_folds=args.stack_folds,
         stack_seeds=args.stack_seeds,
+        tracking=(args.tracking or ("on" if tracking.enabled() else "off")) == "on",
     )
     results = train(config)
     for split, m in results.items():

@@ -138,6 +138,11 @@ def build_run_ensemble(run_dir: str, backbones: list[str], states: dict[str, str
     except CovidctError as exc:
         raise AirflowFailException(str(exc)) from exc
     log.info("ensemble: %s (%s)", result.out, "+".join(result.members))
+    from covidct import tracking
+
+    logged = tracking.log_ensemble(result.out, result.splits)  # None outside Airflow or with tracking off
+    if logged is not None:
+        tracking.write_info(result.out, logged)
     return str(result.out)
 
 
@@ -154,5 +159,46 @@ def build_run_report(run_dir: str, backbones: list[str], states: dict[str, str |
 
     failures = failures_from_states(states, backbones)
     report = build_report([Path(run_dir)], expected_backbones=list(backbones), failures=failures)
+    from covidct import tracking
+
+    tracking.log_report(report.out)  # the MLflow runs into the report, the report into the parent run
     log.info("report: %s (markdown: %s)", report.html, report.markdown)
     return str(report.html)
+
+
+def start_tracking(params: Mapping) -> str | None:
+    """The DAG run's MLflow parent run, created before the train jobs (which find it by its tags)."""
+    from covidct import tracking
+
+    run = tracking.start_dag_run(dict(params))
+    if run is not None:
+        log.info("MLflow parent run %s at %s", run, tracking.tracking_uri())
+    return run
+
+
+def promote_run(run_dir: str, outlet_events=None) -> dict:
+    """The promotion gate (``covidct.promotion``): on promotion, the champion asset's event gets the
+    new version as its extra; otherwise the task is skipped, so that no asset event is emitted.
+    """
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from covidct import promotion, registry, tracking
+
+    if not tracking.enabled():
+        raise AirflowSkipException("MLflow tracking is off (COVIDCT_TRACKING=off): no registry, nothing promoted")
+    with retry_only_transient():
+        decision = promotion.promote(Path(run_dir), tracking.current_parent())
+        tracking.finish_dag_run()
+    if not decision.promoted:
+        raise AirflowSkipException(f"not promoted: {decision.reason}")
+    extra = {
+        "name": registry.REGISTERED_MODEL,
+        "version": decision.version,
+        "model": decision.challenger,
+        "kind": decision.challenger_kind,
+        "official_auc": decision.challenger_auc,
+        "run_dir": str(run_dir),
+    }
+    if outlet_events is not None:
+        outlet_events[registry.CHAMPION_ASSET].extra = extra
+    return decision.to_json()

@@ -73,6 +73,7 @@ class TrainConfig:
     seeds: list[int] | None = None  # random70 repeated per seed (features reused); None: only ``seed``
     stack_folds: int = STACK_FOLDS  # out-of-fold predictions for the stacked ensemble; 0: none
     stack_seeds: bool = False  # also per seed (folds x seeds more LR fits): the stacked ensemble over seeds
+    tracking: bool = False  # log an MLflow run (covidct.tracking); the CLI and the DAG's job turn it on
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -181,6 +182,7 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
     data.count()
 
     results: dict[str, dict] = {}
+    models: dict[str, PipelineModel] = {}
     with atomic_dir(config.out, what="train job") as staging:
         # One split: OUT/metrics.json ...; several: OUT/<split>/metrics.json ...
         targets = {s: staging if len(config.splits) == 1 else staging / s for s in config.splits}
@@ -200,7 +202,7 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
         }
         for split, target in targets.items():
             target.mkdir(parents=True, exist_ok=True)
-            metrics = fit_and_evaluate(config, split, data, featurizer, target, weights_id)
+            metrics = fit_and_evaluate(config, split, data, featurizer, target, weights_id, models)
             metrics.update(shared)
             metrics["timings"] = {"featurize_s": round(featurize_s, 3), **metrics["timings"]}
             results[split] = metrics
@@ -211,6 +213,10 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
         for split, metrics in results.items():
             metrics["timings"]["total_s"] = round(total_s, 3)
             (targets[split] / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if config.tracking:  # inside the staging: a job whose run could not be logged publishes nothing
+            from covidct import tracking
+
+            tracking.write_info(staging, tracking.log_train(config, results, models, targets, staging))
     data.unpersist()
     feats.unpersist()
     meta.unpersist()
@@ -301,7 +307,13 @@ def repeat_seeds(config: TrainConfig, data: DataFrame, target: Path, shared: dic
 
 
 def fit_and_evaluate(
-    config: TrainConfig, split: str, data: DataFrame, featurizer: DeepImageFeaturizer, target: Path, weights_id: str
+    config: TrainConfig,
+    split: str,
+    data: DataFrame,
+    featurizer: DeepImageFeaturizer,
+    target: Path,
+    weights_id: str,
+    models: dict | None = None,
 ) -> dict:
     """Fit LR on the split's train part, evaluate its test part, save model + predictions (+ out-of-fold)."""
     assigned = splitlib.assign(data, split, config.seed, config.data_dir)
@@ -319,7 +331,10 @@ def fit_and_evaluate(
     log.info("%s %s: accuracy %.4f on %d test images (fit %.1f s)", config.backbone, split,
              metrics["accuracy"], n_test, fit_s)  # fmt: skip
     # The saved model classifies new images end to end: image bytes -> features -> LR.
-    PipelineModel(stages=[featurizer, lr_model]).write().save((target / "model").as_uri())
+    model = PipelineModel(stages=[featurizer, lr_model])
+    model.write().save((target / "model").as_uri())
+    if models is not None:  # kept for MLflow (covidct.tracking logs it with the Spark flavour)
+        models[split] = model
     # Each row records the weights it came from ("random-seedN" marks random weights).
     out = covid_probability(predictions).withColumn("weights_id", F.lit(weights_id))
     out.coalesce(1).write.parquet((target / "predictions.parquet").as_uri())
