@@ -87,3 +87,26 @@ def processes_of_airflow_home(airflow_home: Path) -> list[str]:
         except OSError:
             continue
     return left
+
+
+@pytest.fixture(scope="session")
+def small_model(spark, small_dataset, tmp_path_factory) -> Path:
+    """A saved PipelineModel (ResNet50 features with random weights + LR) fitted on the synthetic images.
+
+    Cheaper than a whole ``covidct train`` (no splits, evaluation or out-of-fold fits) for tests
+    that only need a model folder ``covidct predict`` and ``covidct score`` accept.
+    """
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.classification import LogisticRegression
+
+    from covidct.dataset import load_images
+    from covidct.featurizer import DeepImageFeaturizer
+
+    featurizer = DeepImageFeaturizer(inputCol="image", outputCol="features", modelName="ResNet50", weights="none")
+    features = featurizer.transform(load_images(spark, small_dataset)).select("features", "label").persist()
+    lr = LogisticRegression(maxIter=10, regParam=0.05, labelCol="label").fit(features)  # features computed once
+    features.unpersist()
+    model = PipelineModel(stages=[featurizer, lr])
+    out = tmp_path_factory.mktemp("small-model") / "model"
+    model.save(out.as_uri())
+    return out

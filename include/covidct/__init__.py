@@ -13,7 +13,8 @@ The modules, one concept each:
 - ``cache``      the incremental feature cache (Parquet keyed by image sha256 + weights + pooling)
 - ``evaluate``   held-out metrics with pyspark.ml's evaluators
 - ``train``      featurize + fit logistic regression + evaluate, written atomically
-- ``predict``    classifying new images with a saved model
+- ``predict``    classifying new images with a saved model (unreadable files listed, the rest scored)
+- ``scoring``    scoring new scans with the champion, each image once per model version (a ledger)
 - ``report``     comparing backbones (``stats``: bootstrap CIs, McNemar; ``plots``: figures)
 - ``pipeline``   what the Airflow DAG's tasks do; ``operators``: its spark-submit operator
 - ``policy``     the operator's allowlist for trigger params (data sources, weights files)

@@ -30,7 +30,8 @@ passes the alert's definition where the scheduler passes its id (``DagRun.update
 
 Each bound is overridable in the environment of the Airflow processes that parse the
 DAG (dag-processor, scheduler and workers alike), in seconds: ``COVIDCT_TIMEOUT_FETCH_S``,
-``..._VALIDATE_S``, ``..._SELECT_S``, ``..._TRAIN_S``, ``..._ENSEMBLE_S``, ``..._REPORT_S``, ``..._RUN_S`` and
+``..._VALIDATE_S``, ``..._SELECT_S``, ``..._TRAIN_S``, ``..._ENSEMBLE_S``, ``..._REPORT_S``, ``..._RUN_S``, the
+scoring DAG's ``..._CHAMPION_S``, ``..._SCORE_S``, ``..._SCORING_RUN_S`` and
 ``COVIDCT_RUN_DEADLINE_S`` (the overdue alert; unset or 0: none). Environment variables,
 not Airflow Variables: they are read each time the DAG file is parsed, where a Variable
 would cost a metadata-database call per parse.
@@ -53,6 +54,11 @@ DEFAULTS_S: dict[str, int] = {
     "ensemble": 10 * MINUTE,
     "report": 10 * MINUTE,
     "run": 195 * MINUTE,
+    # The scoring DAG (covid_ct_scoring): resolving and downloading the champion; the Spark job,
+    # whose bound is train's (it featurizes like one); its run: both with their retries.
+    "champion": 10 * MINUTE,
+    "score": 40 * MINUTE,
+    "scoring_run": 150 * MINUTE,
 }
 DEADLINE_ENV = "COVIDCT_RUN_DEADLINE_S"
 DEFAULT_DEADLINE_S = 0  # off: see above

@@ -1,4 +1,4 @@
-"""The ``covidct`` command line: fetch, validate, train, predict, report, cache.
+"""The ``covidct`` command line: fetch, validate, train, predict, score, ensemble, report, cache.
 
 User mistakes (bad arguments, missing files, undecodable images, unavailable weights,
 failed validation) end with a one-line ``error: ...`` and exit status 2 (1 for a
@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from covidct import executors
@@ -19,6 +20,7 @@ from covidct.errors import CovidctError
 from covidct.locks import DEFAULT_WAIT
 
 log = logging.getLogger("covidct")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _add_train(sub) -> None:
@@ -135,13 +137,38 @@ def _add_predict(sub) -> None:
     )
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images (recursive)")
     p.add_argument("--out", type=Path, help="write a CSV here (default: print)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 2, nothing scored) if any file cannot be scored; by default unreadable files are "
+        "listed with the reason and the rest are scored",
+    )
+    p.add_argument(
+        "--log",
+        type=Path,
+        help="where Spark's and TensorFlow's own output goes (default: $COVIDCT_HOME/logs/predict-<time>.log)",
+    )
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
+    from covidct import paths
     from covidct.predict import predict
 
-    rows = predict(args.model, args.images, args.out)
+    log_path = args.log or paths.home() / "logs" / f"predict-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Spark and TensorFlow output: {log_path}", file=sys.stderr)
+    handler = logging.FileHandler(log_path)  # our own lines (the unreadable files among them) go there too
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    try:
+        rows = predict(args.model, args.images, args.out, strict=args.strict, spark_log=log_path)
+    except CovidctError as exc:  # the terminal gets it from main(); the log gets it here
+        handler.stream.write(f"error: {exc}\n")
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
     if args.out is None:
         for r in rows:
             line = f"{r['probability']:.4f}\t{'COVID' if r['prediction'] else 'non-COVID'}\t{r['path']}"
@@ -150,8 +177,68 @@ def _cmd_predict(args) -> int:
                 parts += [f"stacked {r['stacked']:.4f}"] if "stacked" in r else []
                 line += f"\t({r['method']}; {', '.join(parts)})"
             print(line)
+        for u in rows.unreadable:
+            print(f"     -\tunreadable\t{u.path}\t({u.reason})")
     else:
         print(f"wrote {len(rows)} predictions to {args.out}")
+    if rows.unreadable:
+        n = len(rows) + len(rows.unreadable)
+        print(
+            f"{len(rows.unreadable)} of {n} files could not be scored (unreadable: listed "
+            f"{'above' if args.out is None else 'in ' + str(args.out)} and in {log_path}, with the reason)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score", help="score a folder of new scans with a model, each image once per model version (a ledger)"
+    )
+    p.add_argument("--images", required=True, type=Path, help="the folder of scans (recursive)")
+    p.add_argument("--model", required=True, type=Path, help="a model/ folder of `covidct train` or RUN_DIR/ensemble")
+    p.add_argument("--model-name", required=True, help="the model's name (e.g. the registered model covid-ct)")
+    p.add_argument("--model-version", required=True, help="its version: a new version scores every image again")
+    p.add_argument("--out", required=True, type=Path, help="the run's output folder (written atomically)")
+    p.add_argument("--ledger", type=Path, help="what was scored (default: $COVIDCT_HOME/scores/_ledger)")
+    p.add_argument("--strict", action="store_true", help="fail (nothing scored) if any file cannot be scored")
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        metavar="SECONDS",
+        help=f"if another job scores with the same model version, wait this long for it (default {DEFAULT_WAIT:.0f})",
+    )
+    p.set_defaults(func=_cmd_score)
+
+
+def _cmd_score(args) -> int:
+    from covidct.scoring import ScoreConfig, score_folder
+
+    if args.confined:  # the scoring DAG's job: the folder came from a trigger param
+        from covidct.policy import FOLDER_PATTERN, Policy, check_pattern
+
+        check_pattern(str(args.images), FOLDER_PATTERN, "--images")
+        args.images = Path(Policy.from_env().check_folder(str(args.images)))
+    config = ScoreConfig(
+        images=args.images,
+        model_dir=args.model,
+        model_name=args.model_name,
+        model_version=args.model_version,
+        out=args.out,
+        ledger=args.ledger,
+        strict=args.strict,
+        lock_wait=args.lock_wait,
+    )
+    s = score_folder(config)
+    print(
+        f"{s['model']['name']} version {s['model']['version']}: {s['files']} files in {s['folder']}: "
+        f"{s['scored_new']} images scored, {s['already_scored']} already scored by this version, "
+        f"{s['unreadable']} unreadable"
+    )
+    for u in s["unreadable_files"]:
+        print(f"  unreadable, not scored: {u['path']}: {u['reason']}")
+    print(f"wrote {s['out']}")
     return 0
 
 
@@ -273,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidct", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_fetch, _add_validate, _add_train, _add_predict, _add_ensemble, _add_report, _add_cache):
+    for add in (_add_fetch, _add_validate, _add_train, _add_predict, _add_score, _add_ensemble, _add_report,
+                _add_cache):  # fmt: skip
         add(sub)
     return parser
 
@@ -284,7 +372,7 @@ def main(argv: list[str] | None = None, *, confined: bool = False) -> int:
     args.confined = confined
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)

@@ -57,6 +57,21 @@ def decode(data: bytes, size: int, name: str = "<bytes>") -> np.ndarray:
     return np.asarray(img, dtype=np.float32)
 
 
+_CHECKED = "<checked>"
+
+
+def problem(data: bytes | None) -> str | None:
+    """Why these bytes cannot be scored (``not a recognised image format``, ``image file is truncated``...),
+    or None when they decode fully and convert to RGB: the featurizer will take them."""
+    try:
+        to_rgb(open_image(data, _CHECKED))
+    except ImageDecodeError as exc:
+        return str(exc).removeprefix(f"cannot decode image {_CHECKED}: ")
+    except Exception as exc:  # noqa: BLE001 - an image PIL opens but cannot convert (an exotic mode)
+        return f"cannot convert to RGB: {exc}"
+    return None
+
+
 def from_image_struct(row, size: int) -> np.ndarray:
     """A row of Spark's image data source (BGR(A) or gray bytes) -> float32 RGB array."""
     name = row.get("origin") or "<image struct>"

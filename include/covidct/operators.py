@@ -1,4 +1,4 @@
-"""The Airflow operator that submits the transfer-learning job (a SparkSubmitOperator)."""
+"""The Airflow operators that submit the covidct Spark jobs (SparkSubmitOperators): training and scoring."""
 
 from __future__ import annotations
 
@@ -93,3 +93,8 @@ class TransferLearningSubmitOperator(SparkSubmitOperator):
             if killed:
                 log.warning("Killed after %.0f s without exiting: pids %s", KILL_GRACE_S, killed)
         super().on_kill()  # cluster-mode drivers, YARN applications, Kubernetes pods
+
+
+class ScoringSubmitOperator(TransferLearningSubmitOperator):
+    """``spark-submit`` of ``jobs/score.py`` (the scoring DAG): the same cluster connection, the same
+    handling of user errors (exit status 2: failed at once, with the job's line) and of kills."""

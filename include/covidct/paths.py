@@ -3,6 +3,8 @@
     $COVIDCT_HOME/data/COVID-CT         the fetched, validated dataset
     $COVIDCT_HOME/runs/<run id>/...     one folder per pipeline run (never shared by two runs)
     $COVIDCT_HOME/feature-cache/        cached features ($COVIDCT_CACHE_DIR overrides)
+    $COVIDCT_HOME/incoming/             new scans the scoring DAG scores ($COVIDCT_INCOMING_DIR overrides)
+    $COVIDCT_HOME/scores/<run id>/...   one folder per scoring run; scores/_ledger/: what each model version scored
 
 ``make run`` uses the project's ``var/``; the docker-compose stack ``/opt/covidct/var``.
 """
@@ -14,6 +16,7 @@ import re
 from pathlib import Path
 
 HOME_ENV = "COVIDCT_HOME"
+INCOMING_ENV = "COVIDCT_INCOMING_DIR"
 
 
 def home() -> Path:
@@ -40,3 +43,14 @@ def safe_name(value: str) -> str:
 def run_dir(run_id: str) -> Path:
     """The folder of one pipeline run: ``$COVIDCT_HOME/runs/<run id made path-safe>``."""
     return runs_dir() / safe_name(run_id)
+
+
+def scores_dir() -> Path:
+    """Where the scoring DAG writes: ``scores/<run id>/`` per run, ``scores/_ledger/`` (what was scored)."""
+    return home() / "scores"
+
+
+def incoming_dir() -> Path:
+    """The folder of new scans the scoring DAG scores by default: ``$COVIDCT_INCOMING_DIR``, else ``incoming/``."""
+    value = os.environ.get(INCOMING_ENV)
+    return Path(value).expanduser().absolute() if value else home() / "incoming"

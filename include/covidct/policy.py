@@ -6,9 +6,11 @@ input. The operator confines them with the workers' environment (never with a pa
     COVIDCT_ALLOWED_SOURCES       data sources a run may name: base URLs (scheme://host[:port][/path])
                                   and absolute folders, separated by commas or new lines
     COVIDCT_ALLOWED_WEIGHTS_DIRS  folders a weights file may come from, separated likewise
+    COVIDCT_ALLOWED_SCORING_DIRS  folders the scoring DAG may score images from, separated likewise
 
 Always allowed besides: upstream (``$COVIDCT_UPSTREAM_URL``, else GitHub), the operator's own
-``$COVIDCT_DATA_SOURCE`` and ``$COVIDCT_WEIGHTS_DIR``. ``*`` in either setting allows anything
+``$COVIDCT_DATA_SOURCE``, ``$COVIDCT_WEIGHTS_DIR`` and the incoming folder of new scans
+(``$COVIDCT_INCOMING_DIR``, else ``$COVIDCT_HOME/incoming``). ``*`` in any of these settings allows anything
 (a deployment whose every UI user may use the workers freely).
 
 - A folder is resolved (symbolic links, ``..``) before it is compared, and must lie inside an
@@ -37,9 +39,11 @@ from urllib3.util import parse_url as urllib3_parse_url
 
 from covidct.backbone import WEIGHTS_DIR_ENV, normalize_weights
 from covidct.errors import CovidctError
+from covidct.paths import INCOMING_ENV, incoming_dir
 
 SOURCES_ENV = "COVIDCT_ALLOWED_SOURCES"
 WEIGHTS_DIRS_ENV = "COVIDCT_ALLOWED_WEIGHTS_DIRS"
+SCORING_DIRS_ENV = "COVIDCT_ALLOWED_SCORING_DIRS"
 DATA_SOURCE_ENV = "COVIDCT_DATA_SOURCE"
 ANY = "*"
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -52,6 +56,8 @@ _URL = r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+=,/-]*)?"
 WEIGHTS_PATTERN = rf"^(imagenet|none|{_PATH})$"
 #: The ``data_source`` param: empty or upstream (the default), an http(s) base URL, or an absolute folder.
 SOURCE_PATTERN = rf"^(|upstream|{_URL}|{_PATH})$"
+#: The scoring DAG's ``folder`` param: empty (the operator's incoming folder) or an absolute folder.
+FOLDER_PATTERN = rf"^(|{_PATH})$"
 MAX_LENGTH = 1024
 
 _HOST = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
@@ -150,8 +156,10 @@ class Policy:
     source_urls: tuple[Origin, ...] = ()
     source_dirs: tuple[Path, ...] = ()
     weights_dirs: tuple[Path, ...] = ()
+    scoring_dirs: tuple[Path, ...] = ()
     any_source: bool = False
     any_weights: bool = False
+    any_scoring: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Policy:
@@ -183,12 +191,24 @@ class Policy:
                 weights_dirs.append(resolve_path(entry))
             except CovidctError as exc:
                 raise PolicyError(f"bad entry in {WEIGHTS_DIRS_ENV} / {WEIGHTS_DIR_ENV}: {exc}") from None
+        scoring = _entries(env.get(SCORING_DIRS_ENV))
+        incoming = env.get(INCOMING_ENV)
+        scoring_dirs = [Path(incoming).expanduser().resolve() if incoming else incoming_dir().resolve()]
+        for entry in scoring:
+            if entry == ANY:
+                continue
+            try:
+                scoring_dirs.append(resolve_path(entry))
+            except CovidctError as exc:
+                raise PolicyError(f"bad entry in {SCORING_DIRS_ENV}: {exc}") from None
         return cls(
             source_urls=tuple(urls),
             source_dirs=tuple(dirs),
             weights_dirs=tuple(weights_dirs),
+            scoring_dirs=tuple(scoring_dirs),
             any_source=ANY in sources,
             any_weights=ANY in weights,
+            any_scoring=ANY in scoring,
         )
 
     # --- data sources ------------------------------------------------------------------------
@@ -247,6 +267,25 @@ class Policy:
             f"weights file {value!r} (resolved: {path}) is not inside a folder the operator allows; "
             f"allowed folders: {_listed(self.weights_dirs)}. To allow it, add its folder to {WEIGHTS_DIRS_ENV} "
             f"(or put it into ${WEIGHTS_DIR_ENV}) on the workers"
+        )
+
+    # --- folders of new scans (the scoring DAG) ------------------------------------------------
+
+    def check_folder(self, folder: str | None) -> str:
+        """The resolved folder of scans to score (empty: the incoming folder); PolicyError if not allowed."""
+        text = "" if folder is None else str(folder).strip()
+        if not text:  # the operator's incoming folder (the first entry)
+            return str(self.scoring_dirs[0] if self.scoring_dirs else incoming_dir().resolve())
+        try:
+            path = resolve_path(text)
+        except CovidctError as exc:
+            raise PolicyError(f"folder {exc}") from None
+        if self.any_scoring or any(path.is_relative_to(d) for d in self.scoring_dirs):
+            return str(path)
+        raise PolicyError(
+            f"folder {text!r} (resolved: {path}) is not inside a folder the operator allows; allowed folders: "
+            f"{_listed(self.scoring_dirs)}. To allow it, add it to {SCORING_DIRS_ENV} (or put the scans into "
+            f"$COVIDCT_INCOMING_DIR) on the workers"
         )
 
     def check_params(self, params: Mapping) -> None:

@@ -13,7 +13,8 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
@@ -34,8 +35,15 @@ DEFAULTS = {
 }
 
 
-def get_spark(app_name: str = "covidct", conf: dict[str, str] | None = None) -> SparkSession:
-    """Get or create the session: spark-submit's settings win, then ``conf``, then DEFAULTS."""
+def get_spark(
+    app_name: str = "covidct", conf: dict[str, str] | None = None, *, jvm_output: str | Path | None = None
+) -> SparkSession:
+    """Get or create the session: spark-submit's settings win, then ``conf``, then DEFAULTS.
+
+    ``jvm_output``: a file that receives the JVM's stdout and stderr (Spark's log, and what its
+    Python workers print: TensorFlow's messages, task tracebacks) when this call starts the JVM,
+    so that a command line keeps them off the user's terminal. Ignored when a JVM already runs.
+    """
     if os.environ.get("PYSPARK_GATEWAY_PORT"):
         # Under spark-submit the JVM already runs and holds its settings (--master, --conf):
         # connect to it first, else SparkConf() is an empty Python dict and sees none of them.
@@ -53,10 +61,33 @@ def get_spark(app_name: str = "covidct", conf: dict[str, str] | None = None) -> 
     for key, value in {**DEFAULTS, **(conf or {})}.items():
         if not given.contains(key):
             builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    starts_jvm = SparkContext._gateway is None and not os.environ.get("PYSPARK_GATEWAY_PORT")
+    with _output_to(Path(jvm_output)) if jvm_output is not None and starts_jvm else nullcontext():
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("COVIDCT_SPARK_LOG_LEVEL", "WARN"))
     executors.watch(spark)  # a no-op in local mode
     return spark
+
+
+@contextmanager
+def _output_to(path: Path):
+    """File descriptors 1 and 2 go to ``path`` for the block: what starts in it (the JVM) keeps them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "ab") as out:
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 @contextmanager

@@ -1,0 +1,146 @@
+"""The scoring DAG (``covid_ct_scoring``): wiring, params, and real ``dag.test()`` runs with a champion
+registered in a real MLflow registry (embedded SQLite store in a temp COVIDCT_HOME)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+DAG_ID = "covid_ct_scoring"
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags[DAG_ID]
+
+
+def test_three_tasks_one_spark_submit_on_spark_default(dag):
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream == {"check_folder": {"champion"}, "champion": {"score"}, "score": set()}
+    spark_tasks = [t for t in dag.tasks if isinstance(t, SparkSubmitOperator)]
+    assert [t.task_id for t in spark_tasks] == ["score"]
+    score = dag.task_dict["score"]
+    assert score._conn_id == "spark_default" and Path(score.application) == ROOT / "jobs" / "score.py"
+    args = score.application_args
+    assert "check_folder" in args[args.index("--images") + 1]  # the vetted folder, never the raw param
+    assert all(t.execution_timeout for t in dag.tasks) and dag.dagrun_timeout
+    assert all(t.retries >= 2 for t in dag.tasks) and dag.max_active_runs == 1 and dag.catchup is False
+
+
+def test_scheduled_on_the_champion_asset(dag):
+    from covidct import registry
+
+    assets = dag.timetable.asset_condition.objects  # what the promote task emits, and nothing else
+    assert [(a.name, a.uri) for a in assets] == [(registry.CHAMPION_ASSET.name, registry.CHAMPION_ASSET.uri)]
+
+
+def test_the_folder_param_schema_refuses_what_is_not_a_plain_absolute_path(dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    assert dag.params.validate()["folder"] is None and dag.params.get_param("folder").description
+    for good in ("/data/incoming/2026-11-26", ""):
+        candidate = copy.deepcopy(dag.params)
+        candidate.update({"folder": good})
+        assert candidate.validate()["folder"] == good
+    for bad in ("relative/scans", "/data/../etc", "/data/$(id)", "-rf", "/data/a b", "{{ 7*7 }}", 5):
+        with pytest.raises(ParamValidationError):
+            candidate = copy.deepcopy(dag.params)
+            candidate.update({"folder": bad})
+            candidate.validate()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A COVIDCT_HOME with its own embedded MLflow store; nothing allowed beyond its incoming folder."""
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    for var in ("MLFLOW_TRACKING_URI", "COVIDCT_INCOMING_DIR", "COVIDCT_ALLOWED_SCORING_DIRS"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "home"
+
+
+def register_champion(model_dir: Path, tmp_path: Path) -> str:
+    """``model_dir`` logged with MLflow's Spark flavour, registered as ``covid-ct`` and made its champion."""
+    import mlflow
+    import mlflow.spark
+    from pyspark.ml import PipelineModel
+
+    from covidct import registry, tracking
+
+    client = tracking.client()
+    with mlflow.start_run(experiment_id=tracking.experiment_id(client), run_name="champion fixture"):
+        info = mlflow.spark.log_model(
+            PipelineModel.load(model_dir.as_uri()),
+            "model",
+            dfs_tmpdir=str(tmp_path / "dfs"),
+            pip_requirements=list(tracking.PIP_REQUIREMENTS),
+        )
+    version = registry.register(info.model_uri, {"covidct.model": "ResNet50 (test)"}, client)
+    registry.set_champion(version, client)
+    return version
+
+
+def states_of(dagrun) -> dict[str, str]:
+    return {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
+
+
+@pytest.mark.slow
+def test_scores_the_incoming_folder_with_the_champion(airflow_db, dag, home, spark, small_model, small_dataset,
+                                                      tmp_path):  # fmt: skip
+    from covidct import scoring
+
+    version = register_champion(small_model, tmp_path)
+    incoming = home / "incoming"  # the operator's default folder: an empty param scores it
+    incoming.mkdir(parents=True)
+    for folder in ("CT_COVID", "CT_NonCOVID"):
+        for source in sorted((small_dataset / folder).iterdir())[:2]:
+            shutil.copy(source, incoming / source.name)
+    (incoming / "notes.txt").write_text("not a scan")
+    dagrun = dag.test(run_conf={})
+    assert states_of(dagrun) == {"check_folder": "success", "champion": "success", "score": "success"}
+    out = scoring.run_scores_dir(dagrun.run_id)
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert len(predictions) == 4 and predictions.new.all()
+    assert set(predictions.model_name) == {"covid-ct"} and set(predictions.model_version) == {version}
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["files"], summary["scored_new"], summary["unreadable"]) == (5, 4, 1)
+    assert summary["unreadable_files"][0]["reason"] == "not a recognised image format"
+    assert (home / "scores" / "_champions" / f"covid-ct-v{version}").is_dir()  # downloaded once, reused
+
+
+@pytest.mark.slow
+def test_a_folder_outside_the_allowlist_fails_the_run_before_any_spark_job(airflow_db, dag, home):
+    dagrun = dag.test(run_conf={"folder": "/etc"})
+    assert states_of(dagrun) == {"check_folder": "failed", "champion": "upstream_failed", "score": "upstream_failed"}
+    check = next(ti for ti in dagrun.get_task_instances() if ti.task_id == "check_folder")
+    assert check.try_number == 1  # refused: not retried
+    assert not (home / "scores").exists()
+
+
+def test_check_folder_and_champion_say_what_is_wrong(home, tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from covidct import scoring
+
+    with pytest.raises(AirflowFailException, match=r"refused trigger params: folder '/etc' .*ALLOWED_SCORING_DIRS"):
+        scoring.check_folder_param("/etc")
+    with pytest.raises(AirflowFailException, match="folder of scans .*/incoming/later does not exist"):
+        scoring.check_folder_param(str(home / "incoming" / "later"))
+    assert scoring.check_folder_param(None) == str((home / "incoming").resolve())  # created: an empty inbox
+    with pytest.raises(AirflowFailException, match="no champion model yet: registered model 'covid-ct' has no"):
+        scoring.resolve_champion(tmp_path / "dest")
