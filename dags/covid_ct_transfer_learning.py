@@ -5,17 +5,21 @@ Reproduces and extends Benbrahim et al. (2021): ImageNet CNN features + logistic
 on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
 
 1. **fetch_dataset** downloads (or copies) the dataset, verified and atomic; a no-op when unchanged.
-2. **validate_dataset** gates it with Great Expectations (counts, decodability, duplicates, splits).
-3. **select_backbones** routes to the backbones chosen in the trigger form; the others are skipped.
-4. **train_vgg16 / train_vgg19 / train_xception**: one `spark-submit` each of
+2. **validate_dataset** gates it with Great Expectations (counts, decodability, duplicates, splits);
+   data that already passed (same manifest, expectations and code) are not validated again.
+3. **check_changes** compares the run's fingerprint (dataset manifest, params, weights ids,
+   preprocessing, code) with the last successful run's: unchanged, it skips every later task and
+   the run ends green, saying "unchanged since run X" (param `force` retrains anyway).
+4. **select_backbones** routes to the backbones chosen in the trigger form; the others are skipped.
+5. **train_vgg16 / train_vgg19 / train_xception**: one `spark-submit` each of
    `jobs/transfer_learning.py` (featurize once, then fit and evaluate every chosen split).
    The cluster is the `spark_default` connection: `local[*]`, a standalone master, YARN or
    Kubernetes, without changing this file.
    With `seeds` (e.g. `0-9`) each job also repeats the random70 split per seed from the same features.
-5. **ensemble** combines the backbones that succeeded (two or more): the mean of their COVID
+6. **ensemble** combines the backbones that succeeded (two or more): the mean of their COVID
    probabilities (the product's model, `covidct predict --model <run>/ensemble`) and a stacked LR
    fitted on out-of-fold training predictions only.
-6. **report** compares the backbones and the ensembles (tables with 95 % CIs, ROC, confusion,
+7. **report** compares the backbones and the ensembles (tables with 95 % CIs, ROC, confusion,
    calibration, McNemar; mean ± sd over seeds); it runs when at least one chosen backbone succeeded
    and names those that failed (a run with a failed backbone stays green if the report could compare
    the rest; the failed task is red).
@@ -24,6 +28,8 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    patient-level bootstrap of the AUC difference has its 95 % lower bound at or above -0.02 (the
    first run promotes; random weights never). On promotion it emits the `covid_ct_champion` asset
    event; otherwise it is skipped (no event).
+8. **record_success** records the run as the last successful one (its fingerprint), only when every
+   other task succeeded or was not chosen: after a failure the next run retrains.
 
 MLflow: one parent run per DAG run (created by select_backbones), a child run per train job and
 for the ensemble, the report and the promotion decision on the parent (`covidct.tracking`).
@@ -136,6 +142,12 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
         "expect_covid": Param(349, type="integer", minimum=1, description="Expected COVID images."),
         "expect_noncovid": Param(397, type="integer", minimum=1, description="Expected non-COVID images."),
         "feature_cache": Param(True, type="boolean", description="Reuse cached features of unchanged images."),
+        "force": Param(
+            False,
+            type="boolean",
+            description="Retrain even when nothing changed since the last successful run (same data, params, "
+            "weights, preprocessing and code); otherwise such a run skips training and says since which run.",
+        ),
     },
 )
 def covid_ct_transfer_learning():
@@ -147,6 +159,12 @@ def covid_ct_transfer_learning():
     @task
     def validate_dataset(data_dir: str, params=None) -> None:
         pipeline.validate_dataset(data_dir, params["expect_covid"], params["expect_noncovid"])
+
+    # Unchanged since the last successful run (and not force): skips every later task, whatever its
+    # trigger rule (ignore_downstream_trigger_rules), so the run ends green without training.
+    @task.short_circuit
+    def check_changes(data_dir: str, params=None, run_id=None) -> bool:
+        return pipeline.check_changes(data_dir, params, run_id)
 
     @task.branch
     def select_backbones(params=None) -> list[str]:
@@ -169,9 +187,17 @@ def covid_ct_transfer_learning():
         return pipeline.build_run_report(str(paths.run_dir(run_id)), params["backbones"], states)
 
     # Emits the champion asset's event only when it promotes (otherwise it skips itself).
-    @task(outlets=[CHAMPION_ASSET], execution_timeout=timedelta(minutes=10))
+    @task(outlets=[CHAMPION_ASSET])
     def promote(run_id=None, outlet_events=None) -> dict:
         return pipeline.promote_run(str(paths.run_dir(run_id)), outlet_events)
+
+    # The run's last task: only a run whose every task succeeded (or was not chosen) becomes the
+    # "last successful run" that later runs compare their fingerprint with.
+    # none_failed: it runs after a promote that skipped itself (not promoted), not after a failure.
+    @task(trigger_rule="none_failed")
+    def record_success(run_id=None, ti=None) -> str:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id])[run_id]
+        return pipeline.record_success(run_id, states, this_task=ti.task_id)
 
     data_dir = fetch_dataset()
     trains = [
@@ -207,7 +233,9 @@ def covid_ct_transfer_learning():
         )
         for backbone in pipeline.DAG_BACKBONES
     ]
-    chain(data_dir, validate_dataset(data_dir), select_backbones(), trains, ensemble(), report(), promote())
+    checked = check_changes(data_dir)
+    chain(data_dir, validate_dataset(data_dir), checked, select_backbones(), trains, ensemble(), report(),
+          promote(), record_success())  # fmt: skip
 
 
 bounds.apply(covid_ct_transfer_learning())

@@ -49,13 +49,23 @@ def test_every_task_and_the_run_are_bounded():
     assert timeouts["fetch_dataset"] == timedelta(minutes=30)
     assert timeouts["validate_dataset"] == timedelta(minutes=10)
     assert timeouts["train_vgg16"] == timeouts["train_xception"] == timedelta(minutes=40)
-    assert timeouts["ensemble"] == timeouts["report"] == timedelta(minutes=10)
+    assert timeouts["ensemble"] == timeouts["report"] == timeouts["promote"] == timedelta(minutes=10)
     # The job's own executor wait (300 s) ends well before the task's bound.
     assert timeouts["train_vgg16"].total_seconds() > 300
-    assert dag.dagrun_timeout == timedelta(hours=3, minutes=15)
+    assert timeouts["check_changes"] == timeouts["record_success"] == timedelta(minutes=5)
+    assert dag.dagrun_timeout == timedelta(hours=3, minutes=35)
     # The run's bound leaves room for every task bound on the critical path, train's retries included.
     train = dag.task_dict["train_vgg16"]
-    steps = ("fetch_dataset", "validate_dataset", "select_backbones", "ensemble", "report")
+    steps = (
+        "fetch_dataset",
+        "validate_dataset",
+        "check_changes",
+        "select_backbones",
+        "ensemble",
+        "report",
+        "promote",
+        "record_success",
+    )
     others = sum((timeouts[t] for t in steps), timedelta())
     trains = (train.retries + 1) * timeouts["train_vgg16"] + train.retries * train.retry_delay
     critical = others + trains

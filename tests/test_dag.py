@@ -38,16 +38,20 @@ def test_every_dag_file_imports_without_errors(dagbag):
 def test_tasks_and_dependencies(dag):
     downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
     assert downstream == {
-        "fetch_dataset": {"validate_dataset"},
-        "validate_dataset": {"select_backbones"},
+        "fetch_dataset": {"validate_dataset", "check_changes"},
+        "validate_dataset": {"check_changes"},
+        "check_changes": {"select_backbones"},
         "select_backbones": TRAIN_TASKS,
         **{t: {"ensemble"} for t in TRAIN_TASKS},
         "ensemble": {"report"},
         "report": {"promote"},
-        "promote": set(),
+        "promote": {"record_success"},
+        "record_success": set(),
     }
     assert dag.task_dict["ensemble"].trigger_rule == "all_done"
     assert dag.task_dict["report"].trigger_rule == "all_done"
+    # Unchanged data skip every later task, whatever its trigger rule (e.g. all_done above).
+    assert dag.task_dict["check_changes"].ignore_downstream_trigger_rules is True
     dag.check_cycle()  # raises on a cycle
 
 
@@ -173,6 +177,9 @@ def test_whole_dag_runs_with_real_spark_submit(airflow_db, dag, small_dataset, t
     # The data were fetched into COVIDCT_HOME and the features cached there.
     assert (tmp_path / "home" / "data" / "COVID-CT" / "CT_COVID").is_dir()
     assert (tmp_path / "home" / "feature-cache" / "VGG16").is_dir()
+    # Every task succeeded: the run is recorded as the last successful one.
+    state = json.loads((tmp_path / "home" / "state" / "last-successful-run.json").read_text())
+    assert state["run_id"] == dagrun.run_id
 
 
 @pytest.mark.slow
@@ -220,6 +227,9 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
     assert "COVIDCT_WEIGHTS_URL" in next_step("train_vgg19", progress.errors["train_vgg19"], tmp_path / "log")
     assert states["train_xception"] == "skipped"  # not chosen
     assert states["report"] == "success"
+    # A run with a failed backbone is not "the last successful run": the next run retrains.
+    assert states["record_success"] == "skipped"
+    assert not (tmp_path / "home" / "state" / "last-successful-run.json").exists()
     vgg19 = next(ti for ti in dagrun.get_task_instances() if ti.task_id == "train_vgg19")
     assert vgg19.try_number == 1  # a user error (missing weights) is not retried
     from covidct import paths

@@ -36,7 +36,7 @@ def test_writes_metrics_model_and_predictions(single_run):
     ]
     metrics = json.loads((single_run / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
-    assert set(metrics["timings"]) == {"featurize_s", "fit_s", "evaluate_s", "total_s"}
+    assert set(metrics["timings"]) == {"featurize_s", "fit_s", "evaluate_s", "save_s", "total_s"}
     assert set(metrics["versions"]) == {"spark", "tensorflow", "keras"}
     assert (metrics["backbone"], metrics["split"], metrics["seed"], metrics["pooling"]) == (
         "VGG16",

@@ -66,5 +66,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file so readers see the old or the new content, never a part."""
     path = Path(path)
     tmp = sibling(path, "tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no temporary file left behind

@@ -12,11 +12,13 @@ fetch_dataset      30 min    ~95 MB from GitHub: lets a ~60 kB/s link finish, an
                              covers the download's own retry budget (~8 min a file)
 validate_dataset   10 min    60x the measured 10 s; it decodes every image
 select_backbones    5 min    a branch; only there so that nothing is unbounded
+check_changes       5 min    (the same) reads the manifest, hashes the weights: ~1 s
+record_success      5 min    (the same) writes one small file
 train_<backbone>   40 min    the executor wait (5 min) + 4x the slowest cold job
                              (166 s) run three at once on the same cores (x3)
 ensemble           10 min    ~10 s measured (scikit-learn fits on probabilities), x60
 report             10 min    the measured seconds, 2000-resample bootstraps, x100
-the run (dagrun)   3 h 15   the sum of the bounds above on the critical path,
+the run (dagrun)   3 h 25   the sum of the bounds above on the critical path,
                              train's two retries included: it fires only for what
                              no task bound sees (a run queued or stuck between tasks)
 overdue alert      off       opt-in; 2700 s (45 min, ~6x the measured 7.6-min cold
@@ -30,7 +32,7 @@ passes the alert's definition where the scheduler passes its id (``DagRun.update
 
 Each bound is overridable in the environment of the Airflow processes that parse the
 DAG (dag-processor, scheduler and workers alike), in seconds: ``COVIDCT_TIMEOUT_FETCH_S``,
-``..._VALIDATE_S``, ``..._SELECT_S``, ``..._TRAIN_S``, ``..._ENSEMBLE_S``, ``..._REPORT_S``, ``..._RUN_S``, the
+``..._VALIDATE_S``, ``..._SELECT_S``, ``..._TRAIN_S``, ``..._ENSEMBLE_S``, ``..._REPORT_S``, ``..._PROMOTE_S``, ``..._RUN_S``, the
 scoring DAG's ``..._CHAMPION_S``, ``..._SCORE_S``, ``..._SCORING_RUN_S`` and
 ``COVIDCT_RUN_DEADLINE_S`` (the overdue alert; unset or 0: none). Environment variables,
 not Airflow Variables: they are read each time the DAG file is parsed, where a Variable
@@ -53,7 +55,8 @@ DEFAULTS_S: dict[str, int] = {
     "train": 40 * MINUTE,
     "ensemble": 10 * MINUTE,
     "report": 10 * MINUTE,
-    "run": 195 * MINUTE,
+    "promote": 10 * MINUTE,
+    "run": 215 * MINUTE,
     # The scoring DAG (covid_ct_scoring): resolving and downloading the champion; the Spark job,
     # whose bound is train's (it featurizes like one); its run: both with their retries.
     "champion": 10 * MINUTE,
@@ -83,7 +86,7 @@ def _seconds(name: str, default: int, allow_zero: bool = False) -> int:
 
 
 def timeout(what: str) -> timedelta:
-    """The bound of ``what`` (fetch, validate, select, train, ensemble, report, run), overrides applied."""
+    """The bound of ``what`` (fetch, validate, select, train, ensemble, report, promote, run), overrides applied."""
     if what not in DEFAULTS_S:
         raise KeyError(f"no bound named {what!r}; known: {', '.join(DEFAULTS_S)}")
     return timedelta(seconds=_seconds(env_name(what), DEFAULTS_S[what]))
@@ -99,7 +102,10 @@ def for_task(task_id: str) -> timedelta:
     """The ``execution_timeout`` of a task of the DAG, by its id (``train_*``: the train bound)."""
     if task_id.startswith("train_"):
         return timeout("train")
-    names = {"fetch_dataset": "fetch", "validate_dataset": "validate", "select_backbones": "select"}
+    # check_changes (reads the manifest, hashes the weights files: seconds) and record_success
+    # (bookkeeping) get the branch's bound.
+    names = {"fetch_dataset": "fetch", "validate_dataset": "validate", "check_changes": "select",
+             "select_backbones": "select", "record_success": "select"}  # fmt: skip
     return timeout(names.get(task_id, task_id))
 
 

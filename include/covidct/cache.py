@@ -73,6 +73,11 @@ class FeatureCache:
         df = spark.read.schema(SCHEMA).option("ignoreCorruptFiles", "true").parquet(*[f.as_uri() for f in files])
         return df.dropDuplicates(["sha256"])
 
+    def shas(self, spark: SparkSession, key: CacheKey) -> set[str]:
+        """The sha256 of every image cached under ``key`` (reads that column only)."""
+        cached = self.read(spark, key)
+        return set() if cached is None else {row.sha256 for row in cached.select("sha256").collect()}
+
     def write(self, features: DataFrame, key: CacheKey) -> int:
         """Add ``sha256, features`` rows under ``key``; returns the number of files published."""
         folder = self.folder(key)

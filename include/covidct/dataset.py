@@ -13,6 +13,7 @@ featurizer in the workers, by content.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
@@ -39,16 +40,36 @@ def check_layout(data_dir: str | Path) -> Path:
     return root
 
 
-def load_images(spark: SparkSession, data_dir: str | Path) -> DataFrame:
-    """``path, relpath, label, image, sha256`` for every file in the class folders.
+#: Characters that Hadoop's path globbing would interpret in a file name.
+_GLOB = re.compile(r"[][*?{}\\]")
+
+
+def image_path(root: Path, relpath: str) -> str:
+    """The ``path`` Spark's ``binaryFile`` source gives a local file: ``file:/abs/CT_COVID/x.png``."""
+    return "file:" + str(Path(root).resolve() / relpath)
+
+
+def load_images(spark: SparkSession, data_dir: str | Path, relpaths: list[str] | None = None) -> DataFrame:
+    """``path, relpath, label, image, sha256`` for every file in the class folders (or only ``relpaths``).
 
     ``relpath`` is ``CT_COVID/<file name>`` (what the split lists and the manifest name);
-    ``image`` is the file's bytes; hidden files are skipped by Spark.
+    ``image`` is the file's bytes; hidden files are skipped by Spark. With ``relpaths``, only
+    those files are listed and read (e.g. the images missing from the feature cache).
     """
     root = check_layout(data_dir).resolve()
     frames = []
     for folder, (_, label) in CLASSES.items():
-        df = spark.read.format("binaryFile").load(str(root / folder))
+        if relpaths is None:
+            df = spark.read.format("binaryFile").load(str(root / folder))
+        else:
+            names = [r.split("/", 1)[1] for r in relpaths if r.split("/", 1)[0] == folder]
+            if not names:
+                continue
+            if any(_GLOB.search(name) for name in names):  # Hadoop would glob them: read the folder, keep those
+                wanted = [image_path(root, f"{folder}/{name}") for name in names]
+                df = spark.read.format("binaryFile").load(str(root / folder)).filter(F.col("path").isin(wanted))
+            else:
+                df = spark.read.format("binaryFile").load([str(root / folder / name) for name in names])
         frames.append(
             df.select(
                 F.col("path"),
@@ -58,7 +79,9 @@ def load_images(spark: SparkSession, data_dir: str | Path) -> DataFrame:
                 F.sha2("content", 256).alias("sha256"),
             )
         )
-    return frames[0].unionByName(frames[1])
+    if not frames:
+        raise CovidctError(f"none of the {len(relpaths or [])} images asked for is in {root}")
+    return frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
 
 
 def split_list_file(short: str, part: str) -> str:

@@ -121,9 +121,7 @@ def _test_dag(env: dict[str, str], conf: dict, progress: TaskProgress):
 
     progress.say(f"preparing Airflow in {env['AIRFLOW_HOME']} ...")
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    from airflow.utils import db
-
-    db.upgradedb()  # `airflow db migrate`, in this process: Airflow is imported once, not twice
+    migrate_if_needed()
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk.listener import get_listener_manager
 
@@ -138,6 +136,22 @@ def _test_dag(env: dict[str, str], conf: dict, progress: TaskProgress):
         return dag, dag.test(run_conf=conf)
     finally:
         manager.pm.unregister(progress)
+
+
+def migrate_if_needed() -> bool:
+    """``airflow db migrate`` in this process, unless the DB is already at this Airflow's heads; True if it ran.
+
+    Checking the revision takes a fraction of a second; ``upgradedb`` on an up-to-date DB still
+    runs Alembic's upgrade machinery and its checks (seconds on every ``make run``).
+    """
+    from airflow.utils import db
+
+    try:
+        db.check_migrations(timeout=0)  # one look; raises TimeoutError (after 1 s) when not up to date
+        return False
+    except Exception:  # noqa: BLE001 - TimeoutError, or a new file without Airflow's tables
+        db.upgradedb()
+        return True
 
 
 def without_retries(dag) -> None:
@@ -218,6 +232,11 @@ def summary(dag, dagrun, errors: dict[str, BaseException | str | None], seconds:
             if len(more) > 12:
                 lines.append(f"        ... ({len(more) - 12} more lines in {log_path})")
             lines.append(f"      next:  {next_step(ti.task_id, error, log_path)}")
+    from covidct.fingerprint import read_run_fingerprint
+
+    decision = read_run_fingerprint(paths.run_dir(dagrun.run_id))
+    if decision:  # "unchanged since run X ..." or why it retrained
+        lines.append(decision["reason"])
     report = paths.run_dir(dagrun.run_id) / "report"
     if (report / "report.html").is_file():
         lines.append(f"report: {report / 'report.html'}\n        {report / 'report.md'}")

@@ -153,6 +153,40 @@ def stale_entries(manifest: pd.DataFrame, data_dir: str | Path) -> list[str]:
     return problems
 
 
+def dataset_digest(data_dir: str | Path, manifest: pd.DataFrame) -> str:
+    """sha256 of what the dataset is: every image's ``relpath, label, sha256`` and every official list's bytes.
+
+    Equal digests mean the same images (by content) with the same labels and the same split lists.
+    """
+    digest = hashlib.sha256()
+    for relpath, label, sha in sorted(zip(manifest["relpath"], manifest["label"], manifest["sha256"], strict=True)):
+        digest.update(f"{relpath}\t{int(label)}\t{sha}\n".encode())
+    for short, _ in CLASSES.values():
+        for split in SPLITS:
+            name = split_list_file(short, split)
+            path = Path(data_dir) / name
+            content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+            digest.update(f"{name}\t{content}\n".encode())
+    return digest.hexdigest()
+
+
+def fresh_manifest(data_dir: str | Path) -> pd.DataFrame | None:
+    """``DIR/manifest.parquet`` if it exists and still matches the files (names and sizes), else None."""
+    path = check_layout(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_manifest(path)
+    except CovidctError as exc:
+        log.warning("%s", exc)
+        return None
+    problems = stale_entries(manifest, data_dir)
+    if problems:
+        log.warning("%s no longer matches the files (%s)", path, "; ".join(problems[:3]))
+        return None
+    return manifest
+
+
 def load_manifest(data_dir: str | Path) -> pd.DataFrame:
     """``DIR/manifest.parquet`` if it still matches the files, else a freshly built manifest."""
     root = check_layout(data_dir)

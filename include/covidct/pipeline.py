@@ -84,14 +84,71 @@ def fetch_dataset(source: str | None, expected_covid: int, expected_noncovid: in
 
 
 def validate_dataset(data_dir: str, expected_covid: int, expected_noncovid: int) -> None:
-    """Great Expectations gate: fails (not retried) naming every failed expectation."""
-    from covidct.validate import validate
+    """Great Expectations gate: fails (not retried) naming every failed expectation.
+
+    Data that already passed (the same dataset digest, expectations and validation code, in
+    ``DIR/validation/result.json``) are not validated again: that answer cannot change.
+    """
+    from covidct.validate import passed_before, validate
 
     with retry_only_transient():
+        previous = passed_before(data_dir, expected_covid, expected_noncovid)
+        if previous is not None:
+            log.info("validation of %s: these exact data (dataset digest %s) passed with the same expectations at %s; "
+                     "not repeated (%s/validation/result.json)", data_dir, previous["dataset_digest"][:12],
+                     previous.get("validated_at"), data_dir)  # fmt: skip
+            return
         result = validate(data_dir, expected_covid=expected_covid, expected_noncovid=expected_noncovid)
         log.info("%s", result.summary())
         if not result.success:
             raise CovidctError(result.summary())
+
+
+def check_changes(data_dir: str, params: Mapping, run_id: str) -> bool:
+    """Retrain (True) or not (False: the DAG's short-circuit skips every later task), and say why.
+
+    Compares this run's fingerprint (``covidct.fingerprint``: dataset manifest, params, weights,
+    preprocessing, code) with the last successful run's. Unchanged and not ``force``: logs
+    "unchanged since run X", writes ``RUN_DIR/report/`` saying so, and returns False.
+    Either way ``RUN_DIR/fingerprint.json`` records the fingerprint and the decision.
+    """
+    from covidct import fingerprint
+
+    with retry_only_transient():
+        run_dir = paths.run_dir(run_id)
+        found = fingerprint.compute(data_dir, params)
+        decision = fingerprint.decide(found, force=bool(params.get("force")))
+        fingerprint.write_run_fingerprint(run_dir, found, decision)
+        log.info("%s", decision.reason)
+        if not decision.retrain:
+            report = fingerprint.write_unchanged_report(run_dir, decision)
+            log.info("report: %s", report)
+    return decision.retrain
+
+
+def record_success(run_id: str, states: dict[str, str | None], this_task: str = "record_success") -> str:
+    """Record this run as the last successful one, if it is (every other task succeeded or was skipped).
+
+    A run with a failed task (a backbone, the ensemble, anything) is not recorded, so the next run
+    retrains: this task is then skipped, saying which tasks failed, and the run stays as green or
+    red as its other tasks make it.
+    """
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from covidct import fingerprint
+
+    failed = sorted(task for task, state in states.items() if task != this_task and state in FAILED_STATES)
+    if failed:
+        raise AirflowSkipException(
+            f"not recorded as the last successful run: {', '.join(failed)} did not succeed; the next run retrains"
+        )
+    run_dir = paths.run_dir(run_id)
+    report = run_dir / "report" / "report.html"
+    with retry_only_transient():
+        if not report.is_file():
+            raise CovidctError(f"no report at {report}: the run did not succeed; not recorded")
+        record = fingerprint.record_success(run_id, run_dir, report)
+    return record["fingerprint"]
 
 
 def select_backbones(backbones: list[str], pooling: str = "avg") -> list[str]:

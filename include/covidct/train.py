@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -40,10 +41,11 @@ from covidct import stats
 from covidct.atomic import atomic_dir
 from covidct.backbone import PRECISIONS, get_backbone, is_random, normalize_weights, weights_identity
 from covidct.cache import CacheKey, FeatureCache
-from covidct.dataset import load_images
+from covidct.dataset import image_path, load_images
 from covidct.errors import CovidctError, ImageDecodeError, WeightsNotFoundError
-from covidct.evaluate import covid_probability, evaluate
+from covidct.evaluate import covid_probability, evaluate_collected
 from covidct.featurizer import DeepImageFeaturizer
+from covidct.manifest import MANIFEST_NAME, fresh_manifest
 from covidct.session import get_spark, progress
 
 log = logging.getLogger(__name__)
@@ -137,11 +139,50 @@ def featurize(
         n_unique, hits = counts["n"], counts["hits"]
         missing = images.join(cached.select("sha256"), "sha256", "left_anti")
     log.info("feature cache %s: %d of %d images cached", cache.folder(key), hits, n_unique)
+    if hits < n_unique and "image" not in images.columns:  # image_table found them all cached a moment ago
+        raise CovidctError(f"the feature cache {cache.folder(key)} lost entries while this job read it; run it again")
     if hits < n_unique:
         cache.write(missing.select("sha256", featurizer.featureArrays(missing).alias("features")), key)
     feats = cache.read(spark, key).persist(StorageLevel.MEMORY_AND_DISK)
     feats.count()
     return feats, {"enabled": True, "dir": str(cache.folder(key)), "hits": hits, "misses": n_unique - hits}
+
+
+def image_table(
+    spark: SparkSession, data_dir: Path, cache: FeatureCache | None, key: CacheKey
+) -> tuple[DataFrame, DataFrame, int]:
+    """``(images, meta, n)``: the images to featurize, and ``path, relpath, label, sha256`` of every image.
+
+    When the dataset's manifest (written by ``covidct fetch``) still matches the files, the hashes
+    come from it (every image is hashed once, by fetch) and ``images`` holds only the files whose
+    features the cache lacks: a warm run reads no image. Otherwise every file is read and hashed
+    in Spark, as for any folder.
+    """
+    manifest = fresh_manifest(data_dir)
+    if manifest is None:
+        images = load_images(spark, data_dir)
+        meta = images.select("path", "relpath", "label", "sha256").persist()
+        return images, meta, meta.count()
+    root = Path(data_dir).resolve()
+    rows = pd.DataFrame(
+        {
+            "path": [image_path(root, r) for r in manifest["relpath"]],
+            "relpath": manifest["relpath"],
+            "label": manifest["label"].astype("int32"),
+            "sha256": manifest["sha256"],
+        }
+    )
+    meta = spark.createDataFrame(rows, "path string, relpath string, label int, sha256 string").persist()
+    cached = cache.shas(spark, key) if cache is not None else set()
+    missing = sorted(manifest.loc[~manifest["sha256"].isin(cached), "relpath"])
+    log.info("hashes from %s; %d of %d images to read", Path(data_dir) / MANIFEST_NAME, len(missing), len(rows))
+    if not missing:
+        images = meta  # nothing to read
+    elif len(missing) == len(rows):
+        images = load_images(spark, data_dir)  # a cold cache: read the folders
+    else:
+        images = load_images(spark, data_dir, relpaths=missing)
+    return images, meta, len(rows)
 
 
 def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, dict]:
@@ -163,17 +204,14 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
         batchSize=config.batch_size,
         seed=config.seed,
     )
-    images = load_images(spark, config.data_dir)
-    meta = images.select("path", "relpath", "label", "sha256").persist()
-    n_images = meta.count()
+    cache = FeatureCache(config.cache_dir) if config.cache_dir else None
+    key = CacheKey(backbone.name, weights_id, config.pooling, config.precision)
+    t0 = time.monotonic()
+    images, meta, n_images = image_table(spark, config.data_dir, cache, key)
     if n_images == 0:
         raise CovidctError(f"no images found under {config.data_dir}")
     log.info("%d images in %s; featurizing with %s (%s pooling, %s, weights %s)", n_images, config.data_dir,
              backbone.name, config.pooling, config.precision, weights_id)  # fmt: skip
-
-    t0 = time.monotonic()
-    cache = FeatureCache(config.cache_dir) if config.cache_dir else None
-    key = CacheKey(backbone.name, weights_id, config.pooling, config.precision)
     with progress(spark, f"featurize {backbone.name}"), spark_errors():
         feats, cache_stats = featurize(spark, images, featurizer, cache, key, known=meta)
     featurize_s = time.monotonic() - t0
@@ -200,9 +238,14 @@ def train(config: TrainConfig, spark: SparkSession | None = None) -> dict[str, d
             "data_dir": str(config.data_dir.absolute()),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        for split, target in targets.items():
+        for target in targets.values():
             target.mkdir(parents=True, exist_ok=True)
-            metrics = fit_and_evaluate(config, split, data, featurizer, target, weights_id, models)
+        # The splits' fits are independent and small: in threads, their Spark jobs' latencies overlap.
+        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+            fitted = {split: pool.submit(fit_and_evaluate, config, split, data, featurizer, target, weights_id, models)
+                      for split, target in targets.items()}  # fmt: skip
+        for split, future in fitted.items():
+            metrics = future.result()
             metrics.update(shared)
             metrics["timings"] = {"featurize_s": round(featurize_s, 3), **metrics["timings"]}
             results[split] = metrics
@@ -245,11 +288,17 @@ def out_of_fold(config: TrainConfig, split: str, seed: int, train_df: DataFrame)
     table = train_df.sparkSession.createDataFrame(sorted(folds.items()), "relpath string, fold int")
     # Few partitions: each LR iteration is one Spark job, and these are a few hundred rows.
     df = train_df.join(table, "relpath").coalesce(FIT_PARTITIONS).persist()
-    frames = []
-    for k in range(config.stack_folds):
+    df.count()  # materialized once, before the folds' threads read it
+
+    def fold(k: int) -> pd.DataFrame:
         model = _lr(config).fit(df.filter(F.col("fold") != k))
         held_out = model.transform(df.filter(F.col("fold") == k))
-        frames.append(covid_probability(held_out).select("relpath", "label", "probability").toPandas().assign(fold=k))
+        return covid_probability(held_out).select("relpath", "label", "probability").toPandas().assign(fold=k)
+
+    # The folds' fits are independent and tiny (each LR iteration a Spark job of a few ms of work):
+    # their driver-side latencies overlap in threads. Each fit's result does not depend on the others.
+    with ThreadPoolExecutor(max_workers=config.stack_folds) as pool:
+        frames = list(pool.map(fold, range(config.stack_folds)))
     df.unpersist()
     return pd.concat(frames, ignore_index=True).sort_values("relpath", kind="stable").reset_index(drop=True)
 
@@ -306,6 +355,23 @@ def repeat_seeds(config: TrainConfig, data: DataFrame, target: Path, shared: dic
     return rows
 
 
+#: predictions.parquet's columns, with the types Spark's writer gave them.
+PREDICTIONS_COLUMNS = ("path", "relpath", "label", "probability", "prediction", "weights_id")
+
+
+def write_predictions(frame: pd.DataFrame, folder: Path) -> Path:
+    """``folder/part-00000.parquet``: the folder layout and column types of Spark's writer, without a Spark job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"label": pa.int32(), "probability": pa.float64(), "prediction": pa.int32()}
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in PREDICTIONS_COLUMNS])
+    table = pa.Table.from_pandas(frame[list(PREDICTIONS_COLUMNS)], schema=schema, preserve_index=False)
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-00000.parquet")
+    return folder
+
+
 def fit_and_evaluate(
     config: TrainConfig,
     split: str,
@@ -325,25 +391,29 @@ def fit_and_evaluate(
     lr_model = lr.fit(train_df)
     fit_s = time.monotonic() - t0
     t0 = time.monotonic()
-    predictions = lr_model.transform(test_df).persist()
-    metrics = evaluate(predictions)
+    # One Spark job: the test predictions (a few hundred rows) collected once, then Spark's metric
+    # definitions on them (covidct.evaluate), instead of five evaluator passes and a count.
+    frame = covid_probability(lr_model.transform(test_df), margin=True).toPandas()
+    frame = frame.sort_values("relpath", kind="stable").reset_index(drop=True)
+    metrics = evaluate_collected(frame)
     evaluate_s = time.monotonic() - t0
     log.info("%s %s: accuracy %.4f on %d test images (fit %.1f s)", config.backbone, split,
              metrics["accuracy"], n_test, fit_s)  # fmt: skip
+    t0 = time.monotonic()
     # The saved model classifies new images end to end: image bytes -> features -> LR.
     model = PipelineModel(stages=[featurizer, lr_model])
     model.write().save((target / "model").as_uri())
     if models is not None:  # kept for MLflow (covidct.tracking logs it with the Spark flavour)
         models[split] = model
     # Each row records the weights it came from ("random-seedN" marks random weights).
-    out = covid_probability(predictions).withColumn("weights_id", F.lit(weights_id))
-    out.coalesce(1).write.parquet((target / "predictions.parquet").as_uri())
+    write_predictions(frame.drop(columns="margin").assign(weights_id=weights_id), target / "predictions.parquet")
+    save_s = time.monotonic() - t0
     stack_s = None
     if config.stack_folds:
         t0 = time.monotonic()
         out_of_fold(config, split, config.seed, train_df).to_parquet(target / "oof.parquet", index=False)
         stack_s = round(time.monotonic() - t0, 3)
-    for df in (predictions, train_df, test_df):
+    for df in (train_df, test_df):
         df.unpersist()
     return {
         "split": split,
@@ -352,7 +422,7 @@ def fit_and_evaluate(
         "n_test": n_test,
         **metrics,
         "lr": {"maxIter": config.max_iter, "regParam": config.reg_param, "elasticNetParam": config.elastic_net_param},
-        "timings": {"fit_s": round(fit_s, 3), "evaluate_s": round(evaluate_s, 3)},
+        "timings": {"fit_s": round(fit_s, 3), "evaluate_s": round(evaluate_s, 3), "save_s": round(save_s, 3)},
         # oof.parquet: out-of-fold training predictions for the stacked ensemble (None: not made)
         "out_of_fold": {"folds": config.stack_folds, "seconds": stack_s} if config.stack_folds else None,
     }

@@ -32,7 +32,7 @@ from PIL import Image
 from covidct.atomic import atomic_dir
 from covidct.dataset import check_layout
 from covidct.errors import CovidctError
-from covidct.manifest import SPLITS, load_manifest, split_entries
+from covidct.manifest import SPLITS, dataset_digest, load_manifest, split_entries
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,9 @@ def validate(
                 "expected": {"covid": expected_covid, "noncovid": expected_noncovid},
                 "images": len(images),
                 "split_list_entries": len(entries),
+                # what was validated: lets a later run skip validating the very same data (passed_before)
+                "dataset_digest": dataset_digest(root, manifest),
+                "covidct_sources": _own_sources_digest(),
                 "evaluated_expectations": evaluated,
                 "failures": [asdict(f) for f in failures],
                 "great_expectations": {batch: r.describe_dict() for batch, r in gx_results.items()},
@@ -136,6 +139,42 @@ def validate(
         raise CovidctError(f"cannot write the validation report to {out}: {exc.strerror or exc}") from None
     log.info("%s", result.summary().splitlines()[0])
     return result
+
+
+def passed_before(data_dir: str | Path, expected_covid: int = 349, expected_noncovid: int = 397) -> dict | None:
+    """``DIR/validation/result.json`` if it is a pass of exactly these data, expectations and code; else None.
+
+    Validation is a function of the manifest, the split lists and the expectations: when the
+    folder still matches its manifest (names and sizes, as ``load_manifest`` checks) and their
+    digest equals the one that passed with the same expectations and the same validation code,
+    validating again would give the same answer. Cheap: reads the manifest, no image, no GX.
+    """
+    root = check_layout(data_dir).absolute()
+    try:
+        previous = json.loads((root / "validation" / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict) or previous.get("success") is not True:
+        return None
+    if previous.get("expected") != {"covid": expected_covid, "noncovid": expected_noncovid}:
+        return None
+    if previous.get("covidct_sources") != _own_sources_digest():
+        return None
+    if previous.get("dataset_digest") != dataset_digest(root, load_manifest(root)):
+        return None
+    return previous
+
+
+def _own_sources_digest() -> str:
+    """sha256 of the modules that decide a validation (this one, the manifest's, the image decoder)."""
+    import hashlib
+
+    from covidct import image, manifest
+
+    digest = hashlib.sha256()
+    for module in (__file__, manifest.__file__, image.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()
 
 
 def _with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
