@@ -18,7 +18,8 @@ train_<backbone>   40 min    the executor wait (5 min) + 4x the slowest cold job
                              (166 s) run three at once on the same cores (x3)
 ensemble           10 min    ~10 s measured (scikit-learn fits on probabilities), x60
 report             10 min    the measured seconds, 2000-resample bootstraps, x100
-the run (dagrun)   3 h 25   the sum of the bounds above on the critical path,
+promote            10 min    a registry query + a paired bootstrap: seconds
+the run (dagrun)   3 h 35   the sum of the bounds above on the critical path,
                              train's two retries included: it fires only for what
                              no task bound sees (a run queued or stuck between tasks)
 overdue alert      off       opt-in; 2700 s (45 min, ~6x the measured 7.6-min cold
