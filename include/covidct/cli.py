@@ -127,13 +127,20 @@ def _add_predict(sub) -> None:
     )
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images (recursive)")
     p.add_argument("--out", type=Path, help="write a CSV here (default: print)")
+    p.add_argument(
+        "--explain",
+        type=Path,
+        metavar="OUT_DIR",
+        help="also write each image's class activation map there: a PNG (the scan with the map overlaid) and the "
+        "raw map (.npy); CAM for avg pooling, Grad-CAM for the others; the CSV gains their paths",
+    )
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
     from covidct.predict import predict
 
-    rows = predict(args.model, args.images, args.out)
+    rows = predict(args.model, args.images, args.out, explain_dir=args.explain)
     if args.out is None:
         for r in rows:
             line = f"{r['probability']:.4f}\t{'COVID' if r['prediction'] else 'non-COVID'}\t{r['path']}"
@@ -141,9 +148,13 @@ def _cmd_predict(args) -> int:
                 parts = [f"{b} {p:.4f}" for b, p in r["members"].items()] + [f"mean {r['mean']:.4f}"]
                 parts += [f"stacked {r['stacked']:.4f}"] if "stacked" in r else []
                 line += f"\t({r['method']}; {', '.join(parts)})"
+            if "explanation_png" in r:
+                line += f"\t{r['explain_method']}: {r['explanation_png']}"
             print(line)
     else:
         print(f"wrote {len(rows)} predictions to {args.out}")
+    if args.explain is not None:
+        print(f"wrote {len(rows)} explanations (PNG + .npy) to {args.explain}")
     return 0
 
 
@@ -225,6 +236,14 @@ def _add_report(sub) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding */metrics.json")
     p.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report)")
     p.add_argument("--expect", help="comma-separated backbones that were asked for (missing ones are failures)")
+    p.add_argument(
+        "--gallery",
+        type=int,
+        default=3,
+        metavar="N",
+        help="per split, the best model's N most confident test images of each outcome (TP, FP, FN, TN) with "
+        "their class activation maps (default 3; 0: no gallery)",
+    )
     p.set_defaults(func=_cmd_report)
 
 
@@ -232,7 +251,9 @@ def _cmd_report(args) -> int:
     from covidct.report import build_report
 
     expected = [b.strip() for b in args.expect.split(",") if b.strip()] if args.expect else None
-    report = build_report(args.run_dirs, out=args.out, expected_backbones=expected)
+    if args.gallery < 0:
+        raise CovidctError("--gallery must be 0 (no gallery) or more")
+    report = build_report(args.run_dirs, out=args.out, expected_backbones=expected, gallery=args.gallery)
     print(f"report: {report.html}\n        {report.markdown}")
     return 0
 
