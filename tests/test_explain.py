@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml import PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.functions import vector_to_array
 
@@ -43,9 +43,13 @@ def models(spark, patch_data, tmp_path_factory) -> dict:
     images = load_images(spark, patch_data).cache()
     out = {}
     for pooling in POOLINGS:
+        # As covidct train does: featurize once (persisted), fit the LR on the features, save both stages.
         featurizer = DeepImageFeaturizer(modelName="VGG16", weights="none", pooling=pooling, batchSize=16)
+        features = featurizer.transform(images).select("label", "features").persist()
+        features.count()
         lr = LogisticRegression(maxIter=50, regParam=0.05, elasticNetParam=0.3)  # the study's LR, more iterations
-        Pipeline(stages=[featurizer, lr]).fit(images).save(str(folder / pooling))
+        PipelineModel(stages=[featurizer, lr.fit(features)]).save(str(folder / pooling))
+        features.unpersist()
         out[pooling] = folder / pooling
     images.unpersist()
     return out

@@ -502,7 +502,7 @@ def explain_rows(
     firsts = {b: next(iter(maps[b].values()), None) for b in backbones}
     about = {
         "model": str(model),
-        "images": str(images),
+        "source": str(images),
         "maps": {b: {"method": e.method, "layer": e.layer} for b, e in firsts.items() if e is not None},
     }
     written = write_explanations(df, items, out, max_side=max_side, about=about)
