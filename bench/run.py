@@ -13,6 +13,8 @@ Sections:
   dag        the whole DAG on the real images, cold then warm feature cache: wall time and peak RSS
              per Spark job, beside the study's 90.6 minutes (goals: cold ≤ 6 min, warm ≤ 60 s)
   scaling    1×, 2×, 4× the images (copies re-encoded so their hashes differ): 2× must take ≤ 2.1× time
+  explain    `covidct predict --explain` against plain `covidct predict` (img/s), VGG16 with avg (CAM)
+             and avg-b345 (Grad-CAM): plain, the maps alone, and maps + PNGs (--explain-images, default 32)
 
 Real images come from COVIDCT_DATA_DIR (default ../shared/data/COVID-CT); ImageNet weights from
 COVIDCT_WEIGHTS_DIR (``make weights``). Timings are noisy: short runs are repeated and medians quoted.
@@ -46,6 +48,7 @@ def _key(section: str, precision: str) -> str:
 
 STUDY_TOTAL_MIN = 90.6
 FEATURIZE = str(ROOT / "bench" / "featurize.py")
+EXPLAIN = str(ROOT / "bench" / "explain.py")
 RESULTS_FILE = RESULTS / "bench.json"
 
 
@@ -82,6 +85,11 @@ def section_multilayer_cpu(images: int, repeat: int, backbones: list[str]) -> di
         args = ["--backbone", backbone, "--images", str(images), "--repeat", str(repeat), "--batch-size", "16"]
         out[backbone] = run_json([FEATURIZE, "cpu-poolings", *args])
     return out
+
+
+def section_explain(images: int, repeat: int, backbone: str) -> dict:
+    args = [EXPLAIN, "--backbone", backbone, "--images", str(images), "--repeat", str(repeat)]
+    return run_json(args)
 
 
 def section_layouts(images: int, repeat: int) -> dict:
@@ -249,6 +257,15 @@ def render(results: dict) -> str:
         parts.append(f"\n**Multi-layer poolings, CPU seconds per image (featurizer's worker model, float32), {n} real "
                      "images, median of repeated passes**\n")  # fmt: skip
         parts.append(markdown_table(["backbone", "pooling", "dims", "CPU s/image", "vs avg", "passes"], rows))
+    if "explain" in results:
+        e, rows = results["explain"], []
+        for pooling, r in e["poolings"].items():
+            for name, rate in r["median"].items():
+                passes = " / ".join(f"{x:.2f}" for x in r["rates"][name])
+                rows.append([pooling, r["method"], name, f"{rate:.2f}", f"{r['cost_vs_predict'][name]:.2f}", passes])
+        parts.append(f"\n**Explanations, {e['backbone']}, {e['images']} real images, {e['master']}, median of "
+                     "repeated passes in one Spark session**\n")  # fmt: skip
+        parts.append(markdown_table(["pooling", "method", "path", "img/s", "time vs predict", "passes"], rows))
     if "layouts" in results:
         rows = [[name, f"{r['median']:.2f}"] for name, r in results["layouts"].items()]
         parts.append("\n**Thread layouts, VGG16 (img/s)**\n")
@@ -287,6 +304,7 @@ def main() -> int:
     parser.add_argument("--scaling-backbone", default="Xception")
     parser.add_argument("--multilayer-backbones", default="VGG16,VGG19")
     parser.add_argument("--precision", default="float32", choices=PRECISIONS, help="for featurize, dag and scaling")
+    parser.add_argument("--explain-images", type=int, default=32, help="images for the explain section")
     parser.add_argument("--quick", action="store_true", help="fewer images everywhere (a smoke run)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("COVIDCT_DATA_DIR", DEFAULT_DATA)))
     args = parser.parse_args()
@@ -305,6 +323,8 @@ def main() -> int:
             results[_key("featurize", args.precision)] = section_featurize(images, repeat, args.precision)
         elif section == "layouts":
             results["layouts"] = section_layouts(images, repeat)
+        elif section == "explain":
+            results["explain"] = section_explain(min(images, args.explain_images), repeat, "VGG16")
         elif section == "multilayer-cpu":
             backbones = [b.strip() for b in args.multilayer_backbones.split(",") if b.strip()]
             results["multilayer-cpu"] = section_multilayer_cpu(min(images, 32), repeat, backbones)

@@ -81,3 +81,31 @@ def make_dataset(
         for part, members in parts.items():
             (split_dir / f"{part}CT_{short}.txt").write_text("".join(m + "\n" for m in members))
     return root
+
+
+PATCH = 48  # side of the bright square of make_patch_dataset's COVID images, in pixels
+
+
+def patch_image(top: int | None, left: int | None, rng: np.random.Generator, size: int = 224) -> Image.Image:
+    """A grey, noisy 'scan' with, where ``top, left`` are given, a bright PATCH × PATCH square there."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = 90 + 20 * np.sin(xx / 17.0) * np.cos(yy / 23.0) + rng.normal(0, 12, (size, size))
+    if top is not None:
+        base[top : top + PATCH, left : left + PATCH] = 235 + rng.normal(0, 6, (PATCH, PATCH))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def make_patch_dataset(root: str | Path, n: int = 16, seed: int = 0, size: int = 224) -> Path:
+    """Evidence placed by hand: every COVID image has a bright square somewhere, no non-COVID image has one.
+
+    ``root/CT_COVID``, ``root/CT_NonCOVID`` (PNG, grayscale, ``size`` pixels square), ``n`` of each;
+    the squares' positions are random, so that the classifier learns the square, not a place.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for folder in ("CT_COVID", "CT_NonCOVID"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            top, left = rng.integers(0, size - PATCH, 2) if folder == "CT_COVID" else (None, None)
+            patch_image(top, left, rng, size).save(root / folder / f"{folder.lower()}-{i}.png")
+    return root

@@ -237,3 +237,52 @@ def test_job_runs_on_standalone_worker_like_local(standalone_cluster, tiny_datas
     assert {"auc", "f1"} <= set(floats)
     for key in floats:
         assert math.isclose(cluster_metrics[key], local_metrics[key], rel_tol=0, abs_tol=1e-6), key
+
+
+def test_maps_of_an_image_are_identical_locally_and_on_the_cluster(standalone_cluster, tiny_dataset, spark, tmp_path):
+    """``covidct predict --explain`` on the standalone cluster draws the same maps as in local mode."""
+    import numpy as np
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import LogisticRegression
+
+    from covidct.dataset import load_images
+    from covidct.featurizer import DeepImageFeaturizer
+    from covidct.predict import predict
+
+    cluster = standalone_cluster
+    model = tmp_path / "model"
+    featurizer = DeepImageFeaturizer(modelName="VGG16", weights="none", pooling="avg", batchSize=8)
+    lr = LogisticRegression(maxIter=20, regParam=0.05, elasticNetParam=0.3)
+    Pipeline(stages=[featurizer, lr]).fit(load_images(spark, tiny_dataset)).save(str(model))
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    for folder in ("CT_COVID", "CT_NonCOVID"):
+        for source in sorted((tiny_dataset / folder).iterdir())[:2]:
+            (probes / source.name).write_bytes(source.read_bytes())
+    local = {r["path"].rsplit("/", 1)[-1]: r for r in predict(model, probes, explain_dir=tmp_path / "local")}
+
+    before = {app["id"] for app in finished_apps(cluster)}
+    env = {**cluster.env, "COVIDCT_SPARK_MASTER": cluster.master_url, "COVIDCT_DRIVER_MEMORY": "1g"}
+    log = tmp_path / "predict-cluster.log"
+    with log.open("wb") as handle:
+        proc = subprocess.run(
+            [sys.executable, "-m", "covidct.cli", "predict", "--model", str(model), "--images", str(probes),
+             "--out", str(tmp_path / "cluster.csv"), "--explain", str(tmp_path / "cluster")],
+            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=SUBMIT_TIMEOUT_S,
+        )  # fmt: skip
+    assert proc.returncode == 0, tail(log)
+    apps = [app for app in finished_apps(cluster) if app["id"] not in before]
+    assert [app["name"] for app in apps] == ["covidct-predict"], apps
+    executor_logs = (cluster.work_dir / apps[0]["id"]).glob("*/stderr")
+    executor_text = "\n".join(p.read_text(errors="replace") for p in executor_logs)
+    assert "Finished task" in executor_text  # the maps were computed and drawn by the worker's executor
+
+    import pandas as pd
+
+    remote = pd.read_csv(tmp_path / "cluster.csv")
+    assert len(remote) == len(local) == 4
+    for row in remote.itertuples():
+        mine = local[row.path.rsplit("/", 1)[-1]]
+        assert row.explain_method == mine["explain_method"] == "CAM"
+        np.testing.assert_array_equal(np.load(row.explanation_npy), np.load(mine["explanation_npy"]))
+        assert row.probability_covid == pytest.approx(mine["probability"], abs=1e-6)

@@ -15,7 +15,9 @@ The modules, one concept each:
 - ``train``      featurize + fit logistic regression + evaluate, written atomically
 - ``predict``    classifying new images with a saved model (unreadable files listed, the rest scored)
 - ``scoring``    scoring new scans with the champion, each image once per model version (a ledger)
-- ``report``     comparing backbones (``stats``: bootstrap CIs, McNemar; ``plots``: figures)
+- ``explain``    class activation maps (CAM, Grad-CAM) of a saved model's predictions, in Spark workers
+- ``report``     comparing backbones (``stats``: bootstrap CIs, McNemar; ``plots``: figures;
+                 ``gallery``: the best model's most confident test images of each outcome, with maps)
 - ``pipeline``   what the Airflow DAG's tasks do; ``operators``: its spark-submit operator
 - ``policy``     the operator's allowlist for trigger params (data sources, weights files)
 - ``bounds``     how long each task and a run may take; ``alerts``: failed/overdue run alerts

@@ -33,7 +33,8 @@ passes the alert's definition where the scheduler passes its id (``DagRun.update
 
 Each bound is overridable in the environment of the Airflow processes that parse the
 DAG (dag-processor, scheduler and workers alike), in seconds: ``COVIDCT_TIMEOUT_FETCH_S``,
-``..._VALIDATE_S``, ``..._SELECT_S``, ``..._TRAIN_S``, ``..._ENSEMBLE_S``, ``..._REPORT_S``, ``..._PROMOTE_S``, ``..._RUN_S``, the
+``..._VALIDATE_S``, ``..._SELECT_S``, ``..._TRAIN_S``, ``..._ENSEMBLE_S``, ``..._REPORT_S``,
+``..._PROMOTE_S``, ``..._RUN_S``, the
 scoring DAG's ``..._CHAMPION_S``, ``..._SCORE_S``, ``..._SCORING_RUN_S`` and
 ``COVIDCT_RUN_DEADLINE_S`` (the overdue alert; unset or 0: none). Environment variables,
 not Airflow Variables: they are read each time the DAG file is parsed, where a Variable

@@ -148,6 +148,13 @@ def _add_predict(sub) -> None:
         type=Path,
         help="where Spark's and TensorFlow's own output goes (default: $COVIDCT_HOME/logs/predict-<time>.log)",
     )
+    p.add_argument(
+        "--explain",
+        type=Path,
+        metavar="OUT_DIR",
+        help="also write each image's class activation map there: a PNG (the scan with the map overlaid) and the "
+        "raw map (.npy); CAM for avg pooling, Grad-CAM for the others; the CSV gains their paths",
+    )
     p.set_defaults(func=_cmd_predict)
 
 
@@ -162,7 +169,9 @@ def _cmd_predict(args) -> int:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
     try:
-        rows = predict(args.model, args.images, args.out, strict=args.strict, spark_log=log_path)
+        rows = predict(
+            args.model, args.images, args.out, strict=args.strict, spark_log=log_path, explain_dir=args.explain
+        )
     except CovidctError as exc:  # the terminal gets it from main(); the log gets it here
         handler.stream.write(f"error: {exc}\n")
         raise
@@ -176,11 +185,15 @@ def _cmd_predict(args) -> int:
                 parts = [f"{b} {p:.4f}" for b, p in r["members"].items()] + [f"mean {r['mean']:.4f}"]
                 parts += [f"stacked {r['stacked']:.4f}"] if "stacked" in r else []
                 line += f"\t({r['method']}; {', '.join(parts)})"
+            if "explanation_png" in r:
+                line += f"\t{r['explain_method']}: {r['explanation_png']}"
             print(line)
         for u in rows.unreadable:
             print(f"     -\tunreadable\t{u.path}\t({u.reason})")
     else:
         print(f"wrote {len(rows)} predictions to {args.out}")
+    if args.explain is not None:
+        print(f"wrote {len(rows)} explanations (PNG + .npy) to {args.explain}")
     if rows.unreadable:
         n = len(rows) + len(rows.unreadable)
         print(
@@ -320,6 +333,14 @@ def _add_report(sub) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding */metrics.json")
     p.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report)")
     p.add_argument("--expect", help="comma-separated backbones that were asked for (missing ones are failures)")
+    p.add_argument(
+        "--gallery",
+        type=int,
+        default=3,
+        metavar="N",
+        help="per split, the best model's N most confident test images of each outcome (TP, FP, FN, TN) with "
+        "their class activation maps (default 3; 0: no gallery)",
+    )
     p.set_defaults(func=_cmd_report)
 
 
@@ -327,7 +348,9 @@ def _cmd_report(args) -> int:
     from covidct.report import build_report
 
     expected = [b.strip() for b in args.expect.split(",") if b.strip()] if args.expect else None
-    report = build_report(args.run_dirs, out=args.out, expected_backbones=expected)
+    if args.gallery < 0:
+        raise CovidctError("--gallery must be 0 (no gallery) or more")
+    report = build_report(args.run_dirs, out=args.out, expected_backbones=expected, gallery=args.gallery)
     print(f"report: {report.html}\n        {report.markdown}")
     return 0
 

@@ -36,6 +36,8 @@ from covidct.train import spark_errors
 
 log = logging.getLogger(__name__)
 
+#: Columns ``predict --explain`` adds to the CSV (see ``covidct.explain``).
+EXPLAIN_COLUMNS = ("explain_method", "explanation_png", "explanation_npy")
 #: Larger files are not read (a CT slice is well under 10 MB; this is a guard, not a limit in practice).
 MAX_FILE_BYTES = 256 * 1024 * 1024
 #: Files per Spark task when reading and checking a folder (at least one task per core).
@@ -191,12 +193,17 @@ def predict(
     *,
     strict: bool = False,
     spark_log: str | Path | None = None,
+    explain_dir: str | Path | None = None,
 ) -> Predictions:
     """``path, probability (of COVID), prediction`` for every image file under ``images`` that can be scored.
 
     With an ensemble folder (``ensemble.json``) each row also has ``members`` (each backbone's
     probability), ``mean`` and ``stacked`` (where a stacker was fitted) and ``method``: the
     combination ``probability`` and ``prediction`` come from.
+
+    ``explain_dir``: also write each image's class activation map (PNG + raw ``.npy``, see
+    ``covidct.explain``) there; the rows gain ``explanation_png``, ``explanation_npy`` and
+    ``explain_method``. The maps come from the same forward pass as the probabilities.
 
     Files that cannot be scored are logged and returned in ``.unreadable`` (and are rows of the
     CSV with their reason in ``error``); CovidctError when no file could be scored, or with
@@ -207,6 +214,11 @@ def predict(
     manifest = load_manifest(model_dir)
     if not images.exists():
         raise CovidctError(f"{images} does not exist")
+    if explain_dir is not None:
+        from covidct.explain import check_out_dir
+
+        explain_dir = Path(explain_dir).expanduser().absolute()
+        check_out_dir(explain_dir)  # before any Spark work
     spark = get_spark("covidct-predict", jvm_output=spark_log)
     files = read_images(spark, images)
     try:
@@ -224,7 +236,11 @@ def predict(
                 f"none of the {files.n_files} files under {images} could be scored: {listing(files.unreadable)}"
             )
         log.info("scoring %d images (%d unreadable files skipped)", files.n_readable, len(files.unreadable))
-        result = Predictions(score(model_dir, files.frame, manifest), files.unreadable)
+        if explain_dir is not None:
+            rows = _predict_explained(model_dir, manifest, files.frame, images, explain_dir)
+        else:
+            rows = score(model_dir, files.frame, manifest)
+        result = Predictions(rows, files.unreadable)
     finally:
         files.unpersist()
     if out_csv is not None:
@@ -232,11 +248,30 @@ def predict(
     return result
 
 
-def _predict_ensemble(model_dir: Path, manifest: dict, df) -> list[dict]:
+def _predict_explained(model_dir: Path, manifest: dict | None, df, images: Path, out: Path) -> list[dict]:
+    """Predictions with their maps: one forward pass per model gives both (``covidct.explain``)."""
+    from covidct import explain
+
+    if manifest is None:
+        found = explain.explain_model(model_dir, df)
+        backbone = next(iter(found.values())).backbone if found else "model"
+        maps = {backbone: found}
+        rows = [{"path": p, "probability": e.probability, "prediction": e.prediction} for p, e in sorted(found.items())]
+    else:
+        maps = {m["backbone"]: explain.explain_model(model_dir / m["model"], df) for m in manifest["members"]}
+        member = {b: {p: e.probability for p, e in found.items()} for b, found in maps.items()}
+        rows = _predict_ensemble(model_dir, manifest, df, member)
+    if not rows:
+        return rows
+    return explain.explain_rows(rows, maps, df, images, out, model=str(model_dir))
+
+
+def _predict_ensemble(model_dir: Path, manifest: dict, df, member: dict[str, dict[str, float]] | None = None):
     from covidct.ensemble import MEAN, STACKED, Stacker
 
     names = [m["backbone"] for m in manifest["members"]]
-    member = {m["backbone"]: _probabilities(model_dir / m["model"], df) for m in manifest["members"]}
+    if member is None:
+        member = {m["backbone"]: _probabilities(model_dir / m["model"], df) for m in manifest["members"]}
     stacker = Stacker.from_json(manifest["stacker"]) if manifest.get("stacker") else None
     threshold = float(manifest.get("threshold", 0.5))
     rows = []
@@ -266,6 +301,10 @@ def _csv(rows: Predictions, manifest: dict | None) -> str:
             line = [r["path"], f"{r['probability']:.6f}", LABELS[r["prediction"]], r["method"]]
             line += [f"{r['members'][b]:.6f}" for b in names] + [f"{r['mean']:.6f}"]
             lines.append(line + ([f"{r['stacked']:.6f}"] if stacked else []))
+    explained = [k for k in EXPLAIN_COLUMNS if rows and k in rows[0]]  # predict --explain
+    lines[0] += explained
+    for line, r in zip(lines[1:], rows, strict=True):
+        line += [r[k] for k in explained]
     width = len(lines[0])
     lines = [lines[0] + ["error"]] + [line + [""] for line in lines[1:]]
     lines += [[u.path] + [""] * (width - 1) + [u.reason] for u in getattr(rows, "unreadable", ())]

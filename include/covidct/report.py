@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
+from covidct import gallery as gallerylib
 from covidct import plots, stats
 from covidct.atomic import atomic_dir
 from covidct.backbone import BACKBONES, get_backbone
@@ -125,6 +126,7 @@ class SplitResult:
     failed: dict[str, str]  # backbone -> why it has no row on this split
     mcnemar: list[dict]
     images: dict[str, Path]  # "roc" / "confusion" / "calibration" -> PNG (in the report folder)
+    gallery: gallerylib.Gallery | None = None  # the best model's test images with their maps
 
 
 @dataclass
@@ -542,6 +544,19 @@ def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int, repeats:
     return notes
 
 
+def _gallery_note(galleries: list[gallerylib.Gallery]) -> str:
+    seconds = sum(g.seconds or 0.0 for g in galleries)
+    return (
+        "Gallery: per split, the best model (highest accuracy, then AUC, among the rows with a saved model) and "
+        "its most confident test images of each outcome (true/false positives: highest P(COVID); true/false "
+        "negatives: lowest), each with the map of the evidence for the predicted class (upsampled, ReLU'd). CAM "
+        "(avg pooling: the LR's coefficients weight the last conv block's channels; exact: the raw map's mean plus "
+        "the intercept is the model's logit) or Grad-CAM (flatten and multi-layer poolings: the logit's gradient, "
+        "averaged per channel, weights a conv block's channels); an ensemble shows each member's map. The maps "
+        f"are computed by the report itself, for these images only: {seconds:.0f} s here."
+    )
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -740,6 +755,7 @@ def _summary(
             "failed": [{"backbone": b, "reason": r} for b, r in split.failed.items()],
             "mcnemar": split.mcnemar,
             "images": {k: p.name for k, p in split.images.items()},
+            "gallery": split.gallery.summary() if split.gallery else None,
         }
     return _jsonable(
         {
@@ -778,11 +794,13 @@ def build_report(
     failures: dict[str, str] | None = None,
     n_resamples: int = stats.N_RESAMPLES,
     seed: int = stats.SEED,
+    gallery: int = gallerylib.PER_CATEGORY,
 ) -> Report:
     """Compare every backbone found under ``run_dirs``; write the report folder ``out`` atomically.
 
     ``expected_backbones`` without results and ``failures`` (backbone -> reason) are shown
-    as failed. Raises CovidctError where no metrics.json is found at all.
+    as failed. Raises CovidctError where no metrics.json is found at all. ``gallery``: test images
+    per outcome (TP, FP, FN, TN) in each split's gallery of the best model with its maps; 0: none.
     """
     run_dirs = [Path(d).expanduser() for d in run_dirs]
     if not run_dirs:
@@ -842,6 +860,12 @@ def build_report(
             log.info("plotting %s", split.split)
             split.images = _figures(split, staging)
         seeds_image = _seeds_figure(repeats, staging)
+        if gallery > 0:
+            for split in splits.values():
+                split.gallery = gallerylib.build(split.split, split.entries, staging / gallerylib.FOLDER, gallery)
+            made = [s.gallery for s in splits.values() if s.gallery is not None]
+            if made:
+                notes.append(_gallery_note(made))
         data = _summary(run_dirs, splits, overall_failures, random_weights, timings, notes, n_resamples, seed)
         data["repeats"] = _jsonable([_repeat_summary(r) for r in repeats])
         data["repeats_image"] = seeds_image.name if seeds_image else None
@@ -852,6 +876,9 @@ def build_report(
     out = out.absolute()
     for split in splits.values():
         split.images = {kind: out / path.name for kind, path in split.images.items()}
+        for category in split.gallery.categories if split.gallery else []:
+            for image in category.images:
+                image.png = out / image.rel
     images = [p for s in splits.values() for p in s.images.values()]
     images += [out / seeds_image.name] if seeds_image else []
     log.info("wrote report %s (%d backbones, %d splits)", out, len(found), len(splits))

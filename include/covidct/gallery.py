@@ -1,0 +1,203 @@
+"""The report's gallery: per split, the best model's most confident test images of each outcome, with maps.
+
+For each split the report picks the best model (highest accuracy, then AUC, among the rows with
+test predictions and a saved model: a backbone, or an ensemble through its members' models) and
+shows up to ``PER_CATEGORY`` test images of each of true positive, false positive, false negative
+and true negative: the most confident of each (the highest probability of the predicted class),
+each with its class activation map (``covidct.explain``: CAM or Grad-CAM; an ensemble shows one
+map per member, side by side).
+
+Where and at what cost: the maps are computed here, in the report task, for these few images only
+(at most 4 × ``PER_CATEGORY`` per split, and per member for an ensemble), through the same Spark
+code as ``covidct predict --explain`` on the report's session (local unless
+``COVIDCT_SPARK_MASTER`` says otherwise). Only the report knows which model is best (the ensemble
+is built after the train jobs), and computing maps for every test image of every backbone in the
+train jobs would cost a forward pass per test image and backbone, for a gallery that shows a dozen.
+The seconds it took are in the report and ``summary.json``. The PNGs are scaled to ``MAX_SIDE``
+pixels so that the self-contained HTML stays a few MB.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from covidct.errors import CovidctError
+
+log = logging.getLogger(__name__)
+
+#: (key, title, label, prediction), in the order the gallery shows them.
+CATEGORIES = (
+    ("TP", "True positives (COVID, predicted COVID)", 1, 1),
+    ("FP", "False positives (non-COVID, predicted COVID)", 0, 1),
+    ("FN", "False negatives (COVID, predicted non-COVID)", 1, 0),
+    ("TN", "True negatives (non-COVID, predicted non-COVID)", 0, 0),
+)
+PER_CATEGORY = 3
+MAX_SIDE = 320
+FOLDER = "gallery"
+
+
+@dataclass
+class GalleryImage:
+    category: str
+    relpath: str
+    label: int
+    probability: float
+    png: Path  # absolute, while the report is built (then relative: ``rel``)
+    rel: str  # relative to the report folder
+    npy: list[str]
+
+
+@dataclass
+class Category:
+    key: str
+    title: str
+    total: int  # test images in this category
+    images: list[GalleryImage] = field(default_factory=list)
+
+
+@dataclass
+class Gallery:
+    split: str
+    model: str  # the row's label
+    members: list[str]
+    methods: dict[str, str]  # backbone -> CAM / Grad-CAM
+    random_weights: bool
+    categories: list[Category] = field(default_factory=list)
+    seconds: float | None = None
+    reason: str | None = None  # why there is no gallery (then categories is empty)
+
+    def summary(self) -> dict:
+        return {
+            "model": self.model,
+            "members": self.members,
+            "methods": self.methods,
+            "random_weights": self.random_weights,
+            "seconds": self.seconds,
+            "reason": self.reason,
+            "categories": {
+                c.key: {
+                    "title": c.title,
+                    "total": c.total,
+                    "images": [
+                        {
+                            "relpath": i.relpath,
+                            "label": i.label,
+                            "probability": i.probability,
+                            "png": i.rel,
+                            "npy": i.npy,
+                        }
+                        for i in c.images
+                    ],
+                }
+                for c in self.categories
+            },
+        }
+
+
+def model_folders(entry) -> dict[str, Path] | None:
+    """``{backbone: model folder}`` of a report row (an ensemble: its members'), None where one is missing."""
+    if entry.metrics.get("ensemble"):
+        members, folders = entry.metrics.get("members") or [], entry.metrics.get("member_folders") or []
+        if not members or len(members) != len(folders):
+            return None
+        found = {str(b): Path(f) / "model" for b, f in zip(members, folders, strict=True)}
+    else:
+        found = {entry.backbone: entry.source.parent / "model"}
+    return found if all((f / "metadata").is_dir() for f in found.values()) else None
+
+
+def best_entry(entries: list):
+    """The row with the highest accuracy (then AUC) among those with predictions and saved models."""
+    usable = [e for e in entries if e.predictions is not None and "path" in e.predictions and model_folders(e)]
+    if not usable:
+        return None
+    return max(usable, key=lambda e: (e.value("accuracy") or 0.0, e.value("auc") or 0.0))
+
+
+def pick(predictions: pd.DataFrame, per_category: int = PER_CATEGORY) -> dict[str, tuple[int, pd.DataFrame]]:
+    """``{category: (total, the most confident rows)}``: P(COVID) descending for predicted COVID, ascending else."""
+    picked = {}
+    for key, _title, label, prediction in CATEGORIES:
+        rows = predictions[(predictions["label"] == label) & (predictions["prediction"] == prediction)]
+        rows = rows.sort_values(["probability", "relpath"], ascending=[prediction == 0, True], kind="stable")
+        picked[key] = (len(rows), rows.head(per_category))
+    return picked
+
+
+def build(
+    split: str, entries: list, folder: Path, per_category: int = PER_CATEGORY, max_side: int = MAX_SIDE
+) -> Gallery | None:
+    """The gallery of one split, its files under ``folder/<split>/``; None where no row has a saved model.
+
+    Never raises for a gallery that cannot be made: the report says why instead.
+    """
+    entry = best_entry(entries)
+    if entry is None:
+        return None
+    folders = model_folders(entry)
+    gallery = Gallery(split, entry.label, list(folders), {}, entry.random_weights)
+    started = time.monotonic()
+    try:
+        _fill(gallery, entry, folders, folder, per_category, max_side)
+    except Exception as exc:  # noqa: BLE001 - the report is still useful without its gallery
+        log.warning("no gallery for %s (%s): %s", split, entry.label, exc)
+        gallery.categories = []
+        gallery.reason = str(exc) if isinstance(exc, CovidctError) else f"{type(exc).__name__}: {exc}"
+    gallery.seconds = round(time.monotonic() - started, 1)
+    log.info("gallery %s (%s): %.1f s", split, entry.label, gallery.seconds)
+    return gallery
+
+
+def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_category: int, max_side: int):
+    from pyspark.sql import functions as F
+
+    from covidct import explain
+    from covidct.session import get_spark
+
+    picked = pick(entry.predictions, per_category)
+    chosen = pd.concat([rows for _total, rows in picked.values()], ignore_index=True)
+    missing = [p for p in chosen["path"] if not explain.local_path(p).is_file()]
+    if missing:
+        raise CovidctError(f"{len(missing)} test images are not where the run read them (e.g. {missing[0]})")
+    spark = get_spark("covidct-report")
+    uris = sorted(set(chosen["path"]))
+    parents = sorted({p.rsplit("/", 1)[0] for p in uris})
+    df = (
+        spark.read.format("binaryFile")
+        .load(parents)
+        .select("path", F.col("content").alias("image"))
+        .filter(F.col("path").isin(uris))
+        .cache()
+    )
+    maps = {b: explain.explain_model(f, df) for b, f in folders.items()}
+    gallery.methods = {b: next(iter(m.values())).method for b, m in maps.items() if m}
+    items, meta = [], {}
+    for key, (_total, rows) in picked.items():
+        for i, r in enumerate(rows.itertuples(index=False), start=1):
+            panels = tuple(
+                explain.Panel(b, maps[b][r.path].method, maps[b][r.path].probability, maps[b][r.path].map)
+                for b in folders
+            )
+            name = f"{key}-{i}"
+            title = f"{key} · label {explain.LABELS[int(r.label)]} · {entry.label}: P(COVID) = {r.probability:.3f}"
+            items.append(explain.Item(r.path, name, f"{title}\n{r.relpath}", bool(r.prediction), panels))
+            meta[r.path] = (key, r)
+    out = folder / gallery.split
+    written = explain.write_explanations(df, items, out, max_side=max_side, about={"split": gallery.split})
+    df.unpersist()
+    by_category: dict[str, list[GalleryImage]] = {key: [] for key, *_ in CATEGORIES}
+    for item in items:
+        key, r = meta[item.path]
+        png, npys = written[item.path]
+        here = Path(folder.name) / gallery.split
+        npy = [str(here / n.name) for n in npys]
+        by_category[key].append(
+            GalleryImage(key, r.relpath, int(r.label), float(r.probability), png, str(here / png.name), npy)
+        )
+    gallery.categories = [Category(key, title, picked[key][0], by_category[key]) for key, title, *_ in CATEGORIES]
