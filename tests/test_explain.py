@@ -21,7 +21,7 @@ from covidct import explain
 from covidct.cli import main
 from covidct.dataset import load_images
 from covidct.featurizer import DeepImageFeaturizer
-from covidct.predict import _images, predict
+from covidct.predict import predict, read_images
 from synthetic import PATCH, make_patch_dataset, patch_image
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,9 @@ def probes(tmp_path_factory):
 def logits(spark, model_dir, folder) -> dict[str, float]:
     """The model's own margin (rawPrediction[1]) per image, through the plain PipelineModel."""
     model = PipelineModel.load(str(model_dir))
-    rows = model.transform(_images(spark, folder)).select("path", vector_to_array("rawPrediction")[1].alias("m"))
+    rows = model.transform(read_images(spark, folder).frame).select(
+        "path", vector_to_array("rawPrediction")[1].alias("m")
+    )
     return {r.path: r.m for r in rows.collect()}
 
 
@@ -92,7 +94,7 @@ def test_cam_spatial_mean_plus_intercept_is_the_models_logit(spark, models, prob
 
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_map_peaks_at_the_square_the_classifier_learned(spark, models, probes, pooling):
-    df = _images(spark, probes).cache()
+    df = read_images(spark, probes).frame
     found = {explain.local_path(p).stem: e for p, e in explain.explain_model(models[pooling], df).items()}
     df.unpersist()
     assert {e.method for e in found.values()} == {"CAM" if pooling == "avg" else "Grad-CAM"}
@@ -168,14 +170,20 @@ def test_undecodable_image_is_handled_as_plain_predict_handles_it(models, probes
     (folder / "broken%0.png").write_bytes((probes / "clean.png").read_bytes()[:300])
     model = str(models["avg"])
     plain = main(["predict", "--model", model, "--images", str(folder)])
-    plain_err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    plain_out = capsys.readouterr().out
     out = tmp_path / "maps"
     explained = main(["predict", "--model", model, "--images", str(folder), "--explain", str(out)])
+    captured = capsys.readouterr()
+    assert explained == plain == 0  # the unreadable file is listed, the others are scored and explained
+    unreadable = [line for line in captured.out.splitlines() if "\tunreadable\t" in line]
+    assert unreadable == [line for line in plain_out.splitlines() if "\tunreadable\t" in line]
+    assert len(unreadable) == 1 and "broken%0.png" in unreadable[0] and "Traceback" not in captured.err
+    assert not list(out.rglob("broken*")) and len(list(out.rglob("*.map.png"))) == len(PROBES)
+    strict = tmp_path / "strict-maps"
+    assert main(["predict", "--model", model, "--images", str(folder), "--explain", str(strict), "--strict"]) == 2
     err = capsys.readouterr().err
-    assert explained == plain == 2
-    assert [line for line in err.splitlines() if line.startswith("error:")] == plain_err
-    assert "cannot decode image" in plain_err[0] and "broken" in plain_err[0] and "Traceback" not in err
-    assert not out.exists()  # nothing half-written
+    assert "error:" in err and "broken%0.png" in err and "Traceback" not in err
+    assert not strict.exists()  # nothing half-written
 
 
 def test_report_gallery_shows_the_most_confident_of_each_outcome(spark, patch_data, tmp_path):
