@@ -34,6 +34,9 @@ JOB_ARGS = ["--backbone", "VGG16", "--split", "random70", "--seed", "7", "--weig
 # The same small settings for both runs: they keep a 16-image job quick and do not change results.
 SPARK_CONF = {"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "2", "spark.ui.enabled": "false"}
 SUBMIT_TIMEOUT_S = 240
+# predict --explain on the cluster: two Spark passes, each worker builds VGG16 + its explainer (~4 min on a
+# heavily loaded 2-core host); a generous bound.
+EXPLAIN_TIMEOUT_S = 600
 EXACT = ("n_images", "n_train", "n_test", "confusion", "accuracy", "split", "seed", "weights_id", "feature_dim")
 
 
@@ -268,7 +271,7 @@ def test_maps_of_an_image_are_identical_locally_and_on_the_cluster(standalone_cl
         proc = subprocess.run(
             [sys.executable, "-m", "covidct.cli", "predict", "--model", str(model), "--images", str(probes),
              "--out", str(tmp_path / "cluster.csv"), "--explain", str(tmp_path / "cluster")],
-            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=SUBMIT_TIMEOUT_S,
+            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=EXPLAIN_TIMEOUT_S,
         )  # fmt: skip
     assert proc.returncode == 0, tail(log)
     apps = [app for app in finished_apps(cluster) if app["id"] not in before]

@@ -175,6 +175,7 @@ def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_c
         .filter(F.col("path").isin(uris))
         .cache()
     )
+    log.info("gallery %s: maps of %d test images with %s", gallery.split, len(uris), " + ".join(folders))
     maps = {b: explain.explain_model(f, df) for b, f in folders.items()}
     gallery.methods = {b: next(iter(m.values())).method for b, m in maps.items() if m}
     items, meta = [], {}

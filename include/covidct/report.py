@@ -9,6 +9,7 @@
     summary.json  the table data, for programs
     roc_<split>.png  confusion_<split>.png  calibration_<split>.png
     seeds_random70.png   (where the run repeated random70 over several seeds)
+    gallery/<split>/     the best model's most confident TP/FP/FN/TN test images with their maps
 
 The figures in the tables are metrics.json's (Spark's evaluators); the 95 % intervals
 come from a seeded percentile bootstrap over the test predictions (``covidct.stats``),
