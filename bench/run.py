@@ -15,6 +15,10 @@ Sections:
   scaling    1×, 2×, 4× the images (copies re-encoded so their hashes differ): 2× must take ≤ 2.1× time
   explain    `covidct predict --explain` against plain `covidct predict` (img/s), VGG16 with avg (CAM)
              and avg-b345 (Grad-CAM): plain, the maps alone, and maps + PNGs (--explain-images, default 32)
+  warm       `make run` with a warm feature cache (--feature-cache, copied): a first run, then --repeat rounds of
+             an unchanged run (skips training; goal ≤ 30 s) and a forced one (param force; goal ≤ 60 s), and with
+             --legacy-root a warm run of the code before (interleaved: same load), with where the seconds go
+             (start-up, each task, each Spark job's parts)
 
 Real images come from COVIDCT_DATA_DIR (default ../shared/data/COVID-CT); ImageNet weights from
 COVIDCT_WEIGHTS_DIR (``make weights``). Timings are noisy: short runs are repeated and medians quoted.
@@ -27,6 +31,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,9 +137,10 @@ class PeakRSS(threading.Thread):
         return {k: round(v / 2**30, 2) for k, v in self.peaks.items()}
 
 
-def run_dag(home: Path, data: Path, precision: str) -> dict:
+def run_dag(home: Path, data: Path, precision: str, force: bool = False) -> dict:
+    conf = {"precision": precision, **({"force": True} if force else {})}
     env = {**os.environ, "COVIDCT_HOME": str(home), "COVIDCT_DATA_SOURCE": str(data), "AIRFLOW_HOME": str(home / "af"),
-           "COVIDCT_DAG_CONF": json.dumps({"precision": precision})}  # fmt: skip
+           "COVIDCT_DAG_CONF": json.dumps(conf)}  # fmt: skip
     sampler = PeakRSS()
     sampler.start()
     start = time.perf_counter()
@@ -165,12 +171,196 @@ def section_dag(data: Path, precision: str) -> dict:
     try:
         cold = run_dag(home, data, precision)
         print(f"  cold: {cold['wall_s']:.0f} s", file=sys.stderr, flush=True)
-        warm = run_dag(home, data, precision)
+        warm = run_dag(home, data, precision, force=True)  # unchanged data: without force it would skip training
         print(f"  warm: {warm['wall_s']:.0f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(home, ignore_errors=True)
     speedup = STUDY_TOTAL_MIN * 60 / cold["wall_s"]
     return {"precision": precision, "cold": cold, "warm": warm, "speedup_vs_study_cold": speedup}
+
+
+# --------------------------------------------------------------------------- warm path (issue 12)
+
+WARM_TASKS = ("fetch_dataset", "validate_dataset", "check_changes", "select_backbones", "train_vgg16", "train_vgg19",
+              "train_xception", "ensemble", "report", "record_success")  # fmt: skip
+
+
+def _task_times(airflow_home: Path, started_at: float) -> tuple[dict, float | None, str]:
+    """Each task's seconds and state in the newest DAG run of ``airflow_home`` (SQLite); when the first started."""
+    import sqlite3
+    from datetime import datetime
+
+    def epoch(text: str | None) -> float | None:
+        if not text:
+            return None
+        text = text.replace(" ", "T")
+        stamp = datetime.fromisoformat(text if ("+" in text[10:] or text.endswith("Z")) else text + "+00:00")
+        return stamp.timestamp()
+
+    with sqlite3.connect(airflow_home / "airflow.db") as db:
+        (run_id,) = db.execute("select run_id from dag_run order by id desc limit 1").fetchone()
+        rows = db.execute("select task_id, state, start_date, end_date from task_instance where run_id = ?", (run_id,))
+        tasks, first = {}, None
+        for task_id, state, start, end in rows.fetchall():
+            begin, finish = epoch(start), epoch(end)
+            tasks[task_id] = {"state": state, "s": round(finish - begin, 2) if begin and finish else 0.0}
+            if begin is not None:
+                first = begin if first is None else min(first, begin)
+    return tasks, (round(first - started_at, 2) if first else None), run_id
+
+
+def run_make_run(home: Path, data: Path, conf: dict, env_extra: dict | None = None) -> dict:
+    """One ``make run`` (``python -m covidct.localstack run``) into ``home``: wall time and where it went."""
+    env = {**os.environ, "COVIDCT_HOME": str(home), "COVIDCT_DATA_SOURCE": str(data), "AIRFLOW_HOME": str(home / "af"),
+           "COVIDCT_DAG_CONF": json.dumps(conf), **(env_extra or {})}  # fmt: skip
+    started_at = time.time()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "covidct.localstack", "run"], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"make run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    tasks, startup, run_id = _task_times(home / "af", started_at)
+    jobs = {}
+    run_dir = home / "runs" / "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id).strip("._")
+    for metrics_path in sorted(run_dir.glob("*/*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        job = jobs.setdefault(m["backbone"], {"total_s": m["timings"]["total_s"],
+                                             "featurize_s": m["timings"]["featurize_s"], "cache": m["cache"],
+                                             "splits": {}})  # fmt: skip
+        job["splits"][m["split"]] = {**m["timings"], "out_of_fold_s": (m.get("out_of_fold") or {}).get("seconds")}
+    return {"wall_s": round(wall, 2), "startup_s": startup, "tasks": tasks, "jobs": jobs, "run_id": run_id,
+            "screen": proc.stdout[-2000:]}  # fmt: skip
+
+
+def section_warm(data: Path, feature_cache: Path, repeat: int, legacy_root: Path | None = None) -> dict:
+    """A warm feature cache (copied from ``feature_cache``): a first run, then ``repeat`` rounds of runs.
+
+    Each round: an unchanged run (skips training) and a forced one (param ``force``: retrains from
+    the cache); with ``legacy_root`` (a copy of the code before retrain-on-change: its ``include/``,
+    ``dags/``, ``jobs/``) also a warm run of that code, in its own home, interleaved with the others
+    so that both see the same load on a shared machine. Partial results are saved after each run.
+    """
+    homes = {"new": Path(tempfile.mkdtemp(prefix="covidct-bench-warm-"))}
+    envs = {"new": {}}
+    if legacy_root is not None:
+        homes["before"] = Path(tempfile.mkdtemp(prefix="covidct-bench-warm-before-"))
+        envs["before"] = {"PYTHONPATH": str(legacy_root / "include")}
+    out: dict = {"legacy_root": str(legacy_root) if legacy_root else None, "rounds": repeat}
+    plan = [("before", "first_before", {}), ("new", "first", {})] if legacy_root else [("new", "first", {})]
+    for _ in range(repeat):
+        if legacy_root:
+            plan.append(("before", "before", {}))
+        plan += [("new", "unchanged", {}), ("new", "forced", {"force": True})]
+    try:
+        for home in homes.values():
+            shutil.copytree(feature_cache, home / "feature-cache")
+        for which, mode, conf in plan:
+            result = run_make_run(homes[which], data, conf, envs[which])
+            if mode.startswith("first"):
+                out[mode] = result
+            else:
+                out.setdefault(mode, []).append(result)
+            print(f"  {mode}: {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            save("warm-partial", out)
+    finally:
+        for home in homes.values():
+            shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+def section_warm_job(data: Path, feature_cache: Path, repeat: int, legacy_root: Path, backbone: str = "VGG16") -> dict:
+    """One warm train job (``spark-submit jobs/transfer_learning.py``, both splits, every feature cached),
+    this code against ``legacy_root``'s, alternately ``repeat`` times: wall time and the job's own timings.
+
+    ``data`` must be a fetched dataset folder (with ``manifest.parquet``, as ``make run`` leaves it).
+    """
+    work = Path(tempfile.mkdtemp(prefix="covidct-bench-job-"))
+    out: dict = {"backbone": backbone, "legacy_root": str(legacy_root), "before": [], "after": []}
+    try:
+        shutil.copytree(feature_cache, work / "feature-cache")
+        for i in range(repeat):
+            for which, root in (("before", legacy_root), ("after", ROOT)):
+                env = {**os.environ, "COVIDCT_CACHE_DIR": str(work / "feature-cache")}
+                if which == "before":
+                    env["PYTHONPATH"] = str(root / "include")
+                target = work / f"{which}-{i}"
+                start = time.perf_counter()
+                subprocess.run(
+                    ["spark-submit", "--master", "local[*]", "--driver-memory", "4g",
+                     str(root / "jobs" / "transfer_learning.py"), "--data", str(data), "--backbone", backbone,
+                     "--split", "official,random70", "--seed", "42", "--out", str(target)],
+                    check=True, capture_output=True, env=env,
+                )  # fmt: skip
+                wall = time.perf_counter() - start
+                splits = {}
+                for split in ("official", "random70"):
+                    m = json.loads((target / split / "metrics.json").read_text())
+                    oof = (m.get("out_of_fold") or {}).get("seconds")
+                    splits[split] = {"timings": m["timings"], "out_of_fold_s": oof, "accuracy": m["accuracy"],
+                                     "auc": m["auc"], "cache": m["cache"]}  # fmt: skip
+                out[which].append({"wall_s": round(wall, 2), "splits": splits})
+                print(f"  {which} #{i + 1}: {wall:.0f} s", file=sys.stderr, flush=True)
+                save("warm-job-partial", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
+def warm_breakdown(runs: list[dict]) -> dict[str, float | None]:
+    """Median seconds per part of a ``make run`` (over ``runs``): start-up, each task, Spark jobs' parts, the rest."""
+    rows: dict[str, list] = {}
+
+    def add(name: str, value) -> None:
+        rows.setdefault(name, []).append(value)
+
+    for run in runs:
+        add("whole make run (wall)", run["wall_s"])
+        add("start-up: Python, Airflow import, DB check/migration, DAG parse", run["startup_s"])
+        accounted = run["startup_s"] or 0.0
+        for task in WARM_TASKS:
+            info = run["tasks"].get(task)
+            seconds = info["s"] if info and info["state"] not in ("skipped", None) else None
+            add(f"task {task}", seconds)
+            accounted += seconds or 0.0
+        for backbone, job in run["jobs"].items():
+            task = f"train_{backbone.lower()}"
+            task_s = (run["tasks"].get(task) or {}).get("s")
+            add(
+                f"  {backbone}: spark-submit, JVM, session, imports",
+                round(task_s - job["total_s"], 2) if task_s else None,
+            )
+            add(f"  {backbone}: image table + cache read", job["featurize_s"])
+            splits = job["splits"].values()
+            for part in ("fit_s", "evaluate_s", "save_s", "out_of_fold_s"):
+                add(f"  {backbone}: {part[:-2].replace('_', '-')} (all splits)",
+                    round(sum(s.get(part) or 0.0 for s in splits), 2))  # fmt: skip
+        add("between tasks and shutdown (dag.test loop, summary)", round(run["wall_s"] - accounted, 2))
+    return {name: _median(values) for name, values in rows.items()}
+
+
+def render_warm(results: dict) -> str | None:
+    warm = results.get("warm", {})
+    columns = [
+        ("before: a warm run (always retrains)", warm.get("before", [])),
+        ("unchanged (skips training)", warm.get("unchanged", [])),
+        ("force (retrains, warm cache)", warm.get("forced", [])),
+    ]
+    columns = [(title, runs) for title, runs in columns if runs]
+    if not columns:
+        return None
+    tables = [(title, warm_breakdown(runs), len(runs)) for title, runs in columns]
+    names = list(dict.fromkeys(name for _, table, _ in tables for name in table))
+    rows = [
+        [name] + ["—" if table.get(name) is None else f"{table[name]:.1f}" for _, table, _ in tables] for name in names
+    ]
+    header = ["seconds (median)"] + [f"{title}, n={n}" for title, _, n in tables]
+    return ("\n**Warm path: `make run`, float32, 746 images, feature cache warm (median seconds)**\n\n"
+            + markdown_table(header, rows))  # fmt: skip
 
 
 def reencoded_dataset(source: Path, dest: Path, copies: int, limit: int | None) -> int:
@@ -286,6 +476,9 @@ def render(results: dict) -> str:
         parts.append(f"\n**Whole DAG ({precision}), 746 images (study: {STUDY_TOTAL_MIN} min; cold speed-up "
                      f"{d['speedup_vs_study_cold']:.1f}×)**\n")  # fmt: skip
         parts.append(markdown_table(["cache", "wall", "per job: time / peak RSS / cache hits+misses"], rows))
+    warm = render_warm(results)
+    if warm:
+        parts.append(warm)
     if "scaling" in results:
         rows = [
             [k, r["images"], f"{r['wall_s']:.0f} s", f"{r['time_ratio']:.2f}"] for k, r in results["scaling"].items()
@@ -306,6 +499,11 @@ def main() -> int:
     parser.add_argument("--precision", default="float32", choices=PRECISIONS, help="for featurize, dag and scaling")
     parser.add_argument("--explain-images", type=int, default=32, help="images for the explain section")
     parser.add_argument("--quick", action="store_true", help="fewer images everywhere (a smoke run)")
+    parser.add_argument("--feature-cache", type=Path, default=ROOT / "var" / "feature-cache",
+                        help="warm: a feature cache holding the data's features (copied, never written)")  # fmt: skip
+    parser.add_argument("--legacy-root", type=Path, default=None,
+                        help="warm: a copy (include/, dags/, jobs/) of the code before retrain-on-change, e.g. "
+                        "`git archive 08fd8fe include dags jobs | tar -x -C DIR`: its warm runs")  # fmt: skip
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("COVIDCT_DATA_DIR", DEFAULT_DATA)))
     args = parser.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -333,6 +531,10 @@ def main() -> int:
             results["multilayer"] = section_multilayer(images, repeat, backbones)
         elif section == "dag":
             results[_key("dag", args.precision)] = section_dag(args.data, args.precision)
+        elif section == "warm-job":
+            results["warm-job"] = section_warm_job(args.data, args.feature_cache, args.repeat, args.legacy_root)
+        elif section == "warm":
+            results["warm"] = section_warm(args.data, args.feature_cache, args.repeat, args.legacy_root)
         elif section == "scaling":
             results["scaling_backbone"], results["scaling_precision"] = args.scaling_backbone, args.precision
             results["scaling"] = section_scaling(args.data, args.scaling_backbone, limit, args.precision)
