@@ -19,6 +19,10 @@ The modules, one concept each:
 - ``report``     comparing backbones (``stats``: bootstrap CIs, McNemar; ``plots``: figures;
                  ``gallery``: the best model's most confident test images of each outcome, with maps)
 - ``pipeline``   what the Airflow DAG's tasks do; ``operators``: its spark-submit operator
+- ``tracking``   MLflow: where runs go, one parent run per DAG run, a child run per job
+- ``registry``   the registered model ``covid-ct``, its ``champion`` alias and Airflow asset
+- ``promotion``  the promotion gate (paired bootstrap of the AUC difference on the official split)
+- ``pyfunc``     the saved ensemble as an MLflow pyfunc model
 - ``policy``     the operator's allowlist for trigger params (data sources, weights files)
 - ``bounds``     how long each task and a run may take; ``alerts``: failed/overdue run alerts
 - ``executors``  the driver's watchdog: fail fast when the cluster grants no executors
