@@ -395,6 +395,8 @@ def test_quick_run_through_the_rest_api(stack):
     stack.save()
     assert tasks["train_vgg16"]["state"] == "success" and tasks["report"]["state"] == "success"
     assert {tasks[t]["state"] for t in ("train_vgg19", "train_xception")} == {"skipped"}
+    # A first run of this data and these params: trained, and recorded as the last successful run.
+    assert tasks["check_changes"]["state"] == tasks["record_success"]["state"] == "success", stack.summary(run_id)
     found = stack.outputs(run_id)
     metrics = found["metrics"]
     assert metrics["backbone"] == "VGG16" and metrics["split"] == "random70" and metrics["random_weights"] is True
@@ -641,8 +643,10 @@ def test_two_workers(stack):
 
 
 def fault_conf() -> dict:
-    # No feature cache: the job featurizes again, so the Spark application is really working.
-    return QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS, "feature_cache": False}
+    # No feature cache: the job featurizes again, so the Spark application is really working. force: the
+    # data and params are the quick run's, which an unforced run would not retrain (retrain on change).
+    return QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS, "feature_cache": False,
+                         "force": True}  # fmt: skip
 
 
 def finish_fault(stack: Stack, name: str, run_id: str, started: float, extra: dict) -> None:
@@ -735,7 +739,7 @@ def test_fault_spark_worker_stopped_for_good(stack):
     deadline = time.monotonic() + 180
     while stack.master()["aliveworkers"] < 1 and time.monotonic() < deadline:
         time.sleep(2)
-    run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS})
+    run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS, "force": True})
     assert stack.wait_run(run_id) == "success", stack.summary(run_id)
     metrics = stack.outputs(run_id)["metrics"]
     assert metrics["n_train"] + metrics["n_test"] == 2 * N_PER_CLASS
