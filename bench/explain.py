@@ -43,7 +43,7 @@ def main() -> int:
     from covidct import explain
     from covidct.dataset import load_images
     from covidct.featurizer import DeepImageFeaturizer
-    from covidct.predict import _images, predict
+    from covidct.predict import predict, read_images
     from covidct.session import get_spark
 
     work = Path(tempfile.mkdtemp(prefix="covidct-bench-explain-"))
@@ -65,9 +65,9 @@ def main() -> int:
                 predict(model, data)
 
             def maps_only(model=model):
-                df = _images(spark, data).cache()
-                explain.explain_model(model, df)
-                df.unpersist()
+                files = read_images(spark, data)
+                explain.explain_model(model, files.frame)
+                files.unpersist()
 
             def explained(model=model, out=out):
                 predict(model, data, explain_dir=out)
