@@ -184,7 +184,7 @@ def covid_ct_transfer_learning():
     def report(params=None, run_id=None, ti=None) -> str:
         train_ids = [pipeline.train_task_id(b) for b in params["backbones"]]
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id], task_ids=train_ids)[run_id]
-        return pipeline.build_run_report(str(paths.run_dir(run_id)), params["backbones"], states)
+        return pipeline.build_run_report(str(paths.run_dir(run_id)), params["backbones"], states, params["weights"])
 
     # Emits the champion asset's event only when it promotes (otherwise it skips itself).
     @task(outlets=[CHAMPION_ASSET])

@@ -162,10 +162,14 @@ def test_whole_dag_runs_with_real_spark_submit(airflow_db, dag, small_dataset, t
     conf = {"data_source": str(small_dataset), "weights": "none", "expect_covid": 12, "expect_noncovid": 12, "seed": 5}
     dagrun, states, ok = run_dag(dag, conf)
     assert ok, states
-    assert all(state == "success" for state in states.values()), states
+    # Every task succeeded but promote, which skips itself: random weights are never promoted.
+    assert states.pop("promote") == "skipped" and all(state == "success" for state in states.values()), states
     from covidct import paths
 
     run = paths.run_dir(dagrun.run_id)
+    # Random weights: no gallery of maps (they would show nothing).
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert all(split["gallery"] is None for split in summary["splits"].values())
     for backbone in ("vgg16", "vgg19", "xception"):
         for split in ("official", "random70"):
             metrics = json.loads((run / backbone / split / "metrics.json").read_text())

@@ -203,19 +203,28 @@ def build_run_ensemble(run_dir: str, backbones: list[str], states: dict[str, str
     return str(result.out)
 
 
-def build_run_report(run_dir: str, backbones: list[str], states: dict[str, str | None]) -> str:
+def build_run_report(
+    run_dir: str, backbones: list[str], states: dict[str, str | None], weights: str = "imagenet"
+) -> str:
     """Compare the run's backbones, naming those that failed; returns the HTML report's path.
 
-    Fails (without retries: nothing would change) when no chosen backbone succeeded.
+    Fails (without retries: nothing would change) when no chosen backbone succeeded. A run with
+    random weights (``weights=none``: mechanics only) gets no gallery: the maps of an untrained
+    backbone show nothing, and making them would cost a Spark pass per split.
     """
     if not any(states.get(train_task_id(b)) == "success" for b in backbones):
         from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException(f"no backbone succeeded (train task states: {states}); nothing to compare")
+    from covidct import gallery
     from covidct.report import build_report  # after the check: a failed run fails in a second
 
     failures = failures_from_states(states, backbones)
-    report = build_report([Path(run_dir)], expected_backbones=list(backbones), failures=failures)
+    per_category = gallery.PER_CATEGORY
+    if weights == "none":
+        per_category = 0
+        log.info("no gallery of maps: the run has random weights (weights=none)")
+    report = build_report([Path(run_dir)], expected_backbones=list(backbones), failures=failures, gallery=per_category)
     from covidct import tracking
 
     tracking.log_report(report.out)  # the MLflow runs into the report, the report into the parent run
