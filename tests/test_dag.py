@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pendulum
@@ -287,8 +288,6 @@ def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_p
 
 
 def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset, tmp_path):
-    import shutil
-
     from airflow.sdk.exceptions import AirflowFailException
 
     from covidct import pipeline
