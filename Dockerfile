@@ -57,7 +57,8 @@ RUN pip install -c constraints.txt /opt/covidct \
 ARG AIRFLOW_UID=50000
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /home/airflow --create-home --shell /bin/bash airflow \
     && mkdir -p /opt/airflow/logs /opt/airflow/secrets \
-        /opt/covidct/var/data /opt/covidct/var/runs /opt/covidct/var/feature-cache /opt/covidct/weights \
+        /opt/covidct/var/data /opt/covidct/var/runs /opt/covidct/var/feature-cache /opt/covidct/var/scores \
+        /opt/covidct/var/incoming /opt/covidct/weights \
         /opt/spark/work /opt/spark/logs /opt/mlflow/artifacts \
     && chown -R airflow:0 /opt/airflow /opt/covidct/var /opt/covidct/weights /opt/spark /opt/mlflow \
     && chmod 700 /opt/airflow/secrets

@@ -34,12 +34,13 @@ from conftest import ROOT
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-DAG_ID = "covid_ct_transfer_learning"
+DAG_ID, SCORING_DAG_ID = "covid_ct_transfer_learning", "covid_ct_scoring"
 EXPERIMENT, REGISTERED_MODEL = "covid-ct", "covid-ct"  # covidct.tracking / covidct.registry
 QUICK_CONF = {"backbones": ["VGG16"], "splits": ["random70"], "weights": "none"}
 # Per class: images taken from the head of each official list (so every split has some).
 SUBSET = {"train": 30, "val": 5, "test": 10}
 N_PER_CLASS = sum(SUBSET.values())
+N_INCOMING = 6  # real test images for the scoring DAG, half of each class (none in the subset)
 CLASSES = {"CT_COVID": "COVID", "CT_NonCOVID": "NonCOVID"}
 INPUT_MOUNT = "/opt/covidct/input"
 ADMIN_PASSWORD = "compose-test-" + uuid.uuid4().hex[:8]
@@ -105,10 +106,25 @@ def make_subset(real: Path, dest: Path) -> Path:
     return dest
 
 
+def make_incoming(real: Path, dest: Path) -> Path:
+    """New scans for the scoring DAG (the host folder bind-mounted as the stack's incoming folder):
+    the last few test images of each class, none of them in the subset, and one file that is no image."""
+    dest.mkdir(parents=True)
+    for folder, short in CLASSES.items():
+        listed = real / "Data-split" / short / f"testCT_{short}.txt"
+        names = [line.strip() for line in listed.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        for name in names[-N_INCOMING // 2 :]:
+            shutil.copyfile(real / folder / name, dest / name)
+    (dest / "notes.txt").write_text("not a scan\n")
+    for path in [dest, *dest.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest
+
+
 class Stack:
     """One compose project: compose commands, the Airflow REST API, the Spark master's JSON."""
 
-    def __init__(self, out: Path, data: Path):
+    def __init__(self, out: Path, data: Path, incoming: Path):
         self.out = out
         self.project = f"covidct-test-{uuid.uuid4().hex[:8]}"
         self.airflow_port, self.spark_port, self.mlflow_port = free_port(), free_port(), free_port()
@@ -137,6 +153,7 @@ class Stack:
             "COVIDCT_MLFLOW_PORT": str(self.mlflow_port),
             "COVIDCT_DATA_SOURCE": INPUT_MOUNT,
             "COVIDCT_WEIGHTS_HOST_DIR": str(out / "weights"),
+            "COVIDCT_INCOMING_HOST_DIR": str(incoming),
             "AIRFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "COVIDCT_EXECUTOR_WAIT_S": str(EXECUTOR_WAIT_S),
         }
@@ -193,29 +210,29 @@ class Stack:
                     raise
             time.sleep(3)
 
-    def runs(self) -> list[dict]:
-        response = self.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"limit": 100})
+    def runs(self, dag_id: str = DAG_ID) -> list[dict]:
+        response = self.api("GET", f"/dags/{dag_id}/dagRuns", params={"limit": 100})
         assert response.status_code == 200, response.text
         return response.json()["dag_runs"]
 
-    def trigger(self, conf: dict) -> str:
-        response = self.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+    def trigger(self, conf: dict, dag_id: str = DAG_ID) -> str:
+        response = self.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
         assert response.status_code == 200, response.text
         return response.json()["dag_run_id"]
 
-    def tasks(self, run_id: str) -> dict[str, dict]:
-        response = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+    def tasks(self, run_id: str, dag_id: str = DAG_ID) -> dict[str, dict]:
+        response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         assert response.status_code == 200, response.text
         return {t["task_id"]: t for t in response.json()["task_instances"]}
 
-    def wait_run(self, run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
+    def wait_run(self, run_id: str, timeout: float = RUN_TIMEOUT_S, dag_id: str = DAG_ID) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            response = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
+            response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
             if response.status_code == 200 and response.json()["state"] in ("success", "failed"):
                 return response.json()["state"]
             time.sleep(5)
-        pytest.fail(f"run {run_id} not finished after {timeout:.0f} s: {self.summary(run_id)}")
+        pytest.fail(f"run {run_id} not finished after {timeout:.0f} s: {self.summary(run_id, dag_id)}")
 
     def wait_task_running(self, run_id: str, task_id: str, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -242,8 +259,8 @@ class Stack:
         assert response.status_code == 200, response.text
         return response.text
 
-    def summary(self, run_id: str) -> dict:
-        return {t: (ti["state"], ti["try_number"], ti["duration"]) for t, ti in self.tasks(run_id).items()}
+    def summary(self, run_id: str, dag_id: str = DAG_ID) -> dict:
+        return {t: (ti["state"], ti["try_number"], ti["duration"]) for t, ti in self.tasks(run_id, dag_id).items()}
 
     # ---------------------------------------------------------------- MLflow REST API
 
@@ -320,7 +337,7 @@ def stack(tmp_path_factory, real_data_dir):
     out = tmp_path_factory.mktemp("compose")
     print(f"\ncompose test output: {out}")
     data = make_subset(real_data_dir, out / "data" / "COVID-CT")
-    stack = Stack(out, data)
+    stack = Stack(out, data, make_incoming(real_data_dir, out / "incoming"))
     try:
         started = time.monotonic()
         stack.compose("build", timeout=3600)
@@ -543,6 +560,54 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     alias = stack.mlflow_api("GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"})
     assert alias["model_version"]["version"] == result["version"], alias
     assert alias["model_version"]["run_id"] == train["info"]["run_id"], alias
+
+
+def scoring_outputs(stack: Stack, run_id: str) -> dict:
+    """summary.json and predictions.csv of one scoring run (``$COVIDCT_HOME/scores/<run id>/``, in the scheduler)."""
+    script = (
+        "import csv, json, sys; from covidct import scoring; d = scoring.run_scores_dir(sys.argv[1]); "
+        "print(json.dumps({'summary': json.loads((d / 'summary.json').read_text()), "
+        "'rows': list(csv.DictReader(open(d / 'predictions.csv')))}))"
+    )
+    return json.loads(stack.exec("scheduler", "python", "-c", script, run_id).strip().splitlines()[-1])
+
+
+def test_scoring_dag_scores_the_incoming_folder_with_the_champion(stack):
+    """The scoring DAG on the stack: the champion (made by the test above) downloaded through the MLflow
+    server, the incoming folder (a host folder, read-only) scored on the Spark cluster, the file that is
+    no image listed, not fatal; a second run scores nothing again (the ledger) and gives the same rows."""
+    alias = stack.mlflow_api("GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"})
+    version = alias["model_version"]["version"]
+    response = stack.api("PATCH", f"/dags/{SCORING_DAG_ID}", json={"is_paused": False})
+    assert response.status_code == 200 and response.json()["is_paused"] is False, response.text
+    found = {}
+    for attempt in ("first", "second"):
+        run_id = stack.trigger({}, dag_id=SCORING_DAG_ID)
+        state = stack.wait_run(run_id, dag_id=SCORING_DAG_ID)
+        assert state == "success", stack.summary(run_id, SCORING_DAG_ID)
+        found[attempt] = scoring_outputs(stack, run_id)
+        stack.figures.setdefault("scoring", {})[attempt] = {
+            "run_id": run_id, "summary": found[attempt]["summary"],
+            "tasks": stack.summary(run_id, SCORING_DAG_ID),
+        }  # fmt: skip
+        stack.save()
+    first, second = found["first"], found["second"]
+    assert first["summary"]["folder"] == "/opt/covidct/var/incoming", first["summary"]
+    assert first["summary"]["files"] == N_INCOMING + 1 and first["summary"]["scored_new"] == N_INCOMING
+    [unreadable] = first["summary"]["unreadable_files"]
+    assert unreadable["path"].endswith("notes.txt") and unreadable["reason"], unreadable
+    rows = first["rows"]
+    assert len(rows) == N_INCOMING and {r["model_version"] for r in rows} == {version}, rows
+    assert {r["model_name"] for r in rows} == {REGISTERED_MODEL} and {r["new"] for r in rows} == {"True"}, rows
+    assert all(0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("COVID", "non-COVID") for r in rows), rows
+    # Scored once per model version: the second run takes every row from the ledger.
+    assert second["summary"]["scored_new"] == 0 and second["summary"]["already_scored"] == N_INCOMING, second
+    assert {r["new"] for r in second["rows"]} == {"False"}
+    key = ("path", "sha256", "probability", "label", "scored_run")
+    assert [tuple(r[k] for k in key) for r in second["rows"]] == [tuple(r[k] for k in key) for r in rows]
+    # Both ran on the Spark cluster (an application of the master, executors on the worker).
+    apps = [a for a in stack.master()["completedapps"] if "score" in a["name"]]
+    assert len(apps) == 2 and all(a["cores"] > 0 for a in apps), stack.master()["completedapps"]
 
 
 def test_bad_param_is_refused_and_creates_no_run(stack):

@@ -30,7 +30,10 @@ AIRFLOW_SERVICES = {"airflow-init", "api-server", "scheduler", "dag-processor", 
 SPARK_SERVICES = {"spark-master", "spark-worker"}
 LONG_RUNNING = AIRFLOW_SERVICES - {"airflow-init"} | SPARK_SERVICES | {"postgres", "mlflow"}
 # Paths both the Spark driver (scheduler) and the executors (workers) read or write.
-SHARED_MOUNTS = ("/opt/covidct/var/data", "/opt/covidct/var/runs", "/opt/covidct/var/feature-cache")
+SHARED_MOUNTS = (
+    "/opt/covidct/var/data", "/opt/covidct/var/runs", "/opt/covidct/var/feature-cache",
+    "/opt/covidct/var/scores", "/opt/covidct/var/incoming",
+)  # fmt: skip
 WEIGHTS_MOUNT = "/opt/covidct/weights"
 SHARED_ENV = ("COVIDCT_HOME", "COVIDCT_WEIGHTS_DIR", "PYSPARK_PYTHON")
 
@@ -346,6 +349,12 @@ def test_driver_and_executors_share_paths_and_environment(services):
     assert home == "/opt/covidct/var" and all(PurePosixPath(m).parent == PurePosixPath(home) for m in SHARED_MOUNTS)
     assert scheduler["environment"]["COVIDCT_WEIGHTS_DIR"] == WEIGHTS_MOUNT
     assert mounts(scheduler)[WEIGHTS_MOUNT]["source"] == str(ROOT / "weights")  # ${COVIDCT_WEIGHTS_HOST_DIR:-./weights}
+    # The scoring DAG: its job's executors read the champion (scores/_champions) and the incoming scans,
+    # never write there; the incoming folder, a host folder, is read-only everywhere.
+    assert mounts(worker)["/opt/covidct/var/scores"]["read_only"] is True
+    assert not mounts(scheduler)["/opt/covidct/var/scores"].get("read_only")
+    incoming = [mounts(service)["/opt/covidct/var/incoming"] for service in (scheduler, worker)]
+    assert all(m["read_only"] is True and m["source"] == str(ROOT / "incoming") for m in incoming), incoming
 
 
 def test_driver_is_reachable_from_executors(services):
