@@ -23,12 +23,12 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    calibration, McNemar; mean ± sd over seeds); it runs when at least one chosen backbone succeeded
    and names those that failed (a run with a failed backbone stays green if the report could compare
    the rest; the failed task is red).
-7. **promote** compares the run's best model on the official split (a backbone or the ensemble) with
+8. **promote** compares the run's best model on the official split (a backbone or the ensemble) with
    the registry's champion (`covid-ct@champion`) on the same test images: promoted when a paired
    patient-level bootstrap of the AUC difference has its 95 % lower bound at or above -0.02 (the
    first run promotes; random weights never). On promotion it emits the `covid_ct_champion` asset
    event; otherwise it is skipped (no event).
-8. **record_success** records the run as the last successful one (its fingerprint), only when every
+9. **record_success** records the run as the last successful one (its fingerprint), only when every
    other task succeeded or was not chosen: after a failure the next run retrains.
 
 MLflow: one parent run per DAG run (created by select_backbones), a child run per train job and
