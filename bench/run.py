@@ -182,7 +182,7 @@ def section_dag(data: Path, precision: str) -> dict:
 # --------------------------------------------------------------------------- warm path (issue 12)
 
 WARM_TASKS = ("fetch_dataset", "validate_dataset", "check_changes", "select_backbones", "train_vgg16", "train_vgg19",
-              "train_xception", "ensemble", "report", "record_success")  # fmt: skip
+              "train_xception", "ensemble", "report", "promote", "record_success")  # fmt: skip
 
 
 def _task_times(airflow_home: Path, started_at: float) -> tuple[dict, float | None, str]:
