@@ -101,24 +101,28 @@ def make_subset(real: Path, dest: Path) -> Path:
             (dest / "Data-split" / short / listed.name).write_text("\n".join(names) + "\n")
             for name in names:
                 shutil.copyfile(real / folder / name, dest / folder / name)
-    for path in [dest, *dest.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return dest
+    return readable_by_the_image_user(dest)
 
 
 def make_incoming(real: Path, dest: Path) -> Path:
     """New scans for the scoring DAG (the host folder bind-mounted as the stack's incoming folder):
     the last few test images of each class, none of them in the subset, and one file that is no image."""
+    from covidct.dataset import split_lists
+
     dest.mkdir(parents=True)
-    for folder, short in CLASSES.items():
-        listed = real / "Data-split" / short / f"testCT_{short}.txt"
-        names = [line.strip() for line in listed.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        for name in names[-N_INCOMING // 2 :]:
-            shutil.copyfile(real / folder / name, dest / name)
+    test = split_lists(real)["test"]  # relpaths, CT_COVID/... then CT_NonCOVID/...
+    for folder in CLASSES:
+        for relpath in [r for r in test if r.startswith(f"{folder}/")][-N_INCOMING // 2 :]:
+            shutil.copyfile(real / relpath, dest / Path(relpath).name)
     (dest / "notes.txt").write_text("not a scan\n")
-    for path in [dest, *dest.iterdir()]:
+    return readable_by_the_image_user(dest)
+
+
+def readable_by_the_image_user(root: Path) -> Path:
+    """Folders 755, files 644: the image's user (uid 50000) reads what the test mounts."""
+    for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    return dest
+    return root
 
 
 class Stack:
@@ -210,8 +214,8 @@ class Stack:
                     raise
             time.sleep(3)
 
-    def runs(self, dag_id: str = DAG_ID) -> list[dict]:
-        response = self.api("GET", f"/dags/{dag_id}/dagRuns", params={"limit": 100})
+    def runs(self) -> list[dict]:
+        response = self.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"limit": 100})
         assert response.status_code == 200, response.text
         return response.json()["dag_runs"]
 
