@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pyspark.ml import PipelineModel
@@ -211,3 +214,46 @@ def test_report_gallery_shows_the_most_confident_of_each_outcome(spark, patch_da
     assert html.count("src='data:image/png;base64,") >= n_images + 3  # self-contained, beside the 3 figures
     assert "Gallery: VGG16" in report.markdown.read_text()
     assert "gallery" not in {p.name for p in build_report([run], out=tmp_path / "r0", gallery=0).out.iterdir()}
+
+
+def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(spark, patch_data, tmp_path, monkeypatch):
+    """A run retrained on unchanged data (force) gets its gallery from the cache; another model does not."""
+    from covidct import gallery as gallerylib
+    from covidct.report import build_report
+
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+
+    def trained(name: str, seed: int) -> Path:
+        run = tmp_path / name
+        args = ["train", "--data", str(patch_data), "--backbone", "VGG16", "--weights", "none", "--no-cache",
+                "--split", "random70", "--seed", str(seed), "--stack-folds", "0"]  # fmt: skip
+        assert main([*args, "--out", str(run / "vgg16")]) == 0
+        return run
+
+    def gallery_of(run: Path, out: Path) -> tuple[dict, dict[str, bytes]]:
+        report = build_report([run], out=out, n_resamples=20, gallery=2)
+        shown = json.loads(report.summary_json.read_text())["splits"]["random70"]["gallery"]
+        files = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "gallery").rglob("*") if p.is_file()}
+        return shown, files
+
+    first, again = trained("first", 3), trained("again", 3)  # the same data and params: the same model
+    model = first / "vgg16" / "model"
+    assert gallerylib.model_digest(model) == gallerylib.model_digest(again / "vgg16" / "model")  # other uids, times
+    tweaked = tmp_path / "tweaked"  # the same stages and params, one coefficient changed
+    shutil.copytree(model, tweaked)
+    part = next(tweaked.glob("stages/1_*/data/part-*.parquet"))
+    table = pq.read_table(part)
+    rows = table.to_pylist()
+    rows[0]["coefficientMatrix"]["values"][0] += 1e-9
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
+    assert gallerylib.model_digest(tweaked) != gallerylib.model_digest(model)
+    made, made_files = gallery_of(first, tmp_path / "r1")
+    reused, reused_files = gallery_of(again, tmp_path / "r2")
+    assert made["cached"] is False and reused["cached"] is True
+    assert reused["categories"] == made["categories"] and reused["methods"] == made["methods"]
+    assert reused_files == made_files and any(name.endswith(".npy") for name in made_files)
+    assert len(list((tmp_path / "home" / gallerylib.CACHE_FOLDER).iterdir())) == 1
+
+    other = trained("other", 4)  # another split seed: another model (and other test images)
+    assert gallerylib.model_digest(other / "vgg16" / "model") != gallerylib.model_digest(first / "vgg16" / "model")
+    assert gallery_of(other, tmp_path / "r3")[0]["cached"] is False

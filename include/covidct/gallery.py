@@ -15,12 +15,24 @@ is built after the train jobs), and computing maps for every test image of every
 train jobs would cost a forward pass per test image and backbone, for a gallery that shows a dozen.
 The seconds it took are in the report and ``summary.json``. The PNGs are scaled to ``MAX_SIDE``
 pixels so that the self-contained HTML stays a few MB.
+
+The maps of the same models on the same images are the same: a gallery is kept in
+``$COVIDCT_HOME/gallery-cache/<key>/`` (the newest ``CACHE_KEEP``), keyed by what it shows and what
+computes it (the split, the picked images' bytes, paths, labels and probabilities, each model's stages
+and their values (``model_digest``), the sizes, and the package's code and library versions). A report
+of a run retrained on unchanged data (``force``) reuses it instead of a Spark session and a forward
+pass per image and backbone (a minute on two cores).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +52,8 @@ CATEGORIES = (
 PER_CATEGORY = 3
 MAX_SIDE = 320
 FOLDER = "gallery"
+CACHE_FOLDER = "gallery-cache"
+CACHE_KEEP = 20  # galleries kept in the cache (the newest); each is a few hundred KB
 
 
 @dataclass
@@ -71,6 +85,7 @@ class Gallery:
     categories: list[Category] = field(default_factory=list)
     seconds: float | None = None
     reason: str | None = None  # why there is no gallery (then categories is empty)
+    cached: bool = False  # the maps came from the gallery cache (same models, same images)
 
     def summary(self) -> dict:
         return {
@@ -79,6 +94,7 @@ class Gallery:
             "methods": self.methods,
             "random_weights": self.random_weights,
             "seconds": self.seconds,
+            "cached": self.cached,
             "reason": self.reason,
             "categories": {
                 c.key: {
@@ -155,18 +171,51 @@ def build(
 
 
 def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_category: int, max_side: int):
+    picked = pick(entry.predictions, per_category)
+    chosen = pd.concat([rows for _total, rows in picked.values()], ignore_index=True)
+    from covidct import explain
+
+    missing = [p for p in chosen["path"] if not explain.local_path(p).is_file()]
+    if missing:
+        raise CovidctError(f"{len(missing)} test images are not where the run read them (e.g. {missing[0]})")
+    items, meta = [], {}
+    for key, (_total, rows) in picked.items():
+        for i, r in enumerate(rows.itertuples(index=False), start=1):
+            title = f"{key} · label {explain.LABELS[int(r.label)]} · {entry.label}: P(COVID) = {r.probability:.3f}"
+            items.append((r.path, f"{key}-{i}", f"{title}\n{r.relpath}", bool(r.prediction)))
+            meta[r.path] = (key, r)
+    out = folder / gallery.split
+    cache_key = gallery_key(gallery.split, folders, items)
+    reused = from_cache(cache_key, out)
+    if reused is not None:
+        gallery.methods, written = reused
+        gallery.cached = True
+        log.info("gallery %s: the maps of the same models on the same images, from %s", gallery.split,
+                 cache_dir() / cache_key)  # fmt: skip
+    else:
+        gallery.methods, written = _draw(gallery.split, folders, items, out, max_side)
+        to_cache(cache_key, out, gallery.methods, written)
+    by_category: dict[str, list[GalleryImage]] = {key: [] for key, *_ in CATEGORIES}
+    for path, *_ in items:
+        key, r = meta[path]
+        png, npys = written[path]
+        here = Path(folder.name) / gallery.split
+        npy = [str(here / n.name) for n in npys]
+        by_category[key].append(
+            GalleryImage(key, r.relpath, int(r.label), float(r.probability), png, str(here / png.name), npy)
+        )
+    gallery.categories = [Category(key, title, picked[key][0], by_category[key]) for key, title, *_ in CATEGORIES]
+
+
+def _draw(split: str, folders: dict[str, Path], items: list[tuple], out: Path, max_side: int):
+    """Compute the maps in Spark and write the PNGs and ``.npy``; ``(methods, {path: (png, [npy])})``."""
     from pyspark.sql import functions as F
 
     from covidct import explain
     from covidct.session import get_spark
 
-    picked = pick(entry.predictions, per_category)
-    chosen = pd.concat([rows for _total, rows in picked.values()], ignore_index=True)
-    missing = [p for p in chosen["path"] if not explain.local_path(p).is_file()]
-    if missing:
-        raise CovidctError(f"{len(missing)} test images are not where the run read them (e.g. {missing[0]})")
     spark = get_spark("covidct-report")
-    uris = sorted(set(chosen["path"]))
+    uris = sorted({path for path, *_ in items})
     parents = sorted({p.rsplit("/", 1)[0] for p in uris})
     df = (
         spark.read.format("binaryFile")
@@ -175,30 +224,106 @@ def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_c
         .filter(F.col("path").isin(uris))
         .cache()
     )
-    log.info("gallery %s: maps of %d test images with %s", gallery.split, len(uris), " + ".join(folders))
+    log.info("gallery %s: maps of %d test images with %s", split, len(uris), " + ".join(folders))
     maps = {b: explain.explain_model(f, df) for b, f in folders.items()}
-    gallery.methods = {b: next(iter(m.values())).method for b, m in maps.items() if m}
-    items, meta = [], {}
-    for key, (_total, rows) in picked.items():
-        for i, r in enumerate(rows.itertuples(index=False), start=1):
-            panels = tuple(
-                explain.Panel(b, maps[b][r.path].method, maps[b][r.path].probability, maps[b][r.path].map)
-                for b in folders
-            )
-            name = f"{key}-{i}"
-            title = f"{key} · label {explain.LABELS[int(r.label)]} · {entry.label}: P(COVID) = {r.probability:.3f}"
-            items.append(explain.Item(r.path, name, f"{title}\n{r.relpath}", bool(r.prediction), panels))
-            meta[r.path] = (key, r)
-    out = folder / gallery.split
-    written = explain.write_explanations(df, items, out, max_side=max_side, about={"split": gallery.split})
-    df.unpersist()
-    by_category: dict[str, list[GalleryImage]] = {key: [] for key, *_ in CATEGORIES}
-    for item in items:
-        key, r = meta[item.path]
-        png, npys = written[item.path]
-        here = Path(folder.name) / gallery.split
-        npy = [str(here / n.name) for n in npys]
-        by_category[key].append(
-            GalleryImage(key, r.relpath, int(r.label), float(r.probability), png, str(here / png.name), npy)
+    methods = {b: next(iter(m.values())).method for b, m in maps.items() if m}
+    drawn = [
+        explain.Item(
+            path,
+            name,
+            title,
+            covid,
+            tuple(explain.Panel(b, m[path].method, m[path].probability, m[path].map) for b, m in maps.items()),
         )
-    gallery.categories = [Category(key, title, picked[key][0], by_category[key]) for key, title, *_ in CATEGORIES]
+        for path, name, title, covid in items
+    ]
+    written = explain.write_explanations(df, drawn, out, max_side=max_side, about={"split": split})
+    df.unpersist()
+    return methods, written
+
+
+# --------------------------------------------------------------------------- the gallery cache
+
+
+def cache_dir() -> Path:
+    from covidct import paths
+
+    return paths.home() / CACHE_FOLDER
+
+
+def model_digest(model_dir: Path) -> str:
+    """What a saved ``PipelineModel`` computes: each stage's class and params, and the values of its data.
+
+    Not the files' bytes: two fits of the same model on the same data differ in their uids,
+    timestamps and part-file names, not in this.
+    """
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+
+    def metadata(folder: Path) -> None:
+        for part in sorted(folder.glob("part-*")):
+            for line in part.read_text().splitlines():
+                meta = json.loads(line)
+                for volatile in ("uid", "timestamp", "sparkVersion"):
+                    meta.pop(volatile, None)
+                meta.get("paramMap", {}).pop("stageUids", None)
+                digest.update(json.dumps(meta, sort_keys=True).encode())
+
+    model_dir = Path(model_dir)
+    metadata(model_dir / "metadata")
+    for stage in sorted((model_dir / "stages").iterdir(), key=lambda p: int(p.name.split("_", 1)[0])):
+        metadata(stage / "metadata")
+        for part in sorted((stage / "data").glob("part-*.parquet")):
+            digest.update(json.dumps(pq.read_table(part).to_pylist(), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def gallery_key(split: str, folders: dict[str, Path], items: list[tuple]) -> str:
+    """A gallery's cache key: what it shows (``items``: path, name, title, predicted COVID), what computes it."""
+    from covidct import explain
+    from covidct.fingerprint import code_version
+
+    images = {path: hashlib.sha256(explain.local_path(path).read_bytes()).hexdigest() for path, *_ in items}
+    spec = {
+        "split": split,
+        "models": {backbone: model_digest(f) for backbone, f in folders.items()},
+        "items": [[*item, images[item[0]]] for item in items],
+        "code": code_version(),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def from_cache(key: str, out: Path) -> tuple[dict, dict] | None:
+    """The cached gallery ``key`` copied to ``out``: ``(methods, {path: (png, [npy])})``; None when absent."""
+    cached = cache_dir() / key
+    try:
+        index = json.loads((cached / "gallery.json").read_text())
+        shutil.copytree(cached, out, ignore=shutil.ignore_patterns("gallery.json"))
+    except (OSError, ValueError):
+        shutil.rmtree(out, ignore_errors=True)
+        return None
+    os.utime(cached)  # recently used: kept when older ones are pruned
+    written = {path: (out / f["png"], [out / n for n in f["npy"]]) for path, f in index["written"].items()}
+    return index["methods"], written
+
+
+def to_cache(key: str, out: Path, methods: dict, written: dict) -> None:
+    """Keep the gallery written in ``out`` under ``key`` (whole or not at all); never fails the report."""
+    root = cache_dir()
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(out, staging)
+        index = {
+            "methods": methods,
+            "written": {p: {"png": png.name, "npy": [n.name for n in npys]} for p, (png, npys) in written.items()},
+        }
+        (staging / "gallery.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.rename(staging, root / key)  # fails if another report stored the same gallery meanwhile: fine
+        kept = sorted((d for d in root.iterdir() if not d.name.startswith(".")), key=lambda d: d.stat().st_mtime)
+        for old in kept[:-CACHE_KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        log.warning("gallery not cached (%s): %s", root / key, exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -554,7 +554,12 @@ def _gallery_note(galleries: list[gallerylib.Gallery]) -> str:
         "(avg pooling: the LR's coefficients weight the last conv block's channels; exact: the raw map's mean plus "
         "the intercept is the model's logit) or Grad-CAM (flatten and multi-layer poolings: the logit's gradient, "
         "averaged per channel, weights a conv block's channels); an ensemble shows each member's map. The maps "
-        f"are computed by the report itself, for these images only: {seconds:.0f} s here."
+        f"are computed by the report itself, for these images only: {seconds:.0f} s here"
+        + (
+            " (reused from the gallery cache: the same models on the same images)."
+            if galleries and all(g.cached for g in galleries)
+            else "."
+        )
     )
 
 
