@@ -46,6 +46,15 @@ def test_misses_then_hits_and_only_new_images_are_featurized(spark, images, tmp_
     assert cache.files(key) and not any(p.name.startswith(".staging") for p in cache.folder(key).iterdir())
 
 
+def test_cached_hashes_are_read_without_spark_and_skip_an_unreadable_file(spark, images, tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    cached, _, key = run(spark, images.limit(4), cache)
+    (cache.folder(key) / "zz-broken.parquet").write_bytes(b"PAR1 not parquet")  # e.g. a disk that filled up
+    assert cache.shas(key) == set(cached) and len(cached) == 4
+    assert cache.read(spark, key).count() == 4  # Spark's reader skips it too (ignoreCorruptFiles)
+    assert cache.shas(CacheKey("VGG19", "none", "avg")) == set()
+
+
 def test_other_pooling_or_weights_never_reuse_stale_features(spark, images, tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     one = images.limit(3)

@@ -73,10 +73,20 @@ class FeatureCache:
         df = spark.read.schema(SCHEMA).option("ignoreCorruptFiles", "true").parquet(*[f.as_uri() for f in files])
         return df.dropDuplicates(["sha256"])
 
-    def shas(self, spark: SparkSession, key: CacheKey) -> set[str]:
-        """The sha256 of every image cached under ``key`` (reads that column only)."""
-        cached = self.read(spark, key)
-        return set() if cached is None else {row.sha256 for row in cached.select("sha256").collect()}
+    def shas(self, key: CacheKey) -> set[str]:
+        """The sha256 of every image cached under ``key``: the files' ``sha256`` column, read here, no Spark job.
+
+        Like ``read`` (``ignoreCorruptFiles``), a file that cannot be read counts as absent.
+        """
+        import pyarrow.parquet as pq
+
+        found: set[str] = set()
+        for file in self.files(key):
+            try:
+                found.update(pq.read_table(file, columns=["sha256"]).column("sha256").to_pylist())
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                log.warning("feature cache: skipping unreadable %s (%s)", file, exc)
+        return found
 
     def write(self, features: DataFrame, key: CacheKey) -> int:
         """Add ``sha256, features`` rows under ``key``; returns the number of files published."""

@@ -173,7 +173,7 @@ def image_table(
         }
     )
     meta = spark.createDataFrame(rows, "path string, relpath string, label int, sha256 string").persist()
-    cached = cache.shas(spark, key) if cache is not None else set()
+    cached = cache.shas(key) if cache is not None else set()
     missing = sorted(manifest.loc[~manifest["sha256"].isin(cached), "relpath"])
     log.info("hashes from %s; %d of %d images to read", Path(data_dir) / MANIFEST_NAME, len(missing), len(rows))
     if not missing:
