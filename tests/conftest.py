@@ -34,6 +34,14 @@ os.environ.update(
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
     }
 )
+# spark-submitted drivers get make run's JVM options (covidct.localstack.environment); the
+# sessions the tests start get them from covidct.session itself.
+os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1")
+# Everything a test writes under COVIDCT_HOME without choosing one (e.g. the report's gallery cache)
+# goes to the session's own folder, never to ~/covidct.
+_COVIDCT_HOME = tempfile.mkdtemp(prefix="covidct-home-")
+atexit.register(shutil.rmtree, _COVIDCT_HOME, ignore_errors=True)
+os.environ.setdefault("COVIDCT_HOME", _COVIDCT_HOME)
 # MLflow tracking (covidct.tracking) is off unless a test turns it on (tests/test_tracking.py does):
 # the other tests' jobs and DAG runs then log nothing, and pay nothing for it.
 os.environ.setdefault("COVIDCT_TRACKING", "off")

@@ -41,6 +41,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 def environment(project: Path = PROJECT) -> dict[str, str]:
     """The variables ``make run``/``make ui`` add (already-set ones win, except PATH's head)."""
+    from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS
+
     venv_bin = str(Path(sys.executable).parent)
     var = project / "var"
     defaults = {
@@ -54,6 +56,8 @@ def environment(project: Path = PROJECT) -> dict[str, str]:
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[*]"}),
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
+        # The spark-submitted drivers' JVM options (short jobs: see covidct.session).
+        "SPARK_SUBMIT_OPTS": LOCAL_DRIVER_JAVA_OPTIONS,
     }
     env = {key: os.environ.get(key) or value for key, value in defaults.items()}
     env["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
