@@ -53,7 +53,7 @@ PER_CATEGORY = 3
 MAX_SIDE = 320
 FOLDER = "gallery"
 CACHE_FOLDER = "gallery-cache"
-CACHE_KEEP = 20  # galleries kept in the cache (the newest); each is a few hundred KB
+CACHE_KEEP = 20  # galleries kept in the cache (the newest); each up to a few MB (its PNGs and .npy)
 
 
 @dataclass

@@ -3,6 +3,7 @@
     $COVIDCT_HOME/data/COVID-CT         the fetched, validated dataset
     $COVIDCT_HOME/runs/<run id>/...     one folder per pipeline run (never shared by two runs)
     $COVIDCT_HOME/feature-cache/        cached features ($COVIDCT_CACHE_DIR overrides)
+    $COVIDCT_HOME/gallery-cache/        the report's galleries of maps, reused for the same models and images
     $COVIDCT_HOME/incoming/             new scans the scoring DAG scores ($COVIDCT_INCOMING_DIR overrides)
     $COVIDCT_HOME/scores/<run id>/...   one folder per scoring run; scores/_ledger/: what each model version scored
 
