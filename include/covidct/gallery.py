@@ -171,10 +171,10 @@ def build(
 
 
 def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_category: int, max_side: int):
-    picked = pick(entry.predictions, per_category)
-    chosen = pd.concat([rows for _total, rows in picked.values()], ignore_index=True)
     from covidct import explain
 
+    picked = pick(entry.predictions, per_category)
+    chosen = pd.concat([rows for _total, rows in picked.values()], ignore_index=True)
     missing = [p for p in chosen["path"] if not explain.local_path(p).is_file()]
     if missing:
         raise CovidctError(f"{len(missing)} test images are not where the run read them (e.g. {missing[0]})")
@@ -185,8 +185,12 @@ def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_c
             items.append((r.path, f"{key}-{i}", f"{title}\n{r.relpath}", bool(r.prediction)))
             meta[r.path] = (key, r)
     out = folder / gallery.split
-    cache_key = gallery_key(gallery.split, folders, items)
-    reused = from_cache(cache_key, out)
+    try:
+        cache_key = gallery_key(gallery.split, folders, items)
+    except (OSError, ValueError) as exc:  # a model folder laid out otherwise: computed, not cached
+        log.warning("gallery %s: no cache key (%s)", gallery.split, exc)
+        cache_key = None
+    reused = from_cache(cache_key, out) if cache_key else None
     if reused is not None:
         gallery.methods, written = reused
         gallery.cached = True
@@ -194,7 +198,8 @@ def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_c
                  cache_dir() / cache_key)  # fmt: skip
     else:
         gallery.methods, written = _draw(gallery.split, folders, items, out, max_side)
-        to_cache(cache_key, out, gallery.methods, written)
+        if cache_key:
+            to_cache(cache_key, out, gallery.methods, written)
     by_category: dict[str, list[GalleryImage]] = {key: [] for key, *_ in CATEGORIES}
     for path, *_ in items:
         key, r = meta[path]
@@ -297,6 +302,8 @@ def gallery_key(split: str, folders: dict[str, Path], items: list[tuple]) -> str
 def from_cache(key: str, out: Path) -> tuple[dict, dict] | None:
     """The cached gallery ``key`` copied to ``out``: ``(methods, {path: (png, [npy])})``; None when absent."""
     cached = cache_dir() / key
+    if out.exists():
+        return None
     try:
         index = json.loads((cached / "gallery.json").read_text())
         shutil.copytree(cached, out, ignore=shutil.ignore_patterns("gallery.json"))
@@ -311,6 +318,8 @@ def from_cache(key: str, out: Path) -> tuple[dict, dict] | None:
 def to_cache(key: str, out: Path, methods: dict, written: dict) -> None:
     """Keep the gallery written in ``out`` under ``key`` (whole or not at all); never fails the report."""
     root = cache_dir()
+    if (root / key).exists():
+        return
     staging = root / f".staging-{uuid.uuid4().hex}"
     try:
         shutil.copytree(out, staging)
