@@ -36,8 +36,9 @@ DEFAULTS = {
 #: JVM options of a driver on this machine (local mode: ``make run``, the CLI, tests): its jobs are
 #: short, and the JIT's optimizing compiler (C2) costs more CPU than it saves there. Measured on 2
 #: cores (bench/floor.py, README "Warm path"): a spark-submit that counts 10 rows 19.3 -> 12.9 CPU s,
-#: a warm train job 73 -> 63 s (129 -> 97 CPU s), featurization as fast. ``make run`` passes it to spark-submit as
-#: ``SPARK_SUBMIT_OPTS``; a driver on a cluster keeps the JVM's defaults.
+#: a warm VGG16 train job 50.7 -> 46.0 s (89 -> 71 CPU s); the price: featurization's warm passes
+#: ~6 % slower (the JVM's share of moving image bytes), its cold pass the same. ``make run`` passes it
+#: to spark-submit as ``SPARK_SUBMIT_OPTS``; a driver on a cluster keeps the JVM's defaults.
 LOCAL_DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 
