@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS
 from synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ os.environ.update(
 )
 # spark-submitted drivers get make run's JVM options (covidct.localstack.environment); the
 # sessions the tests start get them from covidct.session itself.
-os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1")
+os.environ.setdefault("SPARK_SUBMIT_OPTS", LOCAL_DRIVER_JAVA_OPTIONS)
 # Everything a test writes under COVIDCT_HOME without choosing one (e.g. the report's gallery cache)
 # goes to the session's own folder, never to ~/covidct.
 _COVIDCT_HOME = tempfile.mkdtemp(prefix="covidct-home-")

@@ -22,7 +22,7 @@ def test_a_local_session_starts_its_jvm_without_the_optimizing_compiler(spark):
     assert LOCAL_DRIVER_JAVA_OPTIONS in args
 
 
-def test_make_run_spark_submits_drivers_with_the_local_options(tmp_path):
+def test_make_run_spark_submits_drivers_with_the_local_options(tmp_path, monkeypatch):
     script = tmp_path / "jvm_args.py"
     script.write_text(JVM_ARGS)
 
@@ -35,6 +35,7 @@ def test_make_run_spark_submits_drivers_with_the_local_options(tmp_path):
     plain = {k: v for k, v in os.environ.items() if k != "SPARK_SUBMIT_OPTS"}
     plain["PYSPARK_PYTHON"] = plain["PYSPARK_DRIVER_PYTHON"] = sys.executable
     assert LOCAL_DRIVER_JAVA_OPTIONS not in driver_args(plain)  # a spark-submitted driver: the JVM's defaults
+    monkeypatch.delenv("SPARK_SUBMIT_OPTS", raising=False)  # conftest sets it for the other tests
     make_run = {**plain, **environment()}
-    assert environment()["SPARK_SUBMIT_OPTS"] == LOCAL_DRIVER_JAVA_OPTIONS
+    assert make_run["SPARK_SUBMIT_OPTS"] == LOCAL_DRIVER_JAVA_OPTIONS
     assert LOCAL_DRIVER_JAVA_OPTIONS in driver_args(make_run)  # make run's: the local options
