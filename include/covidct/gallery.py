@@ -186,7 +186,7 @@ def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_c
             meta[r.path] = (key, r)
     out = folder / gallery.split
     try:
-        cache_key = gallery_key(gallery.split, folders, items)
+        cache_key = gallery_key(gallery.split, folders, items, max_side)
     except (OSError, ValueError) as exc:  # a model folder laid out otherwise: computed, not cached
         log.warning("gallery %s: no cache key (%s)", gallery.split, exc)
         cache_key = None
@@ -284,7 +284,7 @@ def model_digest(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def gallery_key(split: str, folders: dict[str, Path], items: list[tuple]) -> str:
+def gallery_key(split: str, folders: dict[str, Path], items: list[tuple], max_side: int) -> str:
     """A gallery's cache key: what it shows (``items``: path, name, title, predicted COVID), what computes it."""
     from covidct import explain
     from covidct.fingerprint import code_version
@@ -294,6 +294,7 @@ def gallery_key(split: str, folders: dict[str, Path], items: list[tuple]) -> str
         "split": split,
         "models": {backbone: model_digest(f) for backbone, f in folders.items()},
         "items": [[*item, images[item[0]]] for item in items],
+        "max_side": max_side,
         "code": code_version(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
