@@ -191,10 +191,12 @@ class Standalone:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def spark_class(self, name: str, *args: str) -> subprocess.Popen:
+        """Start a daemon in a session of its own, as in a container of its own."""
         log = self.tmp / f"{name}.log"
         with log.open("ab") as handle:  # spark-class execs java: this PID is the daemon's
             self.procs[name] = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args], env=self.env,
-                                                stdout=handle, stderr=subprocess.STDOUT)  # fmt: skip
+                                                stdout=handle, stderr=subprocess.STDOUT,
+                                                start_new_session=True)  # fmt: skip
         return self.procs[name]
 
     def state(self) -> dict:
@@ -227,6 +229,7 @@ class Standalone:
         self.wait_for("an ALIVE worker", lambda s: any(w.get("state") == "ALIVE" for w in s.get("workers", [])))
 
     def stop_worker(self) -> None:
+        """As ``docker compose stop spark-worker``: TERM, and nothing the worker started outlives it."""
         stop(self.procs.pop("worker"))
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ log in the worker's work dir) and the metrics must equal a ``local[2]`` run's, s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -87,7 +88,12 @@ def read_json(url: str) -> dict:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Stop a daemon we started, by its PID: TERM, wait, then KILL."""
+    """Stop a daemon we started in a session of its own: TERM, wait, KILL; then the rest of its session.
+
+    As a container's processes die with its PID 1. A worker asked to launch an executor while it
+    shuts down can start that JVM after its shutdown hook killed the others (its log: "Shutdown
+    hooks cannot be modified during shutdown"); such an orphan would serve a job on.
+    """
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -95,6 +101,21 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+    end_session(proc.pid)
+
+
+def end_session(sid: int) -> None:
+    """Kill every process left in session ``sid`` and wait until they are gone."""
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if proc.pid != os.getpid() and os.getsid(proc.pid) == sid:
+                proc.kill()
+                left.append(proc)
+    _, alive = psutil.wait_procs(left, timeout=10)
+    assert not alive, f"still running in session {sid}: {alive}"
 
 
 @dataclass
@@ -127,7 +148,9 @@ def standalone_cluster(tmp_path_factory):
     try:
         for name in ("master", "worker"):  # spark-class execs java: these PIDs are the daemons'
             with logs[name].open("wb") as log:
-                procs[name] = subprocess.Popen(commands[name], env=env, stdout=log, stderr=subprocess.STDOUT)
+                procs[name] = subprocess.Popen(
+                    commands[name], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
         deadline = time.monotonic() + 90
         state: dict = {}
         while time.monotonic() < deadline:
