@@ -111,7 +111,7 @@ def end_session(sid: int) -> None:
     left = []
     for proc in psutil.process_iter():
         with contextlib.suppress(OSError, psutil.Error):
-            if proc.pid != os.getpid() and os.getsid(proc.pid) == sid:
+            if os.getsid(proc.pid) == sid:
                 proc.kill()
                 left.append(proc)
     _, alive = psutil.wait_procs(left, timeout=10)
