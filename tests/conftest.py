@@ -65,6 +65,35 @@ def spark(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dagbag():
+    """Both DAG files parsed once for the session: for tests that read the DAGs (support.dags.fresh for
+    ``dag.test()``)."""
+    from support.dags import parse
+
+    return parse()
+
+
+@pytest.fixture(scope="session")
+def dag(dagbag):
+    """The transfer-learning DAG of the session's parse (read it; never ``dag.test()`` it)."""
+    return dagbag.dags["covid_ct_transfer_learning"]
+
+
+@pytest.fixture(scope="session")
+def spark_standalone(tmp_path_factory):
+    """One real Spark standalone master on loopback for the session, with no worker: tests start and
+    stop workers (``start_worker``/``stop_worker``) and tell their applications apart (``mark``/``new_apps``)."""
+    from support.cluster import Standalone
+
+    cluster = Standalone(tmp_path_factory.mktemp("spark-standalone"))
+    try:
+        cluster.start_master()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """12 COVID + 12 non-COVID synthetic images with official split lists (read-only for tests)."""
     return make_dataset(tmp_path_factory.mktemp("data") / "COVID-CT", n_covid=12, n_noncovid=12)
@@ -85,17 +114,14 @@ def airflow_db() -> Path:
     return Path(_AIRFLOW_HOME)
 
 
-def processes_of_airflow_home(airflow_home: Path) -> list[str]:
-    """PIDs of the processes still running with this AIRFLOW_HOME in their environment."""
-    marker = f"AIRFLOW_HOME={airflow_home}".encode()
-    left = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                left.append(environ.parent.name)
-        except OSError:
-            continue
-    return left
+@pytest.fixture(scope="session")
+def trained_run(airflow_db, small_dataset, tmp_path_factory):
+    """The transfer-learning DAG run once for the session (``support.trained``): three backbones, both
+    splits, stand-in ImageNet weights, MLflow tracking on. Read it; ``trained_run.use(monkeypatch)``
+    gives a test its environment."""
+    from support.trained import train_once
+
+    return train_once(tmp_path_factory.mktemp("trained-run"), small_dataset)
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +145,64 @@ def small_model(spark, small_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small-model") / "model"
     model.save(out.as_uri())
     return out
+
+
+# --------------------------------------------------------------------------- three workers, or one process
+
+#: ``make test`` runs three pytest-xdist workers (``-n 3 --dist loadgroup``), one per group below: each
+#: group's modules share their session fixtures (the trained run, the standalone master, the compose
+#: stack) in one worker, and the groups overlap where the others wait (containers restarting, executor
+#: waits, JVM start-ups); they are balanced by the durations of a whole run. The compose stack's module
+#: is the ``docker``-marked one.
+XDIST_GROUPS = {
+    "compose": ("test_compose", "test_make_ui"),  # the stack's worker waits much: `make ui`'s Airflow fits beside
+    "airflow": ("test_dag", "test_tracking", "test_bounded", "test_cluster", "test_session", "test_policy"),
+}  # fmt: skip
+OTHER_GROUP = "spark"  # every other module: Spark and TensorFlow jobs, fetch, validation, the report
+
+
+def xdist_group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return next((group for group, modules in XDIST_GROUPS.items() if module in modules), OTHER_GROUP)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` by :data:`XDIST_GROUPS` (pytest-xdist 3.8's own loadgroup cannot tag pytest 9.2's
+    node ids, so its ``xdist_group`` marks would be ignored)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return ByGroup(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In one process, the compose stack's tests run last, while ..."""
+    items[:] = [i for i in items if not i.get_closest_marker("docker")] + [
+        i for i in items if i.get_closest_marker("docker")
+    ]
+
+
+PREBUILD = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    """... their image builds in the background from the session's start (support.compose.Prebuild)."""
+    config = session.config
+    if config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", 0):
+        return  # under xdist the compose worker builds it at once, beside the other tests
+    if any("stack" in getattr(item, "fixturenames", ()) for item in session.items):
+        from support.compose import Prebuild, engine_available
+
+        if engine_available():
+            config.stash[PREBUILD] = Prebuild()
+
+
+def pytest_unconfigure(config):
+    prebuild = config.stash.get(PREBUILD, None)
+    if prebuild is not None:
+        prebuild.close()

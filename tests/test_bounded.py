@@ -14,7 +14,6 @@ import os
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,11 +21,16 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from test_cluster import free_port, read_json, spark_env, spark_home, stop, tail
+from support.cluster import tail
+from support.net import free_port
 
 DAG_ID = "covid_ct_transfer_learning"
 WAIT_S = 20  # the executor wait in these tests (the default is 300 s)
 TRAIN_BOUND_S = 90  # a train execution_timeout long enough for the application to register first
+# What the bounds below allow beyond the wait: JVM start-up and shutdown, on a machine that may be busy.
+# A margin, not a speed target (bench/bounds.py measures how soon it really fails); far below what
+# an unbounded job would take (the train task's 40-min bound).
+MARGIN_S = 240
 
 
 # --------------------------------------------------------------------------- bounds and DAG wiring
@@ -180,70 +184,13 @@ def test_an_alert_that_cannot_be_delivered_is_logged_not_raised(monkeypatch, cap
 # --------------------------------------------------------------------------- a cluster that loses its worker
 
 
-@dataclass
-class Standalone:
-    """A standalone master on loopback; workers come and go."""
-
-    tmp: Path
-    env: dict[str, str]
-    master_url: str = ""
-    webui: str = ""
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    def spark_class(self, name: str, *args: str) -> subprocess.Popen:
-        """Start a daemon in a session of its own, as in a container of its own."""
-        log = self.tmp / f"{name}.log"
-        with log.open("ab") as handle:  # spark-class execs java: this PID is the daemon's
-            self.procs[name] = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args], env=self.env,
-                                                stdout=handle, stderr=subprocess.STDOUT,
-                                                start_new_session=True)  # fmt: skip
-        return self.procs[name]
-
-    def state(self) -> dict:
-        return read_json(self.webui + "/json/")
-
-    def wait_for(self, what: str, ok, timeout_s: float = 90) -> dict:
-        deadline, state = time.monotonic() + timeout_s, {}
-        while time.monotonic() < deadline:
-            try:
-                state = self.state()
-            except OSError:
-                state = {}
-            if ok(state):
-                return state
-            time.sleep(0.5)
-        logs = "\n".join(tail(self.tmp / f"{n}.log", 15) for n in self.procs)
-        pytest.fail(f"{what} not reached in {timeout_s} s: {state}\n{logs}")
-
-    def start_master(self) -> None:
-        port, ui = free_port(), free_port()
-        self.master_url, self.webui = f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui}"
-        self.spark_class("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port",
-                         str(port), "--webui-port", str(ui))  # fmt: skip
-        self.wait_for("master ALIVE", lambda s: s.get("status") == "ALIVE")
-
-    def start_worker(self) -> None:
-        self.spark_class("worker", "org.apache.spark.deploy.worker.Worker", self.master_url, "--host", "127.0.0.1",
-                         "--cores", "2", "--memory", "3g", "--work-dir", str(self.tmp / "work"),
-                         "--webui-port", str(free_port()))  # fmt: skip
-        self.wait_for("an ALIVE worker", lambda s: any(w.get("state") == "ALIVE" for w in s.get("workers", [])))
-
-    def stop_worker(self) -> None:
-        """As ``docker compose stop spark-worker``: TERM, and nothing the worker started outlives it."""
-        stop(self.procs.pop("worker"))
-
-    def close(self) -> None:
-        for name in ("worker", "master"):
-            if name in self.procs:
-                stop(self.procs.pop(name))
-
-
 @pytest.fixture
-def workerless(tmp_path, monkeypatch):
-    """A master with no worker; the DAG's spark_default points at it (client mode, as compose)."""
-    cluster = Standalone(tmp_path / "spark", spark_env(tmp_path / "spark"))
+def workerless(spark_standalone, tmp_path, monkeypatch):
+    """The session's master with no worker; the DAG's spark_default points at it (client mode, as compose)."""
+    cluster = spark_standalone
+    assert not cluster.alive_workers(), "a worker left over from another test"
+    cluster.mark()
     try:
-        cluster.start_master()
         host, port = cluster.master_url.removeprefix("spark://").split(":")
         conn = {"conn_type": "spark", "host": f"spark://{host}", "port": int(port), "extra": {"deploy-mode": "client"}}
         monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps(conn))
@@ -254,7 +201,8 @@ def workerless(tmp_path, monkeypatch):
         monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
         yield cluster
     finally:
-        cluster.close()
+        if "worker" in cluster.procs:
+            cluster.stop_worker()
 
 
 @pytest.fixture(scope="module")
@@ -280,9 +228,10 @@ def job_processes(marker: str) -> list[str]:
     return found
 
 
-def settled_apps(cluster: Standalone) -> dict:
-    """The master's state once no application is active any more."""
-    return cluster.wait_for("no active application", lambda s: "activeapps" in s and not s["activeapps"], 30)
+def train_apps(cluster) -> list[dict]:
+    """This test's train applications, once none is active any more, oldest first."""
+    apps = [a for a in cluster.new_apps() if a["name"] == "covidct-train-VGG16"]
+    return sorted(apps, key=lambda a: a["starttime"])
 
 
 def run(dag, conf: dict, monkeypatch):
@@ -307,7 +256,7 @@ def test_train_fails_within_the_bound_when_no_worker_is_left(
     assert train.state == "failed" and dagrun.state == "failed"
     assert train.try_number == 1  # not retried: another try would wait just the same
     # Within the bound: the wait, plus JVM start-up and shutdown (generous: the machine is shared).
-    assert took < WAIT_S + 100, took
+    assert took < WAIT_S + MARGIN_S, took
 
     # One summary line per failure, without opening the UI, naming the master and what to check.
     [line] = [t for t in webhook.texts("task-failed") if t.startswith("covidct ALERT task-failed: train_vgg16")]
@@ -321,8 +270,7 @@ def test_train_fails_within_the_bound_when_no_worker_is_left(
 
     # Nothing left behind: no spark-submit or driver process, no application running on the master.
     assert job_processes(str(tmp_path / "home")) == []
-    state = settled_apps(workerless)
-    [app] = [a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"]
+    [app] = train_apps(workerless)
     assert app["state"] in ("FINISHED", "KILLED"), app
 
 
@@ -342,14 +290,13 @@ def test_a_timed_out_run_leaves_nothing_running_and_does_not_block_the_next(
     assert train.state == "failed" and dagrun.state == "failed"
     took = (train.end_date - train.start_date).total_seconds()
     print(f"\ntrain task timed out after {took:.1f} s (bound {TRAIN_BOUND_S} s)")
-    assert TRAIN_BOUND_S <= took < TRAIN_BOUND_S + 60, took
+    assert TRAIN_BOUND_S <= took < TRAIN_BOUND_S + MARGIN_S, took
     [line] = [t for t in webhook.texts("task-failed") if t.startswith("covidct ALERT task-failed: train_vgg16")]
     assert "AirflowTaskTimeout" in line
     assert job_processes(str(tmp_path / "home")) == []
     # The application had registered and was waiting for executors when the bound hit; it is gone.
-    state = settled_apps(workerless)
-    apps = [a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"]
-    assert len(apps) == 1 and apps[0]["state"] in ("FINISHED", "KILLED"), state
+    apps = train_apps(workerless)
+    assert len(apps) == 1 and apps[0]["state"] in ("FINISHED", "KILLED"), apps
 
     # The failed run holds nothing: once a worker is back, the next run starts and succeeds.
     workerless.start_worker()
@@ -360,10 +307,7 @@ def test_a_timed_out_run_leaves_nothing_running_and_does_not_block_the_next(
     assert dagrun2.state == "success", {t: ti.state for t, ti in tis2.items()}
     assert tis2["train_vgg16"].state == "success"
     assert dagrun2.run_id != dagrun.run_id
-    state = settled_apps(workerless)
-    apps = sorted(
-        (a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"), key=lambda a: a["starttime"]
-    )
+    apps = train_apps(workerless)
     assert len(apps) == 2 and apps[-1]["state"] == "FINISHED", apps
 
 
@@ -391,7 +335,7 @@ def test_a_worker_lost_mid_job_fails_the_job_within_the_bound(workerless, tiny_d
         time.sleep(2)
         lost_at = time.monotonic()
         workerless.stop_worker()  # SIGTERM, as docker compose stop; waits until the worker is gone
-        rc = proc.wait(timeout=WAIT_S + 120)
+        rc = proc.wait(timeout=WAIT_S + MARGIN_S)
         took = time.monotonic() - lost_at
     finally:
         if proc.poll() is None:
@@ -405,11 +349,10 @@ def test_a_worker_lost_mid_job_fails_the_job_within_the_bound(workerless, tiny_d
         in text
     )
     assert "has no ALIVE worker" in text
-    assert WAIT_S <= took < WAIT_S + 60, took
+    assert WAIT_S <= took < WAIT_S + MARGIN_S, took
     assert not out.exists()  # nothing half-written
     assert job_processes(str(out)) == []
-    state = settled_apps(workerless)
-    [app] = [a for a in state["completedapps"] if a["name"] == "covidct-train-VGG16"]
+    [app] = train_apps(workerless)
     assert app["state"] in ("FINISHED", "KILLED"), app
 
 

@@ -11,20 +11,15 @@ log in the worker's work dir) and the metrics must equal a ``local[2]`` run's, s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from support.cluster import tail
 from synthetic import make_dataset
 
 pytestmark = pytest.mark.slow
@@ -41,136 +36,14 @@ EXPLAIN_TIMEOUT_S = 600
 EXACT = ("n_images", "n_train", "n_test", "confusion", "accuracy", "split", "seed", "weights_id", "feature_dim")
 
 
-def spark_home() -> Path:
-    import pyspark
-
-    return Path(pyspark.__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    if not path.is_file():
-        return f"({path} does not exist)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def spark_env(tmp: Path) -> dict[str, str]:
-    """Environment of the daemons and of spark-submit: loopback only, logs and conf in ``tmp``."""
-    conf_dir = tmp / "conf"  # empty: no spark-defaults.conf from anywhere else
-    conf_dir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "SPARK_HOME": str(spark_home()),
-        "SPARK_CONF_DIR": str(conf_dir),
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "SPARK_LOG_DIR": str(tmp / "logs"),
-        "SPARK_WORKER_DIR": str(tmp / "work"),
-        # The master's REST submission server (default port 6066) is not needed here.
-        "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
-        # Executors' Python workers must use this interpreter (TensorFlow and covidct live here).
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
-    # The cluster must come from spark-submit's --master alone, as under Airflow.
-    env.pop("COVIDCT_SPARK_MASTER", None)
-    return env
-
-
-def read_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a daemon we started in a session of its own: TERM, wait, KILL; then the rest of its session.
-
-    As a container's processes die with its PID 1. A worker asked to launch an executor while it
-    shuts down can start that JVM after its shutdown hook killed the others (its log: "Shutdown
-    hooks cannot be modified during shutdown"); such an orphan would serve a job on.
-    """
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    end_session(proc.pid)
-
-
-def end_session(sid: int) -> None:
-    """Kill every process left in session ``sid`` and wait until they are gone."""
-    import psutil
-
-    left = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(OSError, psutil.Error):
-            if os.getsid(proc.pid) == sid:
-                proc.kill()
-                left.append(proc)
-    _, alive = psutil.wait_procs(left, timeout=10)
-    assert not alive, f"still running in session {sid}: {alive}"
-
-
-@dataclass
-class Cluster:
-    master_url: str
-    json_url: str
-    work_dir: Path
-    env: dict[str, str]
-    logs: dict[str, Path]
-
-
 @pytest.fixture(scope="module")
-def standalone_cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("standalone")
-    env = spark_env(tmp)
-    spark_class = str(spark_home() / "bin" / "spark-class")
-    port, ui_port, worker_ui_port = free_port(), free_port(), free_port()
-    master_url = f"spark://127.0.0.1:{port}"
-    work_dir = tmp / "work"
-    logs = {"master": tmp / "master.log", "worker": tmp / "worker.log"}
-    commands = {
-        "master": [spark_class, "org.apache.spark.deploy.master.Master",
-                   "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(ui_port)],
-        "worker": [spark_class, "org.apache.spark.deploy.worker.Worker", master_url,
-                   "--host", "127.0.0.1", "--cores", "2", "--memory", "3g",
-                   "--work-dir", str(work_dir), "--webui-port", str(worker_ui_port)],
-    }  # fmt: skip
-    procs: dict[str, subprocess.Popen] = {}
-    json_url = f"http://127.0.0.1:{ui_port}/json/"
+def standalone_cluster(spark_standalone):
+    """The session's master with one worker for this module's jobs."""
+    spark_standalone.start_worker()
     try:
-        for name in ("master", "worker"):  # spark-class execs java: these PIDs are the daemons'
-            with logs[name].open("wb") as log:
-                procs[name] = subprocess.Popen(
-                    commands[name], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
-        deadline = time.monotonic() + 90
-        state: dict = {}
-        while time.monotonic() < deadline:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    pytest.fail(f"spark {name} exited with {proc.returncode}:\n{tail(logs[name])}")
-            try:
-                state = read_json(json_url)
-            except OSError:
-                state = {}
-            if any(w.get("state") == "ALIVE" for w in state.get("workers", [])):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"no ALIVE worker in {json_url} after 90 s: {state}\n{tail(logs['worker'])}")
-        yield Cluster(master_url, json_url, work_dir, env, logs)
+        yield spark_standalone
     finally:
-        for name in ("worker", "master"):
-            if name in procs:
-                stop(procs[name])
+        spark_standalone.stop_worker()
 
 
 @pytest.fixture(scope="module")
@@ -207,18 +80,9 @@ def run_submit(cmd: list[str], log: Path, env: dict[str, str]) -> None:
     assert proc.returncode == 0, f"spark-submit --master {master} failed with {proc.returncode}:\n{tail(log)}"
 
 
-def finished_apps(cluster: Cluster, timeout_s: float = 20) -> list[dict]:
-    """The master's completed apps, once none is active any more."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = read_json(cluster.json_url)
-        if not state.get("activeapps") or time.monotonic() > deadline:
-            return state.get("completedapps", [])
-        time.sleep(0.5)
-
-
 def test_job_runs_on_standalone_worker_like_local(standalone_cluster, tiny_dataset, tmp_path, monkeypatch):
     cluster = standalone_cluster
+    cluster.mark()
     out_cluster, out_local = tmp_path / "out-cluster", tmp_path / "out-local"
     log_cluster, log_local = tmp_path / "submit-cluster.log", tmp_path / "submit-local.log"
     host, port = cluster.master_url.removeprefix("spark://").split(":")
@@ -244,7 +108,7 @@ def test_job_runs_on_standalone_worker_like_local(standalone_cluster, tiny_datas
     assert "Starting executor ID driver" not in driver_log, (
         "the job given --master spark://... ran in local mode: its SparkSession ignored spark-submit's master"
     )
-    apps = finished_apps(cluster)
+    apps = cluster.new_apps()
     assert len(apps) == 1, f"expected one completed app in {cluster.json_url}, got {apps}"
     app = apps[0]
     assert app["state"] == "FINISHED", app
@@ -287,7 +151,7 @@ def test_maps_of_an_image_are_identical_locally_and_on_the_cluster(standalone_cl
             (probes / source.name).write_bytes(source.read_bytes())
     local = {r["path"].rsplit("/", 1)[-1]: r for r in predict(model, probes, explain_dir=tmp_path / "local")}
 
-    before = {app["id"] for app in finished_apps(cluster)}
+    cluster.mark()
     env = {**cluster.env, "COVIDCT_SPARK_MASTER": cluster.master_url, "COVIDCT_DRIVER_MEMORY": "1g"}
     log = tmp_path / "predict-cluster.log"
     with log.open("wb") as handle:
@@ -297,7 +161,7 @@ def test_maps_of_an_image_are_identical_locally_and_on_the_cluster(standalone_cl
             cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=EXPLAIN_TIMEOUT_S,
         )  # fmt: skip
     assert proc.returncode == 0, tail(log)
-    apps = [app for app in finished_apps(cluster) if app["id"] not in before]
+    apps = cluster.new_apps()
     assert [app["name"] for app in apps] == ["covidct-predict"], apps
     executor_logs = (cluster.work_dir / apps[0]["id"]).glob("*/stderr")
     executor_text = "\n".join(p.read_text(errors="replace") for p in executor_logs)

@@ -10,23 +10,11 @@ from pathlib import Path
 import pendulum
 import pytest
 
-from conftest import ROOT, processes_of_airflow_home
+from conftest import ROOT
 
 DAG_ID = "covid_ct_transfer_learning"
 TRAIN_TASKS = {"train_vgg16", "train_vgg19", "train_xception"}
 APPROVED_TAGS = {"covid-ct", "spark", "transfer-learning"}
-
-
-@pytest.fixture(scope="module")
-def dagbag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(ROOT / "dags"))
-
-
-@pytest.fixture(scope="module")
-def dag(dagbag):
-    return dagbag.dags[DAG_ID]
 
 
 def test_every_dag_file_imports_without_errors(dagbag):
@@ -129,7 +117,7 @@ def test_ensemble_task_combines_the_backbones_that_succeeded(tmp_path):
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from covidct import pipeline
-    from test_report import make_run
+    from support.runs import make_run
 
     run = make_run(tmp_path / "run")
     everything = ["VGG16", "VGG19", "Xception"]
@@ -157,48 +145,40 @@ def run_dag(dag, conf: dict):
 
 
 @pytest.mark.slow
-def test_whole_dag_runs_with_real_spark_submit(airflow_db, dag, small_dataset, tmp_path, monkeypatch):
-    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(small_dataset))  # the operator allows this data_source
-    conf = {"data_source": str(small_dataset), "weights": "none", "expect_covid": 12, "expect_noncovid": 12, "seed": 5}
-    dagrun, states, ok = run_dag(dag, conf)
-    assert ok, states
-    # Every task succeeded but promote, which skips itself: random weights are never promoted.
-    assert states.pop("promote") == "skipped" and all(state == "success" for state in states.values()), states
-    from covidct import paths
-
-    run = paths.run_dir(dagrun.run_id)
-    # Random weights: no gallery of maps (they would show nothing).
-    summary = json.loads((run / "report" / "summary.json").read_text())
-    assert all(split["gallery"] is None for split in summary["splits"].values())
+def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
+    """The session's trained run (conftest.trained_run): every task green, promote included."""
+    run = trained_run
+    assert all(state == "success" for state in run.states.values()), (run.states, run.errors)
+    assert set(run.states) == {t.task_id for t in dag.tasks}
+    # Stand-in ImageNet weights (not random): a gallery of maps per split.
+    summary = json.loads((run.run_dir / "report" / "summary.json").read_text())
+    assert set(summary["splits"]) == {"official", "random70"}
+    assert all(split["gallery"] for split in summary["splits"].values()), summary["splits"]
     for backbone in ("vgg16", "vgg19", "xception"):
         for split in ("official", "random70"):
-            metrics = json.loads((run / backbone / split / "metrics.json").read_text())
-            assert metrics["split"] == split and metrics["seed"] == 5 and metrics["random_weights"] is True
-    html = (run / "report" / "report.html").read_text()
-    assert "RANDOM WEIGHTS" in html
+            metrics = json.loads((run.run_dir / backbone / split / "metrics.json").read_text())
+            assert metrics["split"] == split and metrics["seed"] == 5 and metrics["random_weights"] is False
+    html = (run.run_dir / "report" / "report.html").read_text()
+    assert "RANDOM WEIGHTS" not in html
     assert all(name in html for name in ("VGG16", "VGG19", "Xception", "Ensemble (stacked)"))
-    assert (run / "ensemble" / "ensemble.json").is_file()
+    assert (run.run_dir / "ensemble" / "ensemble.json").is_file()
     # The data were fetched into COVIDCT_HOME and the features cached there.
-    assert (tmp_path / "home" / "data" / "COVID-CT" / "CT_COVID").is_dir()
-    assert (tmp_path / "home" / "feature-cache" / "VGG16").is_dir()
+    assert (run.home / "data" / "COVID-CT" / "CT_COVID").is_dir()
+    assert (run.home / "feature-cache" / "VGG16").is_dir()
     # Every task succeeded: the run is recorded as the last successful one.
-    state = json.loads((tmp_path / "home" / "state" / "last-successful-run.json").read_text())
-    assert state["run_id"] == dagrun.run_id
+    assert run.last_success["run_id"] == run.run_id
 
 
 @pytest.mark.slow
-def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_dataset, tmp_path, monkeypatch):
-    """VGG16's weights file is there, VGG19's is not (and cannot be downloaded): VGG19 fails, once."""
-    import h5py
-    import keras
-    from keras.src.legacy.saving import legacy_h5_format
+def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, small_dataset, tmp_path, monkeypatch):
+    """VGG16's weights file is there, VGG19's is not (and cannot be downloaded): VGG19 fails, once.
 
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    model = keras.applications.VGG16(include_top=False, weights=None)
-    with h5py.File(weights / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    The run also takes a multi-layer pooling (``avgmax-b345``): the DAG param reaches the job, which
+    featurizes with it and caches the features under its own key (test_multilayer.py tests the pooling).
+    """
+    from support.weights import write_weights
+
+    weights = write_weights(tmp_path / "weights", ["VGG16"])
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(small_dataset))
     monkeypatch.setenv("COVIDCT_WEIGHTS_DIR", str(weights))
@@ -211,13 +191,16 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
         "weights": "imagenet",
         "expect_covid": 12,
         "expect_noncovid": 12,
+        "pooling": "avgmax-b345",
     }
     import io
 
     from airflow.sdk.listener import get_listener_manager
 
     from covidct.localstack import TaskProgress, cause_of, next_step
+    from support.dags import fresh
 
+    dag = fresh()
     progress = TaskProgress(io.StringIO())  # what `make run` shows: the cause of each failed task
     get_listener_manager().add_listener(progress)
     try:
@@ -243,6 +226,13 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, dag, small_
     markdown = (report / "report.md").read_text()
     assert "VGG19" in markdown and "task train_vgg19 failed; see its log" in markdown
     assert "Xception: failed" not in markdown and "| **Xception**" not in markdown  # not chosen: no row
+    # The multi-layer pooling, from the trigger form to the job and its feature cache.
+    metrics = json.loads((paths.run_dir(dagrun.run_id) / "vgg16" / "metrics.json").read_text())
+    assert (metrics["pooling"], metrics["feature_dim"]) == ("avgmax-b345", 2560)
+    from covidct.cache import FeatureCache
+
+    cached = FeatureCache(tmp_path / "home" / "feature-cache").summary()
+    assert [(r["backbone"], r["pooling"]) for r in cached] == [("VGG16", "avgmax-b345")]
 
 
 # --------------------------------------------------------------------------- retries: scheduled DAG
@@ -252,9 +242,9 @@ def scheduled_dag(retry_delay_s: float = 0.0):
     """A fresh copy of the DAG with its scheduled retry policy (retries as in the file), minus the wait."""
     from datetime import timedelta
 
-    from airflow.dag_processing.dagbag import DagBag
+    from support.dags import fresh
 
-    dag = DagBag(dag_folder=str(ROOT / "dags")).dags[DAG_ID]
+    dag = fresh()
     for task in dag.tasks:
         assert task.retries >= 2
         task.retry_delay = timedelta(seconds=retry_delay_s)
@@ -351,7 +341,9 @@ def test_make_run_fails_in_seconds_without_weights_and_runs_nothing(tmp_path):
     assert not (tmp_path / "af").exists() and not (tmp_path / "home" / "runs").exists()
 
 
-NO_NETWORK_BOUND_S = 60  # issue 15: a machine without network fails `make run` within a minute
+# Issue 15: a machine without network fails `make run` within a minute (bench/bounds.py measures that).
+# Here a margin for a busy machine: failing in minutes, not after the fetch's 30-min bound or its retries.
+NO_NETWORK_BOUND_S = 240
 
 
 @pytest.mark.slow
@@ -393,54 +385,3 @@ def test_make_run_without_network_fails_fast_and_says_why(source, tmp_path):
 def test_make_run_rejects_a_conf_that_is_not_json(tmp_path):
     result = _localstack(["run", "--conf", "{backbones: VGG16"], tmp_path)
     assert result.returncode == 2 and "--conf is not JSON" in result.stderr
-
-
-@pytest.mark.slow
-def test_make_ui_starts_the_real_airflow_and_ctrl_c_stops_every_component(tmp_path):
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "COVIDCT_HOME": str(tmp_path / "home"),
-        "AIRFLOW_HOME": str(tmp_path / "af"),
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "covidct.localstack", "ui"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal would start it
-    )
-    try:
-        deadline, version = time.monotonic() + 180, None
-        while time.monotonic() < deadline and version is None:
-            time.sleep(2)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/version", timeout=2) as response:
-                    version = response.read().decode()
-            except OSError:
-                pass
-        assert version and '"3.3.2"' in version, "the api-server never answered"
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
-    assert "Airflow stopped." in output and "Traceback" not in output
-    # No process of this Airflow home is left (they all carry its AIRFLOW_HOME in their environment).
-    left = processes_of_airflow_home(tmp_path / "af")
-    assert not left, f"processes left running: {left}"

@@ -184,15 +184,6 @@ def services(compose) -> dict:
     return compose["services"]
 
 
-@pytest.fixture(scope="module")
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    dagbag = DagBag(dag_folder=str(ROOT / "dags"))  # Airflow 3.3: examples are a separate bundle
-    assert dagbag.import_errors == {}
-    return dagbag.dags[DAG_ID]
-
-
 def spark_submit_tasks(dag) -> list:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 

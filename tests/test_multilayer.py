@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -170,15 +169,6 @@ def test_pipeline_model_save_and_load_keeps_the_pooling(images, tmp_path):
 # --------------------------------------------------------------------------- DAG
 
 
-@pytest.fixture(scope="module")
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    from conftest import ROOT
-
-    return DagBag(dag_folder=str(ROOT / "dags")).dags["covid_ct_transfer_learning"]
-
-
 def test_dag_param_offers_the_multi_layer_poolings_and_says_what_they_are(dag):
     param = dag.params.get_param("pooling")
     assert param.schema["enum"] == list(POOLINGS)
@@ -197,22 +187,5 @@ def test_selecting_a_backbone_without_blocks_fails_before_any_spark_job():
     assert isinstance(info.value.__cause__, CovidctError)
 
 
-@pytest.mark.slow
-def test_dag_run_with_a_multi_layer_pooling(airflow_db, dag, small_dataset, tmp_path, monkeypatch):
-    from airflow.utils.state import DagRunState
-
-    from covidct import paths
-
-    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(small_dataset))  # the operator allows this data_source
-    conf = {
-        "data_source": str(small_dataset), "weights": "none", "expect_covid": 12, "expect_noncovid": 12,
-        "backbones": ["VGG16"], "splits": ["official"], "pooling": "avgmax-b345",
-    }  # fmt: skip
-    dagrun = dag.test(run_conf=conf)
-    states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
-    assert dagrun.state == DagRunState.SUCCESS, states
-    metrics = json.loads((paths.run_dir(dagrun.run_id) / "vgg16" / "metrics.json").read_text())
-    assert (metrics["pooling"], metrics["feature_dim"]) == ("avgmax-b345", 2560)
-    cached = FeatureCache(tmp_path / "home" / "feature-cache").summary()
-    assert [(r["backbone"], r["pooling"]) for r in cached] == [("VGG16", "avgmax-b345")]
+# A DAG run with a multi-layer pooling (the param reaching the job and its cache key): tests/test_dag.py,
+# test_a_failed_backbone_still_gets_a_report_naming_it.

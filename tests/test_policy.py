@@ -187,10 +187,8 @@ def test_check_params_fails_the_task_without_retries(site, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def params():
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(ROOT / "dags")).dags["covid_ct_transfer_learning"].params
+def params(dag):
+    return dag.params
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
 from synthetic import encode, make_image
 
 DAG_ID = "covid_ct_transfer_learning"
@@ -228,9 +227,9 @@ def test_data_that_passed_validation_are_not_validated_again(data):
 
 @pytest.fixture(scope="module")
 def dag():
-    from airflow.dag_processing.dagbag import DagBag
+    from support.dags import fresh
 
-    return DagBag(dag_folder=str(ROOT / "dags")).dags[DAG_ID]
+    return fresh()  # its own: this module's dag.test() runs
 
 
 def run_dag(dag, conf: dict):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT
+from support.net import free_port
 
 DAG_ID = "covid_ct_transfer_learning"
 
@@ -228,7 +228,7 @@ def test_paired_bootstrap_interval_brackets_the_difference():
 
 def test_sections_added_to_a_written_report_replace_themselves(tmp_path):
     from covidct.report import append_section, build_report
-    from test_report import make_run
+    from support.runs import make_run
 
     report = build_report([make_run(tmp_path / "run")], n_resamples=50)
     data = {"promoted": False, "reason": "possibly worse <b>", "challenger": "VGG19", "challenger_auc": 0.8812,
@@ -247,14 +247,11 @@ def test_sections_added_to_a_written_report_replace_themselves(tmp_path):
 # --------------------------------------------------------------------------- the DAG, end to end
 
 
-def test_promote_follows_the_report_and_declares_the_champion_asset():
+def test_promote_follows_the_report_and_declares_the_champion_asset(dag):
     from datetime import timedelta
-
-    from airflow.dag_processing.dagbag import DagBag
 
     from covidct.registry import CHAMPION_ASSET
 
-    dag = DagBag(dag_folder=str(ROOT / "dags")).dags[DAG_ID]
     promote = dag.task_dict["promote"]
     assert promote.upstream_task_ids == {"report"} and promote.trigger_rule == "all_success"
     assert promote.outlets == [CHAMPION_ASSET] and CHAMPION_ASSET.name == "covid_ct_champion"
@@ -273,46 +270,31 @@ def _asset_events():
 
 
 @pytest.mark.slow
-def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_event(
-    airflow_db, spark, small_dataset, tmp_path, monkeypatch
-):
-    """Run 1 (a weights file: not random) logs parent + child runs and promotes v1 (asset event);
-    run 2 (weights none) is never promoted: the promote task skips, no event, v1 stays."""
-    import h5py
-    import keras
+def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_event(trained_run, tmp_path, monkeypatch):
+    """Run 1, the session's trained run (weights files: not random), logged parent + child runs and
+    promoted v1 (asset event); run 2 (weights none, in the same home) is never promoted: the promote
+    task skips, no event, v1 stays. Run 2 changes no champion, data or feature of run 1."""
     import mlflow.spark
-    from airflow.dag_processing.dagbag import DagBag
-    from keras.src.legacy.saving import legacy_h5_format
 
     from covidct import paths, registry, tracking
+    from support.dags import fresh
 
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    with h5py.File(weights / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, keras.applications.VGG16(include_top=False, weights=None))
-    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("COVIDCT_TRACKING", "on")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(small_dataset))
-    monkeypatch.setenv("COVIDCT_WEIGHTS_DIR", str(weights))
-    dag = DagBag(dag_folder=str(ROOT / "dags")).dags[DAG_ID]
-    conf = {"data_source": str(small_dataset), "backbones": ["VGG16"], "splits": ["official"], "weights": "imagenet",
-            "expect_covid": 12, "expect_noncovid": 12}  # fmt: skip
-    before = len(_asset_events())
-
-    first = dag.test(run_conf=conf)
-    states = {ti.task_id: ti.state for ti in first.get_task_instances()}
-    assert states["promote"] == "success", states
+    trained_run.use(monkeypatch)
+    first_id = trained_run.run_id
+    assert trained_run.states["promote"] == "success", trained_run.states
     client = tracking.client()
     exp = tracking.experiment_id(client)
-    parent = tracking.parent_run(DAG_ID, first.run_id)
+    parent = tracking.parent_run(DAG_ID, first_id)
+    assert parent == trained_run.parent_run_id
     parent_tags = client.get_run(parent).data.tags
-    assert parent_tags["airflow.run_id"] == first.run_id and parent_tags["covidct.promotion.decision"] == "promoted"
+    assert parent_tags["airflow.run_id"] == first_id and parent_tags["covidct.promotion.decision"] == "promoted"
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-    train = next(c for c in children if c.data.tags.get("covidct.kind") == "train")
-    assert train.data.tags["airflow.task_id"] == "train_vgg16" and train.data.tags["airflow.dag_id"] == DAG_ID
-    run = paths.run_dir(first.run_id)
-    metrics = json.loads((run / "vgg16" / "metrics.json").read_text())
+    trains = {c.data.tags["airflow.task_id"]: c for c in children if c.data.tags.get("covidct.kind") == "train"}
+    assert set(trains) == {"train_vgg16", "train_vgg19", "train_xception"}
+    train = trains["train_vgg16"]
+    assert train.data.tags["airflow.dag_id"] == DAG_ID
+    run = paths.run_dir(first_id)
+    metrics = json.loads((run / "vgg16" / "official" / "metrics.json").read_text())
     assert train.data.params["backbone"] == "VGG16" and train.data.params["weights_id"] == metrics["weights_id"]
     assert train.data.params["lr.regParam"] == "0.05" and train.data.params["pooling"] == "avg"
     assert train.data.metrics["official/accuracy"] == pytest.approx(metrics["accuracy"])
@@ -321,16 +303,16 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     assert "official/metrics.json" in artifacts
     info = json.loads((run / "vgg16" / "mlflow.json").read_text())
     assert info["run_id"] == train.info.run_id and info["parent_run_id"] == parent
-    assert mlflow.spark.load_model(info["models"]["official"]).stages[0].getModelName() == "VGG16"  # needs `spark`
+    assert mlflow.spark.load_model(info["models"]["official"]).stages[0].getModelName() == "VGG16"  # needs Spark
     assert 0 < info["seconds"] < 120, info  # what logging took in the job (README: MLflow's overhead)
     # The report names the MLflow runs and the decision, and sits in the parent run.
     html = (run / "report" / "report.html").read_text()
     assert "<h2>MLflow runs</h2>" in html and train.info.run_id in html and "<h2>Promotion</h2>" in html
     assert "report/report.html" in {a.path for a in client.list_artifacts(parent, "report")}
     # The registry's champion, the asset event with its extra, and the champion usable by predict.
-    assert str(registry.champion_version().version) == "1"
-    events = _asset_events()[before:]
-    assert [(r, t) for r, t, _ in events] == [(first.run_id, "promote")]
+    assert trained_run.champion_version == "1" and str(registry.champion_version().version) == "1"
+    events = [e for e in _asset_events() if e[0] == first_id]
+    assert [(r, t) for r, t, _ in events] == [(first_id, "promote")]
     assert events[0][2]["version"] == "1" and events[0][2]["name"] == "covid-ct"
     champion = registry.champion(tmp_path / "champion")
     import subprocess
@@ -339,19 +321,29 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     # covidct predict takes the champion's folder as it is (its own Spark: workers see COVIDCT_WEIGHTS_DIR).
     out = tmp_path / "scores.csv"
     command = [sys.executable, "-m", "covidct.cli", "predict", "--model", str(champion.model_dir), "--images",
-               str(small_dataset / "CT_COVID"), "--out", str(out)]  # fmt: skip
+               str(trained_run.data_source / "CT_COVID"), "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = pd.read_csv(out)
     assert len(scores) == 12 and scores["probability_covid"].between(0, 1).all()
 
-    second = dag.test(run_conf={**conf, "weights": "none"})
+    # Run 2: random weights, one backbone and split (a fresh parse: dag.test() keeps a run's conf in its DAG).
+    dag = fresh()
+    before = len(_asset_events())
+    conf = {**trained_run.conf, "backbones": ["VGG16"], "splits": ["official"], "weights": "none"}
+    second = dag.test(run_conf=conf)
     states = {ti.task_id: ti.state for ti in second.get_task_instances()}
     assert states["report"] == "success" and states["promote"] == "skipped", states
-    assert len(_asset_events()) == before + 1  # no event for a run that did not promote
+    assert len(_asset_events()) == before  # no event for a run that did not promote
     assert str(registry.champion_version().version) == "1"
     decision = json.loads((paths.run_dir(second.run_id) / "promotion.json").read_text())
     assert decision["promoted"] is False and "random weights" in decision["reason"]
+    # Random weights: flagged in the report, no gallery of maps (they would show nothing).
+    second_dir = paths.run_dir(second.run_id)
+    assert json.loads((second_dir / "vgg16" / "metrics.json").read_text())["random_weights"] is True
+    assert "RANDOM WEIGHTS" in (second_dir / "report" / "report.html").read_text()
+    summary = json.loads((second_dir / "report" / "summary.json").read_text())
+    assert all(split["gallery"] is None for split in summary["splits"].values())
     assert os.environ.get("COVIDCT_TRACKING") == "on"
 
 
@@ -361,7 +353,6 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
 @pytest.mark.slow
 def test_make_mlflow_ui_serves_the_store_on_loopback_and_ctrl_c_stops_it(home, logged_model):
     import signal
-    import socket
     import subprocess
     import sys
     import time
@@ -370,9 +361,7 @@ def test_make_mlflow_ui_serves_the_store_on_loopback_and_ctrl_c_stops_it(home, l
     from covidct import tracking
 
     assert tracking.ui_command()[tracking.ui_command().index("--host") + 1] == "127.0.0.1"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "covidct.tracking", "ui", "--port", str(port)],
         stdout=subprocess.PIPE,

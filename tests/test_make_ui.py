@@ -1,10 +1,11 @@
-"""Bad trigger params through the REST API of a really running Airflow (the `make ui` stack).
+"""`make ui`: a really running Airflow (`airflow standalone`), one for the whole module.
 
-`airflow standalone` (api-server on a free port, scheduler, dag-processor, triggerer) runs with
-an isolated AIRFLOW_HOME and COVIDCT_HOME in tmp and an operator allowlist. Each bad param is
-refused: with HTTP 400 and no run (the param schema), or with a run whose first task fails at
-once naming the setting to change (the allowlist). Either way nothing is written under the
-runs and data folders, and the non-allowlisted host never sees a request.
+`python -m covidct.localstack ui` (api-server on a free port, scheduler, dag-processor,
+triggerer) runs with an isolated AIRFLOW_HOME and COVIDCT_HOME in tmp and an operator
+allowlist. Its api-server answers; bad trigger params are refused through its REST API: with
+HTTP 400 and no run (the param schema), or with a run whose first task fails at once naming
+the setting to change (the allowlist); either way nothing is written under the runs and data
+folders, and the non-allowlisted host never sees a request. Last, Ctrl-C stops every component.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import processes_of_airflow_home
+from support.airflow import processes_of_airflow_home
+from support.net import free_port
 from upstream import Upstream, upstream_files
 
 DAG_ID = "covid_ct_transfer_learning"
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Api:
@@ -95,7 +90,7 @@ def evil(small_dataset):
 def airflow(site, tmp_path_factory):
     """`python -m covidct.localstack ui` (airflow standalone) on a free port; stopped with Ctrl-C."""
     tmp = tmp_path_factory.mktemp("stack")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "COVIDCT_HOME": str(tmp / "home"),
@@ -149,18 +144,30 @@ def airflow(site, tmp_path_factory):
             time.sleep(2)
         else:
             pytest.fail("the DAG never appeared:\n" + log_file.read_text()[-3000:])
-        yield {"api": api, "home": tmp / "home", "log": log_file}
+        yield {"api": api, "home": tmp / "home", "log": log_file, "base": base, "proc": proc,
+               "stop": lambda: ctrl_c(proc), "airflow_home": tmp / "af"}  # fmt: skip
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: `make ui` stops every component
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        ctrl_c(proc)
     # No process of this Airflow home is left running.
     left = processes_of_airflow_home(tmp / "af")
     assert not left, f"processes left running: {left}"
+
+
+def ctrl_c(proc: subprocess.Popen) -> int:
+    """Ctrl-C in the terminal (SIGINT to the process group), as a user stops `make ui`; its exit status."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    return proc.returncode
+
+
+def test_make_ui_serves_the_real_airflow_api(airflow):
+    with urllib.request.urlopen(f"{airflow['base']}/api/v2/version", timeout=10) as response:
+        assert '"3.3.2"' in response.read().decode()
 
 
 def _nothing_written(home: Path) -> None:
@@ -251,3 +258,13 @@ def test_bad_params_are_refused_through_the_rest_api(airflow, site, evil):
     assert evil.log == []  # the non-allowlisted host never saw a request
     for name, conf, outcome in table:
         print(f"| {name} | `{json.dumps(conf)}` | {outcome} |")
+
+
+def test_ctrl_c_stops_every_component(airflow):
+    """Last in this module (it stops the module's Airflow): exit 0, a closing line, no process left."""
+    assert airflow["stop"]() == 0, airflow["log"].read_text()[-3000:]
+    output = airflow["log"].read_text()
+    assert "Airflow stopped." in output and "Traceback" not in output, output[-3000:]
+    # No process of this Airflow home is left (they all carry its AIRFLOW_HOME in their environment).
+    left = processes_of_airflow_home(airflow["airflow_home"])
+    assert not left, f"processes left running: {left}"
