@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# Everything (CI: .ci/run). Three pytest-xdist workers, one per group of modules (tests/conftest.py,
+# XDIST_GROUPS): the compose stack's, the Airflow runs' and clusters', the Spark jobs'. Needs a Docker
+# engine and Chromium (README).
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 3 --dist loadgroup $(PYTEST_ARGS)
 
+# What a contributor runs on every change: no test marked slow (no Docker, browser, cluster, Airflow run).
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -32,6 +32,7 @@ def run(spark, images, cache, pooling="avg", seed=0, precision="float32"):
     return {r.sha256: np.array(r.features) for r in feats.collect()}, stats, key
 
 
+@pytest.mark.slow
 def test_misses_then_hits_and_only_new_images_are_featurized(spark, images, tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     first_half = images.filter("label = 1")
@@ -55,6 +56,7 @@ def test_cached_hashes_are_read_without_spark_and_skip_an_unreadable_file(spark,
     assert cache.shas(CacheKey("VGG19", "none", "avg")) == set()
 
 
+@pytest.mark.slow
 def test_other_pooling_or_weights_never_reuse_stale_features(spark, images, tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     one = images.limit(3)
@@ -120,6 +122,7 @@ def test_a_job_killed_mid_write_leaves_a_usable_cache(small_dataset, tmp_path):
     assert m["cache"]["hits"] + m["cache"]["misses"] == 24
 
 
+@pytest.mark.slow
 def test_cache_off_writes_nothing(spark, small_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("COVIDCT_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"

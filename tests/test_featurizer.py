@@ -59,6 +59,7 @@ def test_the_studys_pipeline_code_runs_unchanged(images):
     assert tested_df.count() == testDF.count()
 
 
+@pytest.mark.slow
 def test_pipeline_model_save_and_load_gives_identical_predictions(images, tmp_path):
     featurizer = DeepImageFeaturizer(modelName="VGG19", weights="none", pooling="avg", batchSize=4, seed=5)
     lr = LogisticRegression(maxIter=20, regParam=0.05, elasticNetParam=0.3)
@@ -179,6 +180,7 @@ def test_defining_transforming_and_saving_never_imports_tensorflow_on_the_driver
     assert "OK vector" in result.stdout
 
 
+@pytest.mark.slow
 def test_weights_file_path_loads_those_weights(images, tmp_path):
     import keras
 
