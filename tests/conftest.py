@@ -166,6 +166,7 @@ def xdist_group(nodeid: str) -> str:
     return next((group for group, modules in XDIST_GROUPS.items() if module in modules), OTHER_GROUP)
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: no error where xdist is not installed
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup`` by :data:`XDIST_GROUPS` (pytest-xdist 3.8's own loadgroup cannot tag pytest 9.2's
     node ids, so its ``xdist_group`` marks would be ignored)."""
