@@ -110,6 +110,11 @@ def readable_by_the_image_user(root: Path) -> Path:
     return root
 
 
+def active_app_ids(master: dict) -> frozenset[str]:
+    """The ids of the applications running on the Spark master (its ``/json/`` view)."""
+    return frozenset(a["id"] for a in master["activeapps"])
+
+
 class Stack:
     """One compose project: compose commands, the Airflow REST API, the Spark master's JSON."""
 
@@ -156,7 +161,6 @@ class Stack:
         self.figures: dict = {"project": self.project}
         self._token = None
         self.quick_run_id: str | None = None
-        self.fault_run_id: str | None = None
 
     # ---------------------------------------------------------------- compose
 
@@ -210,6 +214,11 @@ class Stack:
         response = self.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"limit": 100})
         assert response.status_code == 200, response.text
         return response.json()["dag_runs"]
+
+    def unpause(self, dag_id: str = DAG_ID) -> None:
+        """Unpause a DAG, as a user does before triggering it (it starts no run by itself)."""
+        response = self.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+        assert response.status_code == 200 and response.json()["is_paused"] is False, response.text
 
     def trigger(self, conf: dict, dag_id: str = DAG_ID) -> str:
         response = self.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
@@ -271,15 +280,16 @@ class Stack:
     def master(self) -> dict:
         return requests.get(f"{self.spark}/json/", timeout=10).json()
 
-    def wait_executors_busy(self, timeout: float = 600) -> dict:
-        """Wait until an application runs tasks on a worker (cores in use); returns the master's view."""
+    def wait_executors_busy(self, timeout: float = 600, other_than: frozenset[str] = frozenset()) -> dict:
+        """Wait until an application (one not in ``other_than``: a retry's new job) runs tasks on a
+        worker (cores in use); returns the master's view."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.master()
-            if state["activeapps"] and state["coresused"] > 0:
+            if active_app_ids(state) - other_than and state["coresused"] > 0:
                 return state
             time.sleep(1)
-        pytest.fail("no Spark application got executors")
+        pytest.fail(f"no Spark application{f' other than {sorted(other_than)}' if other_than else ''} got executors")
 
     def wait_tasks_on_executors(self, timeout: float = 600) -> int:
         """Wait until the driver (in the scheduler) runs tasks on a registered executor: mid-job.
@@ -397,8 +407,7 @@ def test_every_service_is_healthy(stack):
 
 def test_quick_run_through_the_rest_api(stack):
     # The DAG starts paused; unpausing it (as a user does before triggering) starts no run by itself.
-    response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
-    assert response.status_code == 200 and response.json()["is_paused"] is False, response.text
+    stack.unpause()
     conf = QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS}
     run_id = stack.trigger(conf)
     stack.quick_run_id = run_id
@@ -436,8 +445,7 @@ def test_quick_run_through_the_rest_api(stack):
 def quick_run(stack: Stack) -> str:
     """The quick run test_quick_run_through_the_rest_api triggered (finished), or one made now (a test run alone)."""
     if stack.quick_run_id is None:
-        response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
-        assert response.status_code == 200, response.text
+        stack.unpause()
         stack.quick_run_id = stack.trigger(QUICK_CONF | {"expect_covid": N_PER_CLASS, "expect_noncovid": N_PER_CLASS})
     assert stack.wait_run(stack.quick_run_id) == "success", stack.summary(stack.quick_run_id)
     return stack.quick_run_id
@@ -579,8 +587,7 @@ def test_scoring_dag_scores_the_incoming_folder_with_the_champion(stack):
     no image listed, not fatal; a second run scores nothing again (the ledger) and gives the same rows."""
     alias = stack.mlflow_api("GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"})
     version = alias["model_version"]["version"]
-    response = stack.api("PATCH", f"/dags/{SCORING_DAG_ID}", json={"is_paused": False})
-    assert response.status_code == 200 and response.json()["is_paused"] is False, response.text
+    stack.unpause(SCORING_DAG_ID)
     found = {}
     for attempt in ("first", "second"):
         run_id = stack.trigger({}, dag_id=SCORING_DAG_ID)
@@ -736,8 +743,7 @@ def test_fault_spark_worker_stopped_for_good(stack):
     application is not left running on the master and no spark-submit is left in the scheduler.
     Then the worker is started again and the next run is green.
     """
-    response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})  # also when run alone
-    assert response.status_code == 200, response.text
+    stack.unpause()  # also when run alone
     run_id = stack.trigger(fault_conf())
     stack.wait_task_running(run_id, "train_vgg16")
     stack.wait_executors_busy()
@@ -778,21 +784,6 @@ def test_fault_spark_worker_stopped_for_good(stack):
     assert stack.master()["aliveworkers"] == 1, stack.master()["workers"]
 
 
-def active_app_ids(master: dict) -> set[str]:
-    return {a["id"] for a in master["activeapps"]}
-
-
-def wait_new_app_busy(stack: Stack, old: set[str], timeout: float = 600) -> dict:
-    """Wait until an application other than ``old`` runs on the cluster (a retry's new job)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = stack.master()
-        if active_app_ids(state) - old and state["coresused"] > 0:
-            return state
-        time.sleep(2)
-    pytest.fail(f"no new Spark application after {old}: {stack.summary(stack.fault_run_id)}")
-
-
 def test_faults_mid_job_scheduler_restarted_then_worker_killed_then_postgres_restarted(stack):
     """Three faults in sequence on one run, each while a train job works on the cluster.
 
@@ -804,14 +795,13 @@ def test_faults_mid_job_scheduler_restarted_then_worker_killed_then_postgres_res
     The run succeeds with every image: nothing lost. It is also the first run after the worker
     was stopped for good (the test above): the stack recovered from that too.
     """
-    response = stack.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})  # also when run alone
-    assert response.status_code == 200, response.text
-    run_id = stack.fault_run_id = stack.trigger(fault_conf())
+    stack.unpause()  # also when run alone
+    run_id = stack.trigger(fault_conf())
     stack.wait_task_running(run_id, "train_vgg16")
     first_job = active_app_ids(stack.wait_executors_busy())
     started = time.monotonic()
     stack.compose("restart", "scheduler", timeout=300)
-    wait_new_app_busy(stack, first_job)
+    stack.wait_executors_busy(other_than=first_job)
     retried_after_s = round(time.monotonic() - started, 1)
     assert stack.tasks(run_id)["train_vgg16"]["state"] == "running", stack.summary(run_id)
 

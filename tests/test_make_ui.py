@@ -144,8 +144,8 @@ def airflow(site, tmp_path_factory):
             time.sleep(2)
         else:
             pytest.fail("the DAG never appeared:\n" + log_file.read_text()[-3000:])
-        yield {"api": api, "home": tmp / "home", "log": log_file, "base": base, "proc": proc,
-               "stop": lambda: ctrl_c(proc), "airflow_home": tmp / "af"}  # fmt: skip
+        yield {"api": api, "home": tmp / "home", "log": log_file, "base": base, "stop": lambda: ctrl_c(proc),
+               "airflow_home": tmp / "af"}  # fmt: skip
     finally:
         ctrl_c(proc)
     # No process of this Airflow home is left running.

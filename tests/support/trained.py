@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,44 +22,40 @@ BACKBONES = ("VGG16", "VGG19", "Xception")
 SEED = 5
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainedRun:
     home: Path
     data_source: Path
     weights_dir: Path
     conf: dict
+    env: dict[str, str]
     run_id: str
+    run_dir: Path
     states: dict[str, str]
     errors: dict[str, str]
     #: ``state/last-successful-run.json`` right after the run (later runs in this home may move it).
     last_success: dict | None
-    #: tracking.client()'s experiment, the DAG run's parent run, the champion's version, right after it.
-    parent_run_id: str | None = None
-    champion_version: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.home / "runs" / self.run_dir_name
-
-    @property
-    def run_dir_name(self) -> str:
-        from covidct import paths
-
-        return paths.run_dir(self.run_id).name
+    #: The DAG run's MLflow parent run, and the registry's champion version right after the run.
+    parent_run_id: str
+    champion_version: str | None
 
     def use(self, monkeypatch) -> None:
         """This run's environment for one test (COVIDCT_HOME, tracking on, the allowlist, the weights)."""
-        for key, value in self.env.items():
-            monkeypatch.setenv(key, value)
-        for var in ("MLFLOW_TRACKING_URI", "AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TASK_ID",
-                    "AIRFLOW_CTX_TRY_NUMBER"):  # fmt: skip
-            monkeypatch.delenv(var, raising=False)
+        use_env(monkeypatch, self.env)
+
+
+def use_env(monkeypatch, env: dict[str, str]) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for var in ("MLFLOW_TRACKING_URI", "AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TASK_ID",
+                "AIRFLOW_CTX_TRY_NUMBER"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
 
 
 def train_once(root: Path, data_source: Path) -> TrainedRun:
     from airflow.sdk.listener import get_listener_manager
 
+    from covidct import paths, registry, tracking
     from covidct.localstack import TaskProgress
     from support.dags import fresh
     from support.weights import write_weights
@@ -71,8 +67,7 @@ def train_once(root: Path, data_source: Path) -> TrainedRun:
     conf = {"data_source": str(data_source), "weights": "imagenet", "expect_covid": 12, "expect_noncovid": 12,
             "seed": SEED}  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
-        run = TrainedRun(home, data_source, weights, conf, "", {}, {}, None, env=env)
-        run.use(mp)
+        use_env(mp, env)
         dag = fresh(DAG_ID)
         progress = TaskProgress(io.StringIO())  # the cause of each failed task, as `make run` shows it
         get_listener_manager().add_listener(progress)
@@ -80,14 +75,13 @@ def train_once(root: Path, data_source: Path) -> TrainedRun:
             dagrun = dag.test(run_conf=conf)
         finally:
             get_listener_manager().pm.unregister(progress)
-        run.run_id = dagrun.run_id
-        run.states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
-        run.errors = dict(progress.errors)
         state = home / "state" / "last-successful-run.json"
-        run.last_success = json.loads(state.read_text()) if state.is_file() else None
-        from covidct import registry, tracking
-
-        run.parent_run_id = tracking.parent_run(DAG_ID, dagrun.run_id)
         version = registry.champion_version()
-        run.champion_version = None if version is None else str(version.version)
-    return run
+        return TrainedRun(
+            home=home, data_source=data_source, weights_dir=weights, conf=conf, env=env, run_id=dagrun.run_id,
+            run_dir=paths.run_dir(dagrun.run_id),
+            states={ti.task_id: ti.state for ti in dagrun.get_task_instances()}, errors=dict(progress.errors),
+            last_success=json.loads(state.read_text()) if state.is_file() else None,
+            parent_run_id=tracking.parent_run(DAG_ID, dagrun.run_id),
+            champion_version=None if version is None else str(version.version),
+        )  # fmt: skip
