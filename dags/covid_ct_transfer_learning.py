@@ -17,8 +17,9 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    Kubernetes, without changing this file.
    With `seeds` (e.g. `0-9`) each job also repeats the random70 split per seed from the same features.
 6. **ensemble** combines the backbones that succeeded (two or more): the mean of their COVID
-   probabilities (the product's model, `covidct predict --model <run>/ensemble`) and a stacked LR
-   fitted on out-of-fold training predictions only.
+   probabilities (the product's model, `covidct predict --model <run>/ensemble`) and, with param
+   `stacked`, a stacked LR fitted on out-of-fold training predictions only (each train job then
+   also fits its LR once per fold on the other folds: 5 more fits per split).
 7. **report** compares the backbones and the ensembles (tables with 95 % CIs, ROC, confusion,
    calibration, McNemar; mean ± sd over seeds); it runs when at least one chosen backbone succeeded
    and names those that failed (a run with a failed backbone stays green if the report could compare
@@ -53,7 +54,7 @@ from covidct import alerts, bounds, paths, pipeline, policy
 from covidct.backbone import POOLINGS, PRECISIONS
 from covidct.operators import TransferLearningSubmitOperator
 from covidct.registry import CHAMPION_ASSET
-from covidct.split import SEEDS_PATTERN, SPLITS
+from covidct.split import SEEDS_PATTERN, SPLITS, STACK_FOLDS
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
 
@@ -141,6 +142,13 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
         ),
         "expect_covid": Param(349, type="integer", minimum=1, description="Expected COVID images."),
         "expect_noncovid": Param(397, type="integer", minimum=1, description="Expected non-COVID images."),
+        "stacked": Param(
+            False,
+            type="boolean",
+            description=f"Also fit the stacked ensemble: an LR on the backbones' out-of-fold training "
+            f"probabilities ({STACK_FOLDS} more LR fits per backbone and split). Off: the mean ensemble only, "
+            "the product's model (the stacked one never beat it on this dataset).",
+        ),
         "feature_cache": Param(True, type="boolean", description="Reuse cached features of unchanged images."),
         "force": Param(
             False,
@@ -224,6 +232,8 @@ def covid_ct_transfer_learning():
                 "{{ params.pooling }}",
                 "--precision",
                 "{{ params.precision }}",
+                "--stack-folds",
+                "{{ " + str(STACK_FOLDS) + " if params.stacked else 0 }}",  # out-of-fold fits: the stacked ensemble
                 "--cache",
                 "{{ 'on' if params.feature_cache else 'off' }}",
                 "--out",

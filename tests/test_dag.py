@@ -79,7 +79,7 @@ def test_train_tasks_are_spark_submits_of_the_job_through_spark_default(dag):
         args = task.application_args
         assert args[args.index("--backbone") + 1].lower() == task_id[6:]
         # Every job-level param of the trigger form reaches the job.
-        for param in ("splits", "seed", "seeds", "weights", "pooling", "precision", "feature_cache"):
+        for param in ("splits", "seed", "seeds", "weights", "pooling", "precision", "stacked", "feature_cache"):
             assert any(f"params.{param}" in str(a) for a in args), param
 
 

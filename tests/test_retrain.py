@@ -22,6 +22,7 @@ PARAMS = {
     "weights": "none",
     "pooling": "avg",
     "precision": "float32",
+    "stacked": False,
     "data_source": None,
     "expect_covid": 12,
     "expect_noncovid": 12,
@@ -71,6 +72,8 @@ def test_the_fingerprint_changes_with_what_determines_a_model_and_only_that(data
     pooled = fingerprint.compute(data, {**PARAMS, "pooling": "avg-b345"})
     assert pooled.digest != base.digest
     assert pooled.differences(base.components) == ["params (pooling: 'avg' -> 'avg-b345')"]
+    stacked = fingerprint.compute(data, {**PARAMS, "stacked": True})  # another ensemble model
+    assert stacked.differences(base.components) == ["params (stacked: False -> True)"]
     reseeded = fingerprint.compute(data, {**PARAMS, "seed": 7})
     assert reseeded.differences(base.components) == [
         "params (seed: 42 -> 7)",

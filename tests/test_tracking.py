@@ -332,7 +332,7 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     # Run 2: random weights, one backbone and split (a fresh parse: dag.test() keeps a run's conf in its DAG).
     dag = fresh()
     before = len(_asset_events())
-    conf = {**trained_run.conf, "backbones": ["VGG16"], "splits": ["official"], "weights": "none"}
+    conf = {**trained_run.conf, "backbones": ["VGG16"], "splits": ["official"], "weights": "none", "stacked": False}
     second = dag.test(run_conf=conf)
     states = {ti.task_id: ti.state for ti in second.get_task_instances()}
     assert states["report"] == "success" and states["promote"] == "skipped", states

@@ -18,6 +18,7 @@ from covidct import executors
 from covidct.backbone import POOLINGS
 from covidct.errors import CovidctError
 from covidct.locks import DEFAULT_WAIT
+from covidct.split import STACK_FOLDS
 
 log = logging.getLogger("covidct")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -42,7 +43,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--stack-folds",
         type=int,
-        default=5,
+        default=STACK_FOLDS,
         help="folds of the out-of-fold training predictions the stacked ensemble is fitted on (0: none)",
     )
     p.add_argument(

@@ -256,7 +256,8 @@ def evaluate_split(members: list[Member], notes: list[str]) -> dict[str, tuple[d
     if any(m.oof is None for m in members):
         missing = ", ".join(m.backbone for m in members if m.oof is None)
         notes.append(f"Ensemble (stacked) on {split}: no out-of-fold predictions from {missing} (trained with "
-                     "--stack-folds 0 or by an older version); not fitted.")  # fmt: skip
+                     "--stack-folds 0, i.e. the DAG's param stacked off, or by an older version); "
+                     "not fitted.")  # fmt: skip
         return out
     t0 = time.monotonic()
     stacker = fit_stacker({m.backbone: m.oof for m in members}, set(joined["relpath"]))

@@ -24,6 +24,8 @@ TEST_FRACTION = 0.3
 SEEDS_PATTERN = r"^[0-9]{1,10}(-[0-9]{1,10})?(,[0-9]{1,10}(-[0-9]{1,10})?)*$"
 MAX_SEEDS = 100
 MAX_SEED = 2**31 - 1
+#: Folds of the out-of-fold training predictions the stacked ensemble is fitted on (``kfold``).
+STACK_FOLDS = 5
 
 
 def parse_splits(value: str | list[str]) -> list[str]:

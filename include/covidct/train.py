@@ -50,8 +50,7 @@ from covidct.session import get_spark, progress
 
 log = logging.getLogger(__name__)
 
-#: Folds of the out-of-fold training predictions the stacked ensemble is fitted on.
-STACK_FOLDS = 5
+STACK_FOLDS = splitlib.STACK_FOLDS
 #: Partitions of the small DataFrames the repeated LR fits (seeds, folds) run on.
 FIT_PARTITIONS = 2
 SEEDS_DIR = "random70-seeds"
