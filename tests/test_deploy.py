@@ -404,6 +404,8 @@ def test_mlflow_server_service(services):
     """The tracking server: its own database in the stack's Postgres, artifacts in a volume it serves."""
     from sqlalchemy.engine import make_url
 
+    from covidct.tracking import SERVER_ENV
+
     mlflow = services["mlflow"]
     command = mlflow["command"]
     assert command[:2] == ["mlflow", "server"] and "--serve-artifacts" in command
@@ -415,6 +417,7 @@ def test_mlflow_server_service(services):
     for name, service in services.items():
         if name != "mlflow":
             assert volume not in {m["source"] for m in service.get("volumes", [])}, name
+    assert SERVER_ENV.items() <= mlflow["environment"].items()  # no idle job runner, as `make mlflow-ui`
     store = make_url(mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"])
     assert store.drivername == "postgresql+psycopg2" and store.port == 5432
     postgres = services[store.host]["environment"]

@@ -477,6 +477,9 @@ def log_report_files(report_dir: Path, parent: str, mlflow_client: MlflowClient 
 
 UI_PORT_ENV = "COVIDCT_MLFLOW_UI_PORT"
 DEFAULT_UI_PORT = 5000
+#: ``mlflow server`` without MLflow 3's job runner (huey consumer processes for GenAI jobs, unused here);
+#: docker-compose.yml's mlflow service sets the same.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def ui_command(host: str = "127.0.0.1", port: int | None = None) -> list[str]:
@@ -522,7 +525,7 @@ def ui(host: str = "127.0.0.1", port: int | None = None) -> int:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-    proc = subprocess.Popen(command, start_new_session=True)
+    proc = subprocess.Popen(command, start_new_session=True, env={**os.environ, **SERVER_ENV})
     try:
         return proc.wait()
     except KeyboardInterrupt:
