@@ -6,7 +6,9 @@ spark-submit command is built by the provider's SparkSubmitHook from a JSON conn
 the same shape as docker-compose.yml's ``spark_default`` (``--master spark://HOST:PORT
 --deploy-mode client``; Spark rejects cluster mode for Python apps on standalone). The
 tasks must run in the worker's executor (the app is in the master's JSON, the executor's
-log in the worker's work dir) and the metrics must equal a ``local[2]`` run's, same seed.
+log in the worker's work dir) and the metrics must equal a ``local[2]`` run's, same seed (the same
+``covidct train`` in the session's local Spark). The model that job saved is then explained on the
+cluster and locally.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "transfer_learning.py"
-JOB_ARGS = ["--backbone", "VGG16", "--split", "random70", "--seed", "7", "--weights", "none", "--no-cache"]
-# The same small settings for both runs: they keep a 16-image job quick and do not change results.
+# No out-of-fold fits (--stack-folds 0): this test compares the model, not the stacked ensemble's inputs.
+JOB_ARGS = ["--backbone", "VGG16", "--split", "random70", "--seed", "7", "--weights", "none", "--no-cache",
+            "--stack-folds", "0"]  # fmt: skip
+# The same small settings for both runs (the session's local Spark has them too): they keep a 16-image job
+# quick and do not change results.
 SPARK_CONF = {"spark.sql.shuffle.partitions": "4", "spark.default.parallelism": "2", "spark.ui.enabled": "false"}
-SUBMIT_TIMEOUT_S = 240
+# A hang guard, not a speed target: the job took 240 s once on a 2-core host under three test workers' load.
+SUBMIT_TIMEOUT_S = 600
 # predict --explain on the cluster: two Spark passes, each worker builds VGG16 + its explainer (~4 min on a
 # heavily loaded 2-core host); a generous bound.
 EXPLAIN_TIMEOUT_S = 600
@@ -80,11 +86,14 @@ def run_submit(cmd: list[str], log: Path, env: dict[str, str]) -> None:
     assert proc.returncode == 0, f"spark-submit --master {master} failed with {proc.returncode}:\n{tail(log)}"
 
 
-def test_job_runs_on_standalone_worker_like_local(standalone_cluster, tiny_dataset, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def cluster_job(standalone_cluster, tiny_dataset, tmp_path_factory) -> dict:
+    """The job spark-submitted to the standalone master as Airflow submits it: its command, log, output folder
+    and applications."""
     cluster = standalone_cluster
     cluster.mark()
-    out_cluster, out_local = tmp_path / "out-cluster", tmp_path / "out-local"
-    log_cluster, log_local = tmp_path / "submit-cluster.log", tmp_path / "submit-local.log"
+    folder = tmp_path_factory.mktemp("cluster-job")
+    out, log = folder / "out", folder / "submit.log"
     host, port = cluster.master_url.removeprefix("spark://").split(":")
     # As in docker-compose.yml, with the test master's address.
     standalone = {
@@ -93,22 +102,33 @@ def test_job_runs_on_standalone_worker_like_local(standalone_cluster, tiny_datas
         "port": int(port),
         "extra": {"deploy-mode": "client"},
     }
-    cmd = airflow_submit_command(
-        standalone, tiny_dataset, out_cluster, monkeypatch, executor_memory="1g", total_executor_cores=2
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        cmd = airflow_submit_command(standalone, tiny_dataset, out, mp, executor_memory="1g", total_executor_cores=2)
+    run_submit(cmd, log, cluster.env)
+    return {"cmd": cmd, "out": out, "log": log, "apps": cluster.new_apps()}
+
+
+def test_job_runs_on_standalone_worker_like_local(standalone_cluster, cluster_job, tiny_dataset, spark, tmp_path):
+    cluster = standalone_cluster
+    cmd = cluster_job["cmd"]
     assert cmd[0] == "spark-submit" and cmd[1:3] == ["--master", cluster.master_url]
     assert cmd[cmd.index("--deploy-mode") + 1] == "client"
-    run_submit(cmd, log_cluster, cluster.env)
-    # Then locally (one after the other: on two cores, running both at once is no faster).
-    local = {"conn_type": "spark", "host": "local[2]"}
-    run_submit(airflow_submit_command(local, tiny_dataset, out_local, monkeypatch), log_local, cluster.env)
+    # The same job in local mode: `covidct train` with the job's arguments in the session's local[2] Spark
+    # (spark.sql.shuffle.partitions and spark.default.parallelism as SPARK_CONF).
+    from covidct.cli import main
+
+    out_local = tmp_path / "out-local"
+    assert spark.sparkContext.master.startswith("local")
+    same = ("spark.sql.shuffle.partitions", "spark.default.parallelism")
+    assert {k: spark.sparkContext.getConf().get(k) for k in same} == {k: SPARK_CONF[k] for k in same}
+    assert main(["train", "--data", str(tiny_dataset), "--out", str(out_local), *JOB_ARGS]) == 0
 
     # The work ran on the cluster: the master knows the app, the worker ran its executor.
-    driver_log = log_cluster.read_text(errors="replace")
+    driver_log = cluster_job["log"].read_text(errors="replace")
     assert "Starting executor ID driver" not in driver_log, (
         "the job given --master spark://... ran in local mode: its SparkSession ignored spark-submit's master"
     )
-    apps = cluster.new_apps()
+    apps = cluster_job["apps"]
     assert len(apps) == 1, f"expected one completed app in {cluster.json_url}, got {apps}"
     app = apps[0]
     assert app["state"] == "FINISHED", app
@@ -119,7 +139,7 @@ def test_job_runs_on_standalone_worker_like_local(standalone_cluster, tiny_datas
     assert "Finished task" in executor_text  # and ran its tasks
 
     # Same seed, same data: the same split and the same model quality as a local run.
-    cluster_metrics = json.loads((out_cluster / "metrics.json").read_text())
+    cluster_metrics = json.loads((cluster_job["out"] / "metrics.json").read_text())
     local_metrics = json.loads((out_local / "metrics.json").read_text())
     for key in EXACT:
         assert cluster_metrics[key] == local_metrics[key], key
@@ -129,21 +149,17 @@ def test_job_runs_on_standalone_worker_like_local(standalone_cluster, tiny_datas
         assert math.isclose(cluster_metrics[key], local_metrics[key], rel_tol=0, abs_tol=1e-6), key
 
 
-def test_maps_of_an_image_are_identical_locally_and_on_the_cluster(standalone_cluster, tiny_dataset, spark, tmp_path):
-    """``covidct predict --explain`` on the standalone cluster draws the same maps as in local mode."""
+def test_maps_of_an_image_are_identical_locally_and_on_the_cluster(
+    standalone_cluster, cluster_job, tiny_dataset, spark, tmp_path
+):
+    """``covidct predict --explain`` on the standalone cluster draws the same maps as in local mode (the session's
+    local Spark), with the model the cluster job saved."""
     import numpy as np
-    from pyspark.ml import Pipeline
-    from pyspark.ml.classification import LogisticRegression
 
-    from covidct.dataset import load_images
-    from covidct.featurizer import DeepImageFeaturizer
     from covidct.predict import predict
 
     cluster = standalone_cluster
-    model = tmp_path / "model"
-    featurizer = DeepImageFeaturizer(modelName="VGG16", weights="none", pooling="avg", batchSize=8)
-    lr = LogisticRegression(maxIter=20, regParam=0.05, elasticNetParam=0.3)
-    Pipeline(stages=[featurizer, lr]).fit(load_images(spark, tiny_dataset)).save(str(model))
+    model = cluster_job["out"] / "model"
     probes = tmp_path / "probes"
     probes.mkdir()
     for folder in ("CT_COVID", "CT_NonCOVID"):

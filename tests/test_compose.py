@@ -129,12 +129,22 @@ class Stack:
         # The data subset, read-only, where fetch_dataset (an Airflow task) reads it.
         # The DAG files do not change during the test: the dag-processor parses them at its start and
         # then every 10 min instead of every 30 s (each parse imports the package: CPU the jobs need).
-        override.write_text(
-            "x-input: &input\n  volumes:\n"
-            f"    - {data}:{INPUT_MOUNT}:ro\n"
-            "services:\n  scheduler: *input\n  api-server: *input\n"
-            "  dag-processor:\n    environment:\n      AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL: '600'\n"
-        )
+        # The test's Spark jobs are tiny: their JVMs (drivers in the scheduler, executors, the daemons)
+        # take a local driver's options (no C2 JIT, covidct.session), as the local tests' JVMs do.
+        from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS as JVM
+
+        volumes = [f"{data}:{INPUT_MOUNT}:ro"]
+        services = {
+            "scheduler": {
+                "volumes": volumes,
+                "environment": {"SPARK_SUBMIT_OPTS": f"{JVM} -Dspark.executor.extraJavaOptions={JVM}"},
+            },
+            "api-server": {"volumes": volumes},
+            "dag-processor": {"environment": {"AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600"}},
+            "spark-master": {"environment": {"SPARK_DAEMON_JAVA_OPTS": JVM}},
+            "spark-worker": {"environment": {"SPARK_DAEMON_JAVA_OPTS": JVM}},
+        }
+        override.write_text(json.dumps({"services": services}, indent=2))  # JSON is YAML
         env_file = out / "test.env"
         env_file.write_text("")  # nothing from a developer's .env
         self.cmd = [compose_bin(), "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]

@@ -19,7 +19,7 @@ from covidct.cli import main
 from covidct.errors import CovidctError
 
 BACKBONES = ("VGG16", "VGG19")
-SEEDS = [0, 1, 2]
+SEEDS = [0, 1]  # two seeds and two stacking folds: every repeat and stacking path, with the fewest LR fits
 
 
 def oof_frames(seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -51,7 +51,7 @@ def run(spark, small_dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     for backbone in BACKBONES:
         args = ["train", "--data", str(small_dataset), "--backbone", backbone, "--weights", "none", "--no-cache",
-                "--split", "official,random70", "--seed", "7", "--seeds", "0-2", "--stack-folds", "3", "--stack-seeds",
+                "--split", "official,random70", "--seed", "7", "--seeds", "0-1", "--stack-folds", "2", "--stack-seeds",
                 "--out", str(run_dir / backbone.lower())]  # fmt: skip
         assert main(args) == 0
     assert main(["ensemble", str(run_dir)]) == 0
@@ -87,7 +87,7 @@ def test_out_of_fold_predictions_cover_the_training_images_only(run):
         metrics = json.loads((run / "vgg16" / split / "metrics.json").read_text())
         assert not set(oof.relpath) & test
         assert len(oof) == oof.relpath.nunique() == metrics["n_train"]
-        assert set(oof.fold) == {0, 1, 2}
+        assert set(oof.fold) == {0, 1}
     seeds_oof = pd.read_parquet(run / "vgg16" / "random70-seeds" / "oof.parquet")
     seeds_pred = pd.read_parquet(run / "vgg16" / "random70-seeds" / "predictions.parquet")
     for s in SEEDS:
@@ -182,7 +182,7 @@ def test_report_has_ensemble_rows_mcnemar_and_the_seeds_table(run, tmp_path):
     assert repeats["Ensemble"]["study"] == "VGG16" and repeats["VGG19"]["study_accuracy"] == 0.8426
     md = (tmp_path / "report" / "report.md").read_text()
     assert (
-        "## random70 repeated over 3 seeds" in md and "![Accuracy and AUC per seed, random70](seeds_random70.png)" in md
+        "## random70 repeated over 2 seeds" in md and "![Accuracy and AUC per seed, random70](seeds_random70.png)" in md
     )
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Ensemble (stacked)" in html and "percentile among our seeds" in html

@@ -189,13 +189,30 @@ def test_undecodable_image_is_handled_as_plain_predict_handles_it(models, probes
     assert not strict.exists()  # nothing half-written
 
 
-def test_report_gallery_shows_the_most_confident_of_each_outcome(spark, patch_data, tmp_path):
+@pytest.fixture(scope="module")
+def patch_runs(patch_data, tmp_path_factory) -> dict[str, Path]:
+    """Three ``covidct train`` runs of VGG16 on the patch images, one split each, through one feature cache:
+    ``first`` (seed 3) featurizes, ``again`` (seed 3: the same data and params, as a forced retrain) reads
+    the cache; ``other`` (seed 4: another split and other random weights, so another model) featurizes."""
+    folder = tmp_path_factory.mktemp("patch-runs")
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COVIDCT_HOME", str(folder / "train-home"))
+        for name, seed in (("first", 3), ("again", 3), ("other", 4)):
+            run = folder / name
+            args = ["train", "--data", str(patch_data), "--backbone", "VGG16", "--weights", "none",
+                    "--split", "random70", "--seed", str(seed), "--stack-folds", "0"]  # fmt: skip
+            assert main([*args, "--out", str(run / "vgg16")]) == 0
+            runs[name] = run
+    metrics = {n: json.loads((r / "vgg16" / "metrics.json").read_text())["cache"] for n, r in runs.items()}
+    assert metrics["again"]["misses"] == 0 and metrics["again"]["hits"] == metrics["first"]["misses"] > 0, metrics
+    return runs
+
+
+def test_report_gallery_shows_the_most_confident_of_each_outcome(patch_runs, tmp_path):
     from covidct.report import build_report
 
-    run = tmp_path / "run"
-    args = ["train", "--data", str(patch_data), "--backbone", "VGG16", "--weights", "none", "--no-cache",
-            "--split", "random70", "--seed", "3", "--stack-folds", "0", "--out", str(run / "vgg16")]  # fmt: skip
-    assert main(args) == 0
+    run = patch_runs["first"]
     report = build_report([run], out=tmp_path / "report", n_resamples=50, gallery=2)
     summary = json.loads(report.summary_json.read_text())
     gallery = summary["splits"]["random70"]["gallery"]
@@ -216,19 +233,12 @@ def test_report_gallery_shows_the_most_confident_of_each_outcome(spark, patch_da
     assert "gallery" not in {p.name for p in build_report([run], out=tmp_path / "r0", gallery=0).out.iterdir()}
 
 
-def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(spark, patch_data, tmp_path, monkeypatch):
+def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(patch_runs, tmp_path, monkeypatch):
     """A run retrained on unchanged data (force) gets its gallery from the cache; another model does not."""
     from covidct import gallery as gallerylib
     from covidct.report import build_report
 
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
-
-    def trained(name: str, seed: int) -> Path:
-        run = tmp_path / name
-        args = ["train", "--data", str(patch_data), "--backbone", "VGG16", "--weights", "none", "--no-cache",
-                "--split", "random70", "--seed", str(seed), "--stack-folds", "0"]  # fmt: skip
-        assert main([*args, "--out", str(run / "vgg16")]) == 0
-        return run
 
     def gallery_of(run: Path, out: Path) -> tuple[dict, dict[str, bytes]]:
         report = build_report([run], out=out, n_resamples=20, gallery=2)
@@ -236,7 +246,7 @@ def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(spark, pat
         files = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "gallery").rglob("*") if p.is_file()}
         return shown, files
 
-    first, again = trained("first", 3), trained("again", 3)  # the same data and params: the same model
+    first, again = patch_runs["first"], patch_runs["again"]  # the same data and params: the same model
     model = first / "vgg16" / "model"
     assert gallerylib.model_digest(model) == gallerylib.model_digest(again / "vgg16" / "model")  # other uids, times
     tweaked = tmp_path / "tweaked"  # the same stages and params, one coefficient changed
@@ -254,6 +264,6 @@ def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(spark, pat
     assert reused_files == made_files and any(name.endswith(".npy") for name in made_files)
     assert len(list((tmp_path / "home" / gallerylib.CACHE_FOLDER).iterdir())) == 1
 
-    other = trained("other", 4)  # another split seed: another model (and other test images)
+    other = patch_runs["other"]  # another split seed: another model (and other test images)
     assert gallerylib.model_digest(other / "vgg16" / "model") != gallerylib.model_digest(first / "vgg16" / "model")
     assert gallery_of(other, tmp_path / "r3")[0]["cached"] is False

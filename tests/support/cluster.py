@@ -36,8 +36,13 @@ def tail(path: Path, lines: int = 40) -> str:
 
 def spark_env(tmp: Path) -> dict[str, str]:
     """Environment of the daemons and of spark-submit: loopback only, logs and conf in ``tmp``."""
-    conf_dir = tmp / "conf"  # empty: no spark-defaults.conf from anywhere else
+    from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS
+
+    conf_dir = tmp / "conf"  # no spark-defaults.conf from anywhere else
     conf_dir.mkdir(parents=True, exist_ok=True)
+    # The daemons and executors of this short-lived cluster get a local driver's JVM options (no C2 JIT:
+    # covidct.session): their jobs are as short, and every JVM here shares the test machine's cores.
+    (conf_dir / "spark-defaults.conf").write_text(f"spark.executor.extraJavaOptions {LOCAL_DRIVER_JAVA_OPTIONS}\n")
     env = {
         **os.environ,
         "SPARK_HOME": str(spark_home()),
@@ -47,6 +52,7 @@ def spark_env(tmp: Path) -> dict[str, str]:
         "SPARK_WORKER_DIR": str(tmp / "work"),
         # The master's REST submission server (default port 6066) is not needed here.
         "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+        "SPARK_DAEMON_JAVA_OPTS": LOCAL_DRIVER_JAVA_OPTIONS,
         # Executors' Python workers must use this interpreter (TensorFlow and covidct live here).
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
