@@ -155,7 +155,9 @@ def small_model(spark, small_dataset, tmp_path_factory) -> Path:
 #: waits, JVM start-ups); they are balanced by the durations of a whole run. The compose stack's module
 #: is the ``docker``-marked one.
 XDIST_GROUPS = {
-    "compose": ("test_compose", "test_make_ui"),  # the stack's worker waits much: `make ui`'s Airflow fits beside
+    # The stack's worker waits much (image build, containers, faults): `make ui`'s Airflow and the retrain runs
+    # fit beside it (a whole run: this worker finished ~8 min before the Spark one without them).
+    "compose": ("test_compose", "test_make_ui", "test_retrain"),
     "airflow": ("test_dag", "test_tracking", "test_bounded", "test_cluster", "test_session", "test_policy"),
 }  # fmt: skip
 OTHER_GROUP = "spark"  # every other module: Spark and TensorFlow jobs, fetch, validation, the report
