@@ -145,7 +145,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
         "stacked": Param(
             False,
             type="boolean",
-            description=f"Also fit the stacked ensemble: an LR on the backbones' out-of-fold training "
+            description="Also fit the stacked ensemble: an LR on the backbones' out-of-fold training "
             f"probabilities ({STACK_FOLDS} more LR fits per backbone and split). Off: the mean ensemble only, "
             "the product's model (the stacked one never beat it on this dataset).",
         ),

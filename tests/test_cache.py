@@ -102,7 +102,7 @@ def test_a_job_killed_mid_write_leaves_a_usable_cache(small_dataset, tmp_path):
             "--weights", "none", "--cache-dir", str(cache_dir), "--stack-folds", "0"]  # fmt: skip
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # a hang guard: the job starts writing within ~1 min when idle
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if any(cache_dir.glob("**/.staging-*/*")):  # Spark has started writing features
