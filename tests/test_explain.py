@@ -190,7 +190,7 @@ def test_undecodable_image_is_handled_as_plain_predict_handles_it(models, probes
 
 
 @pytest.fixture(scope="module")
-def patch_runs(patch_data, tmp_path_factory) -> dict[str, Path]:
+def patch_runs(spark, patch_data, tmp_path_factory) -> dict[str, Path]:
     """Three ``covidct train`` runs of VGG16 on the patch images, one split each, through one feature cache:
     ``first`` (seed 3) featurizes, ``again`` (seed 3: the same data and params, as a forced retrain) reads
     the cache; ``other`` (seed 4: another split and other random weights, so another model) featurizes."""

@@ -50,7 +50,6 @@ from covidct.session import get_spark, progress
 
 log = logging.getLogger(__name__)
 
-STACK_FOLDS = splitlib.STACK_FOLDS
 #: Partitions of the small DataFrames the repeated LR fits (seeds, folds) run on.
 FIT_PARTITIONS = 2
 SEEDS_DIR = "random70-seeds"
@@ -72,7 +71,7 @@ class TrainConfig:
     elastic_net_param: float = 0.3
     cache_dir: Path | None = None  # None: no feature cache
     seeds: list[int] | None = None  # random70 repeated per seed (features reused); None: only ``seed``
-    stack_folds: int = STACK_FOLDS  # out-of-fold predictions for the stacked ensemble; 0: none
+    stack_folds: int = splitlib.STACK_FOLDS  # out-of-fold predictions for the stacked ensemble; 0: none
     stack_seeds: bool = False  # also per seed (folds x seeds more LR fits): the stacked ensemble over seeds
     tracking: bool = False  # log an MLflow run (covidct.tracking); the CLI and the DAG's job turn it on
 
