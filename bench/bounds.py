@@ -4,7 +4,7 @@
 
 The tests (tests/test_dag.py::test_make_run_without_network_fails_fast_and_says_why) assert the
 behaviour with a margin for a busy machine; this measures the figure itself, on an idle machine:
-`python -m covidct.localstack run` with a fresh Airflow and COVIDCT home each time, against a closed
+`python -m covidct.orchestration.local run` with a fresh Airflow and COVIDCT home each time, against a closed
 loopback port and an unresolvable host name, wall time of the whole command, median of --repeat.
 JSON in bench/results/bounds.json.
 """
@@ -38,7 +38,7 @@ def no_network_run(url: str, env_extra: dict) -> tuple[float, int]:
         env = {**os.environ, "COVIDCT_HOME": f"{tmp}/home", "AIRFLOW_HOME": f"{tmp}/af", "COVIDCT_DATA_SOURCE": url,
                **env_extra}  # fmt: skip
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "covidct.localstack", "run"], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "covidct.orchestration.local", "run"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=1800)  # fmt: skip
         return time.monotonic() - started, proc.returncode
 

@@ -5,7 +5,7 @@
 For each pooling, a featurizer + LR model is fitted on the same real images (ImageNet weights, half
 COVID, half not), then, in one Spark session after a warm-up pass of each path (the workers build
 their Keras models once), passes alternate: plain ``predict`` (featurize + LR), the maps alone
-(``covidct.explain.explain_model``: one forward pass, plus the gradient for Grad-CAM, and the LR),
+(``covidct.inference.maps.explain_model``: one forward pass, plus the gradient for Grad-CAM, and the LR),
 and ``predict --explain`` (the maps, then every PNG drawn at the image's size and written with its
 ``.npy``). Prints one JSON line: img/s of every pass, medians, and the ratios to plain predict.
 """
@@ -40,11 +40,13 @@ def main() -> int:
     from pyspark.ml import Pipeline
     from pyspark.ml.classification import LogisticRegression
 
-    from covidct import explain
-    from covidct.dataset import load_images
-    from covidct.featurizer import DeepImageFeaturizer
-    from covidct.predict import predict, read_images
-    from covidct.session import get_spark
+    from covidct.core.session import get_spark
+    from covidct.data.dataset import load_images
+    from covidct.features.featurizer import DeepImageFeaturizer
+    from covidct.inference import maps
+    from covidct.inference.explainer import method_for
+    from covidct.inference.files import read_images
+    from covidct.inference.predict import predict
 
     work = Path(tempfile.mkdtemp(prefix="covidct-bench-explain-"))
     try:
@@ -66,7 +68,7 @@ def main() -> int:
 
             def maps_only(model=model):
                 files = read_images(spark, data)
-                explain.explain_model(model, files.frame)
+                maps.explain_model(model, files.frame)
                 files.unpersist()
 
             def explained(model=model, out=out):
@@ -83,7 +85,7 @@ def main() -> int:
                     rates[name].append(args.images / (time.perf_counter() - start))
             medians = {name: median(r) for name, r in rates.items()}
             result["poolings"][pooling] = {
-                "method": explain.method_for(pooling),
+                "method": method_for(pooling),
                 "rates": rates,
                 "median": medians,
                 "cost_vs_predict": {name: medians["predict"] / m for name, m in medians.items()},

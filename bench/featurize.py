@@ -10,7 +10,7 @@ model), their median, and the cold first pass. ``poolings`` runs the Spark featu
 pooling in one Spark session on the same cached images (a cold pass, then the timed passes, pooling
 after pooling: each worker keeps two models, so interleaving three would rebuild them) and gives
 each pooling's median beside its ratio to the first one's. Both paths decode the same files with
-``covidct.image.decode`` and run the backbone's ``preprocess_input``; bare Keras uses
+``covidct.data.image.decode`` and run the backbone's ``preprocess_input``; bare Keras uses
 TensorFlow's default threads in one process. Needs ImageNet weights in
 ``COVIDCT_WEIGHTS_DIR`` (``make weights``).
 """
@@ -33,8 +33,8 @@ def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: i
     import keras
     import numpy as np
 
-    from covidct.backbone import get_backbone, resolve_weights
-    from covidct.image import decode
+    from covidct.data.image import decode
+    from covidct.features.backbone import get_backbone, resolve_weights
 
     backbone = get_backbone(backbone_name)
     t0 = time.perf_counter()
@@ -64,8 +64,8 @@ def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: i
 def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
                      task_cpus: int, precision: str) -> dict:  # fmt: skip
     os.environ["COVIDCT_SPARK_MASTER"] = master
-    from covidct.featurizer import DeepImageFeaturizer
-    from covidct.session import get_spark
+    from covidct.core.session import get_spark
+    from covidct.features.featurizer import DeepImageFeaturizer
 
     spark = get_spark("bench-featurize", {"spark.task.cpus": str(task_cpus)})
     df = spark.read.format("binaryFile").load([str(f) for f in files]).withColumnRenamed("content", "image")
@@ -91,8 +91,8 @@ def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_s
 def spark_poolings(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
                    poolings: list[str], precision: str) -> dict:  # fmt: skip
     os.environ["COVIDCT_SPARK_MASTER"] = master
-    from covidct.featurizer import DeepImageFeaturizer
-    from covidct.session import get_spark
+    from covidct.core.session import get_spark
+    from covidct.features.featurizer import DeepImageFeaturizer
 
     spark = get_spark("bench-poolings")
     df = spark.read.format("binaryFile").load([str(f) for f in files]).withColumnRenamed("content", "image")
@@ -130,7 +130,7 @@ def cpu_poolings(backbone_name: str, files: list[Path], repeat: int, batch_size:
     """
     import pandas as pd
 
-    from covidct.featurizer import WorkerModel
+    from covidct.features.workers import WorkerModel
 
     images = pd.Series([f.read_bytes() for f in files])
     names = pd.Series([str(f) for f in files])

@@ -5,7 +5,7 @@
 Measures, each ``--repeat`` times (medians; wall seconds and the CPU seconds of the process tree):
 
 - ``spark-submit`` of a script that starts a session and counts 10 rows, with the JVM's defaults and
-  with ``covidct.session.LOCAL_DRIVER_JAVA_OPTIONS`` (what ``make run`` uses): the price of each of
+  with ``covidct.core.session.LOCAL_DRIVER_JAVA_OPTIONS`` (what ``make run`` uses): the price of each of
   the DAG's one-``spark-submit``-per-backbone jobs before it does anything;
 - in one session: a trivial Spark job, and Spark ML's ``LogisticRegression`` (the study's params:
   maxIter 20, regParam 0.05, elasticNetParam 0.3) fitted on 500 rows of 512 features (VGG16's
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, save  # noqa: E402
 
 TRIVIAL = """
-from covidct.session import get_spark
+from covidct.core.session import get_spark
 get_spark("floor").range(10).count()
 """
 
@@ -40,7 +40,7 @@ import json, threading, time
 import numpy as np
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.linalg import Vectors
-from covidct.session import get_spark
+from covidct.core.session import get_spark
 
 spark = get_spark("floor-fits")
 rng = np.random.default_rng(0)
@@ -88,7 +88,7 @@ def _run(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
 def main() -> int:
     import os
 
-    from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS
+    from covidct.core.session import LOCAL_DRIVER_JAVA_OPTIONS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)

@@ -144,7 +144,9 @@ def run_dag(home: Path, data: Path, precision: str, force: bool = False) -> dict
     sampler = PeakRSS()
     sampler.start()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "covidct.localstack", "run"], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "covidct.orchestration.local", "run"], env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     peaks = sampler.stop()
     if proc.returncode != 0:
@@ -210,12 +212,14 @@ def _task_times(airflow_home: Path, started_at: float) -> tuple[dict, float | No
 
 
 def run_make_run(home: Path, data: Path, conf: dict, env_extra: dict | None = None) -> dict:
-    """One ``make run`` (``python -m covidct.localstack run``) into ``home``: wall time and where it went."""
+    """One ``make run`` (``python -m covidct.orchestration.local run``) into ``home``: wall time and where it went."""
     env = {**os.environ, "COVIDCT_HOME": str(home), "COVIDCT_DATA_SOURCE": str(data), "AIRFLOW_HOME": str(home / "af"),
            "COVIDCT_DAG_CONF": json.dumps(conf), **(env_extra or {})}  # fmt: skip
     started_at = time.time()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "covidct.localstack", "run"], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "covidct.orchestration.local", "run"], env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"make run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -26,8 +26,10 @@ from pathlib import Path
 
 from airflow.sdk import Param, chain, dag, task
 
-from covidct import alerts, bounds, policy, registry, scoring
-from covidct.operators import ScoringSubmitOperator
+from covidct.core import paths
+from covidct.orchestration import alerts, bounds, policy, scoring_tasks
+from covidct.orchestration.assets import CHAMPION_ASSET
+from covidct.orchestration.operators import ScoringSubmitOperator
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "score.py"
 CHAMPION = "{{ ti.xcom_pull(task_ids='champion')"
@@ -35,7 +37,7 @@ CHAMPION = "{{ ti.xcom_pull(task_ids='champion')"
 
 @dag(
     dag_id="covid_ct_scoring",
-    schedule=[registry.CHAMPION_ASSET],  # a new champion scores the incoming folder with it
+    schedule=[CHAMPION_ASSET],  # a new champion scores the incoming folder with it
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
@@ -47,7 +49,7 @@ CHAMPION = "{{ ti.xcom_pull(task_ids='champion')"
     dagrun_timeout=bounds.timeout("scoring_run"),
     on_failure_callback=alerts.run_failed,
     tags=["covid-ct", "spark", "scoring"],
-    user_defined_macros={"scores_dir": lambda run_id: str(scoring.run_scores_dir(run_id))},
+    user_defined_macros={"scores_dir": lambda run_id: str(paths.run_scores_dir(run_id))},
     params={
         "folder": Param(
             None,
@@ -62,11 +64,11 @@ CHAMPION = "{{ ti.xcom_pull(task_ids='champion')"
 def covid_ct_scoring():
     @task(execution_timeout=bounds.timeout("select"))
     def check_folder(params=None) -> str:
-        return scoring.check_folder_param(params["folder"])
+        return scoring_tasks.check_folder_param(params["folder"])
 
     @task(execution_timeout=bounds.timeout("champion"))
     def champion() -> dict[str, str]:
-        return scoring.resolve_champion()
+        return scoring_tasks.resolve_champion()
 
     score = ScoringSubmitOperator(
         task_id="score",

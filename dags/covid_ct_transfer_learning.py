@@ -33,12 +33,12 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    other task succeeded or was not chosen: after a failure the next run retrains.
 
 MLflow: one parent run per DAG run (created by select_backbones), a child run per train job and
-for the ensemble, the report and the promotion decision on the parent (`covidct.tracking`).
+for the ensemble, the report and the promotion decision on the parent (`covidct.lifecycle.runs`).
 
 Outputs: `$COVIDCT_HOME/runs/<run id>/<backbone>/<split>/`, `.../ensemble/` and `.../report/`.
 
 Bounded time: every task has an `execution_timeout` and the run a `dagrun_timeout`
-(`covidct.bounds`; `COVIDCT_TIMEOUT_*_S` override them), a train job fails by itself when the
+(`covidct.orchestration.bounds`; `COVIDCT_TIMEOUT_*_S` override them), a train job fails by itself when the
 cluster grants no executor for `COVIDCT_EXECUTOR_WAIT_S` (300 s), and failed or overdue runs
 log one `covidct ALERT` line that `COVIDCT_ALERT_WEBHOOK` / `COVIDCT_ALERT_NOTIFIER` route on.
 """
@@ -50,11 +50,12 @@ from pathlib import Path
 
 from airflow.sdk import CronTriggerTimetable, Param, chain, dag, task
 
-from covidct import alerts, bounds, paths, pipeline, policy
-from covidct.backbone import POOLINGS, PRECISIONS
-from covidct.operators import TransferLearningSubmitOperator
-from covidct.registry import CHAMPION_ASSET
-from covidct.split import SEEDS_PATTERN, SPLITS, STACK_FOLDS
+from covidct.core import paths
+from covidct.data.split import SEEDS_PATTERN, SPLITS, STACK_FOLDS
+from covidct.features.backbone import POOLINGS, PRECISIONS
+from covidct.orchestration import alerts, bounds, pipeline, policy
+from covidct.orchestration.assets import CHAMPION_ASSET
+from covidct.orchestration.operators import TransferLearningSubmitOperator
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
 

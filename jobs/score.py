@@ -7,7 +7,7 @@ from spark-submit (``--master``), i.e. from Airflow's ``spark_default`` connecti
 
 ``--images`` comes from the scoring DAG's ``folder`` trigger param, so it is checked again here
 (``confined``): it must match the param schema's pattern and lie inside a folder the operator
-allows (``$COVIDCT_INCOMING_DIR``, ``$COVIDCT_ALLOWED_SCORING_DIRS``; ``covidct.policy``).
+allows (``$COVIDCT_INCOMING_DIR``, ``$COVIDCT_ALLOWED_SCORING_DIRS``; ``covidct.orchestration.policy``).
 """
 
 import sys

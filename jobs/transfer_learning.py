@@ -8,7 +8,7 @@ connection, never from this file.
 
 Its arguments come from DAG trigger params, so they are checked again here (``confined``):
 ``--weights`` must match the param schema's pattern and lie inside a folder the operator
-allows (``covidct.policy``). ``covidct train``, run by the operator, is not restricted.
+allows (``covidct.orchestration.policy``). ``covidct train``, run by the operator, is not restricted.
 """
 
 import sys

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS
+from covidct.core.session import LOCAL_DRIVER_JAVA_OPTIONS
 from synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,22 +35,22 @@ os.environ.update(
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
     }
 )
-# spark-submitted drivers get make run's JVM options (covidct.localstack.environment); the
-# sessions the tests start get them from covidct.session itself.
+# spark-submitted drivers get make run's JVM options (covidct.orchestration.local.environment); the
+# sessions the tests start get them from covidct.core.session itself.
 os.environ.setdefault("SPARK_SUBMIT_OPTS", LOCAL_DRIVER_JAVA_OPTIONS)
 # Everything a test writes under COVIDCT_HOME without choosing one (e.g. the report's gallery cache)
 # goes to the session's own folder, never to ~/covidct.
 _COVIDCT_HOME = tempfile.mkdtemp(prefix="covidct-home-")
 atexit.register(shutil.rmtree, _COVIDCT_HOME, ignore_errors=True)
 os.environ.setdefault("COVIDCT_HOME", _COVIDCT_HOME)
-# MLflow tracking (covidct.tracking) is off unless a test turns it on (tests/test_tracking.py does):
+# MLflow tracking (covidct.lifecycle) is off unless a test turns it on (tests/test_tracking.py does):
 # the other tests' jobs and DAG runs then log nothing, and pay nothing for it.
 os.environ.setdefault("COVIDCT_TRACKING", "off")
 
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    from covidct.session import get_spark
+    from covidct.core.session import get_spark
 
     session = get_spark(
         "covidct-tests",
@@ -134,8 +134,8 @@ def small_model(spark, small_dataset, tmp_path_factory) -> Path:
     from pyspark.ml import PipelineModel
     from pyspark.ml.classification import LogisticRegression
 
-    from covidct.dataset import load_images
-    from covidct.featurizer import DeepImageFeaturizer
+    from covidct.data.dataset import load_images
+    from covidct.features.featurizer import DeepImageFeaturizer
 
     featurizer = DeepImageFeaturizer(inputCol="image", outputCol="features", modelName="ResNet50", weights="none")
     features = featurizer.transform(load_images(spark, small_dataset)).select("features", "label").persist()
@@ -157,7 +157,7 @@ def small_model(spark, small_dataset, tmp_path_factory) -> Path:
 XDIST_GROUPS = {
     # The stack's worker waits much (image build, containers, faults): `make ui`'s Airflow and the retrain runs
     # fit beside it (a whole run: this worker finished ~8 min before the Spark one without them).
-    "compose": ("test_compose", "test_make_ui", "test_retrain"),
+    "compose": ("test_compose", "test_make_ui", "test_retrain", "test_architecture", "test_docs"),
     "airflow": ("test_dag", "test_tracking", "test_bounded", "test_cluster", "test_session", "test_policy"),
 }  # fmt: skip
 OTHER_GROUP = "spark"  # every other module: Spark and TensorFlow jobs, fetch, validation, the report

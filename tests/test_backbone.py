@@ -2,7 +2,8 @@
 
 import pytest
 
-from covidct.backbone import (
+from covidct.core.errors import CovidctError, WeightsNotFoundError
+from covidct.features.backbone import (
     BACKBONES,
     get_backbone,
     local_weights_file,
@@ -10,7 +11,6 @@ from covidct.backbone import (
     resolve_weights,
     weights_identity,
 )
-from covidct.errors import CovidctError, WeightsNotFoundError
 
 
 def test_table_has_the_study_backbones_and_sparkdls_others():

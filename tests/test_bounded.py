@@ -45,7 +45,7 @@ def load_dag():
 
 
 def test_every_task_and_the_run_are_bounded():
-    from covidct import alerts, bounds
+    from covidct.orchestration import alerts, bounds
 
     _, dag = load_dag()
     timeouts = {t.task_id: t.execution_timeout for t in dag.tasks}
@@ -76,7 +76,7 @@ def test_every_task_and_the_run_are_bounded():
     assert critical <= dag.dagrun_timeout
     assert all(alerts.task_failed in t.on_failure_callback for t in dag.tasks)
     assert dag.on_failure_callback == alerts.run_failed
-    assert not dag.deadline and bounds.overdue_after() is None  # opt-in (see covidct.bounds)
+    assert not dag.deadline and bounds.overdue_after() is None  # opt-in (see covidct.orchestration.bounds)
 
 
 def test_bounds_are_overridable_from_the_environment(monkeypatch):
@@ -89,7 +89,7 @@ def test_bounds_are_overridable_from_the_environment(monkeypatch):
     assert dag.dagrun_timeout == timedelta(hours=1)
     [deadline] = dag.deadline  # the overdue alert, 45 min after the run was queued
     assert deadline.interval == timedelta(minutes=45)
-    assert deadline.callback.path == "covidct.alerts.run_overdue"
+    assert deadline.callback.path == "covidct.orchestration.alerts.run_overdue"
 
     monkeypatch.setenv("COVIDCT_TIMEOUT_TRAIN_S", "soon")
     bag, dag = load_dag()
@@ -149,7 +149,7 @@ def test_overdue_alert_is_one_line_to_webhook_and_notifier(webhook, monkeypatch,
     """The deadline callback gets the scheduler's JSON context; its line reaches both routes."""
     import asyncio
 
-    from covidct import alerts
+    from covidct.orchestration import alerts
 
     monkeypatch.setenv("COVIDCT_ALERT_NOTIFIER", f"{__name__}.recording_notifier")
     NOTIFIED.clear()
@@ -158,7 +158,7 @@ def test_overdue_alert_is_one_line_to_webhook_and_notifier(webhook, monkeypatch,
                     "queued_at": "2026-11-23T00:00:05+00:00"},
         "deadline": {"id": "d1", "deadline_time": "2026-11-23T00:45:05+00:00"},
     }  # fmt: skip
-    with caplog.at_level("ERROR", logger="covidct.alerts"):
+    with caplog.at_level("ERROR", logger="covidct.orchestration.alerts"):
         asyncio.run(alerts.run_overdue(context))
     expected = (
         f"covidct ALERT run-overdue: {DAG_ID} run scheduled__2026-11-23T00:00:00+00:00 still running 45.0 min "
@@ -171,11 +171,11 @@ def test_overdue_alert_is_one_line_to_webhook_and_notifier(webhook, monkeypatch,
 
 
 def test_an_alert_that_cannot_be_delivered_is_logged_not_raised(monkeypatch, caplog):
-    from covidct import alerts
+    from covidct.orchestration import alerts
 
     monkeypatch.setenv("COVIDCT_ALERT_WEBHOOK", f"http://127.0.0.1:{free_port()}/nobody")
     monkeypatch.setenv("COVIDCT_ALERT_NOTIFIER", "covidct.no_such_module.Notifier")
-    with caplog.at_level("WARNING", logger="covidct.alerts"):
+    with caplog.at_level("WARNING", logger="covidct.orchestration.alerts"):
         alerts.send("covidct ALERT test: x", {}, "test")
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "could not POST the alert" in messages and "the alert notifier covidct.no_such_module" in messages
@@ -374,7 +374,7 @@ def test_on_kill_ends_spark_submits_whole_process_tree(monkeypatch):
     """The provider's on_kill SIGKILLs the spark-submit PID alone; its children would outlive it."""
     import psutil
 
-    from covidct.operators import TransferLearningSubmitOperator
+    from covidct.orchestration.operators import TransferLearningSubmitOperator
 
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
     op = TransferLearningSubmitOperator(task_id="train_x", conn_id="spark_default", application="job.py")

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 
-from covidct import cache as cachelib
-from covidct.backbone import get_backbone, weights_identity
-from covidct.cache import CacheKey, FeatureCache
 from covidct.cli import main
-from covidct.dataset import load_images
-from covidct.featurizer import DeepImageFeaturizer
-from covidct.train import featurize
+from covidct.data.dataset import load_images
+from covidct.features import cache as cachelib
+from covidct.features.backbone import get_backbone, weights_identity
+from covidct.features.cache import CacheKey, FeatureCache
+from covidct.features.featurizer import DeepImageFeaturizer
+from covidct.modelling.train import featurize
 
 
 @pytest.fixture(scope="module")

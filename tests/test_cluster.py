@@ -156,7 +156,7 @@ def test_maps_of_an_image_are_identical_locally_and_on_the_cluster(
     local Spark), with the model the cluster job saved."""
     import numpy as np
 
-    from covidct.predict import predict
+    from covidct.inference.predict import predict
 
     cluster = standalone_cluster
     model = cluster_job["out"] / "model"

@@ -39,7 +39,7 @@ from support.net import free_port
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 DAG_ID, SCORING_DAG_ID = "covid_ct_transfer_learning", "covid_ct_scoring"
-EXPERIMENT, REGISTERED_MODEL = "covid-ct", "covid-ct"  # covidct.tracking / covidct.registry
+EXPERIMENT, REGISTERED_MODEL = "covid-ct", "covid-ct"  # covidct.lifecycle.store / covidct.lifecycle.registry
 QUICK_CONF = {"backbones": ["VGG16"], "splits": ["random70"], "weights": "none"}
 # Per class: images taken from the head of each official list (so every split has some).
 SUBSET = {"train": 30, "val": 5, "test": 10}
@@ -92,7 +92,7 @@ def make_subset(real: Path, dest: Path) -> Path:
 def make_incoming(real: Path, dest: Path) -> Path:
     """New scans for the scoring DAG (the host folder bind-mounted as the stack's incoming folder):
     the last few test images of each class, none of them in the subset, and one file that is no image."""
-    from covidct.dataset import split_lists
+    from covidct.data.dataset import split_lists
 
     dest.mkdir(parents=True)
     test = split_lists(real)["test"]  # relpaths, CT_COVID/... then CT_NonCOVID/...
@@ -130,8 +130,8 @@ class Stack:
         # The DAG files do not change during the test: the dag-processor parses them at its start and
         # then every 10 min instead of every 30 s (each parse imports the package: CPU the jobs need).
         # The test's Spark jobs are tiny: their JVMs (drivers in the scheduler, executors, the daemons)
-        # take a local driver's options (no C2 JIT, covidct.session), as the local tests' JVMs do.
-        from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS as JVM
+        # take a local driver's options (no C2 JIT, covidct.core.session), as the local tests' JVMs do.
+        from covidct.core.session import LOCAL_DRIVER_JAVA_OPTIONS as JVM
 
         volumes = [f"{data}:{INPUT_MOUNT}:ro"]
         services = {
@@ -332,7 +332,7 @@ class Stack:
     def outputs(self, run_id: str) -> dict:
         """metrics.json of a one-split VGG16 run (``vgg16/``, no split folder) and the report's files."""
         script = (
-            "import json, sys; from covidct import paths; d = paths.run_dir(sys.argv[1]); "
+            "import json, sys; from covidct.core import paths; d = paths.run_dir(sys.argv[1]); "
             "print(json.dumps({'dir': str(d), "
             "'metrics': json.loads((d / 'vgg16' / 'metrics.json').read_text()), "
             "'report': sorted(p.name for p in (d / 'report').iterdir())}))"
@@ -500,7 +500,7 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     the DAG run's parent run, the train job's child run with params, metrics and its Spark model
     (written on the cluster, stored in the server's volume), the report, and the gate's decision
     (not promoted: random weights, no official split). Then the registry on the server: the run's
-    model registered and made champion by hand, and downloaded back by ``covidct.registry``."""
+    model registered and made champion by hand, and downloaded back by ``covidct.lifecycle.registry``."""
     run_id = quick_run(stack)
     tasks = stack.tasks(run_id)
     experiment = stack.mlflow_api("GET", "/experiments/get-by-name", params={"experiment_name": EXPERIMENT})
@@ -554,12 +554,12 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     stack.save()
 
     # The registry's path on this stack, which the gate cannot take with random weights: the train
-    # job's logged model registered and made champion by hand (covidct.registry, in the scheduler),
-    # then covidct.registry.champion() downloads it through the server as a complete model folder.
+    # job's logged model registered and made champion by hand (covidct.lifecycle.registry, in the scheduler),
+    # then covidct.lifecycle.registry.champion() downloads it through the server as a complete model folder.
     script = (
         "import json, sys\n"
-        "from covidct import paths, registry, tracking\n"
-        "info = tracking.read_info(paths.run_dir(sys.argv[1]) / 'vgg16')\n"
+        "from covidct.core import paths\nfrom covidct.lifecycle import registry, runs\n"
+        "info = runs.read_info(paths.run_dir(sys.argv[1]) / 'vgg16')\n"
         "before = registry.champion(sys.argv[2])\n"
         "version = registry.register(info['models']['random70'], {'covidct.test': 'compose: by hand'})\n"
         "registry.set_champion(version)\n"
@@ -584,7 +584,7 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
 def scoring_outputs(stack: Stack, run_id: str) -> dict:
     """summary.json and predictions.csv of one scoring run (``$COVIDCT_HOME/scores/<run id>/``, in the scheduler)."""
     script = (
-        "import csv, json, sys; from covidct import scoring; d = scoring.run_scores_dir(sys.argv[1]); "
+        "import csv, json, sys; from covidct.core import paths; d = paths.run_scores_dir(sys.argv[1]); "
         "print(json.dumps({'summary': json.loads((d / 'summary.json').read_text()), "
         "'rows': list(csv.DictReader(open(d / 'predictions.csv')))}))"
     )

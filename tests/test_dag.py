@@ -104,7 +104,7 @@ def test_params_have_descriptions_defaults_and_validate(dag):
 
 
 def test_run_folders_never_collide_and_are_hadoop_safe(monkeypatch, tmp_path):
-    from covidct import paths
+    from covidct.core import paths
 
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path))
     a = paths.run_dir("manual__2026-11-25T10:00:00+00:00")
@@ -116,7 +116,7 @@ def test_run_folders_never_collide_and_are_hadoop_safe(monkeypatch, tmp_path):
 def test_ensemble_task_combines_the_backbones_that_succeeded(tmp_path):
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from covidct import pipeline
+    from covidct.orchestration import pipeline
     from support.runs import make_run
 
     run = make_run(tmp_path / "run")
@@ -197,7 +197,8 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, small_datas
 
     from airflow.sdk.listener import get_listener_manager
 
-    from covidct.localstack import TaskProgress, cause_of, next_step
+    from covidct.orchestration.local.diagnosis import cause_of, next_step
+    from covidct.orchestration.local.runner import TaskProgress
     from support.dags import fresh
 
     dag = fresh()
@@ -220,7 +221,7 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, small_datas
     assert not (tmp_path / "home" / "state" / "last-successful-run.json").exists()
     vgg19 = next(ti for ti in dagrun.get_task_instances() if ti.task_id == "train_vgg19")
     assert vgg19.try_number == 1  # a user error (missing weights) is not retried
-    from covidct import paths
+    from covidct.core import paths
 
     report = paths.run_dir(dagrun.run_id) / "report"
     markdown = (report / "report.md").read_text()
@@ -229,7 +230,7 @@ def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, small_datas
     # The multi-layer pooling, from the trigger form to the job and its feature cache.
     metrics = json.loads((paths.run_dir(dagrun.run_id) / "vgg16" / "metrics.json").read_text())
     assert (metrics["pooling"], metrics["feature_dim"]) == ("avgmax-b345", 2560)
-    from covidct.cache import FeatureCache
+    from covidct.features.cache import FeatureCache
 
     cached = FeatureCache(tmp_path / "home" / "feature-cache").summary()
     assert [(r["backbone"], r["pooling"]) for r in cached] == [("VGG16", "avgmax-b345")]
@@ -264,7 +265,8 @@ def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_p
 
     from airflow.sdk.listener import get_listener_manager
 
-    from covidct.localstack import TaskProgress, cause_of
+    from covidct.orchestration.local.diagnosis import cause_of
+    from covidct.orchestration.local.runner import TaskProgress
 
     progress = TaskProgress(io.StringIO())
     get_listener_manager().add_listener(progress)
@@ -280,7 +282,7 @@ def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_p
 def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset, tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from covidct import pipeline
+    from covidct.orchestration import pipeline
 
     data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")  # validation writes DIR/validation/
     with pytest.raises(AirflowFailException, match="expected 13 COVID images, found 12"):
@@ -319,7 +321,7 @@ def _localstack(args, tmp_path, **env):
 
     environment = {**os.environ, "COVIDCT_HOME": str(tmp_path / "home"), "AIRFLOW_HOME": str(tmp_path / "af"), **env}
     return subprocess.run(
-        [sys.executable, "-m", "covidct.localstack", *args],
+        [sys.executable, "-m", "covidct.orchestration.local", *args],
         capture_output=True,
         text=True,
         env=environment,

@@ -404,7 +404,7 @@ def test_mlflow_server_service(services):
     """The tracking server: its own database in the stack's Postgres, artifacts in a volume it serves."""
     from sqlalchemy.engine import make_url
 
-    from covidct.tracking import SERVER_ENV
+    from covidct.orchestration.local.launchers import MLFLOW_SERVER_ENV as SERVER_ENV
 
     mlflow = services["mlflow"]
     command = mlflow["command"]

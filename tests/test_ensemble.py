@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidct import ensemble as ens
 from covidct.cli import main
-from covidct.errors import CovidctError
+from covidct.core.errors import CovidctError
+from covidct.modelling import ensemble as ens
 
 BACKBONES = ("VGG16", "VGG19")
 SEEDS = [0, 1]  # two seeds and two stacking folds: every repeat and stacking path, with the fewest LR fits

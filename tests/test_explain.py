@@ -1,4 +1,4 @@
-"""Class activation maps (``covidct.explain``), ``covidct predict --explain`` and the report's gallery.
+"""Class activation maps (``covidct.inference.maps``), ``covidct predict --explain`` and the report's gallery.
 
 Real local Spark, random VGG16 weights, LRs fitted on synthetic images whose evidence is placed by
 hand: every COVID image has a bright square somewhere (``synthetic.make_patch_dataset``).
@@ -20,11 +20,12 @@ from pyspark.ml import PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.functions import vector_to_array
 
-from covidct import explain
 from covidct.cli import main
-from covidct.dataset import load_images
-from covidct.featurizer import DeepImageFeaturizer
-from covidct.predict import predict, read_images
+from covidct.data.dataset import load_images
+from covidct.features.featurizer import DeepImageFeaturizer
+from covidct.inference import drawing, explanations, maps
+from covidct.inference.files import read_images
+from covidct.inference.predict import predict
 from synthetic import PATCH, make_patch_dataset, patch_image
 
 pytestmark = pytest.mark.slow
@@ -98,7 +99,7 @@ def test_cam_spatial_mean_plus_intercept_is_the_models_logit(spark, models, prob
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_map_peaks_at_the_square_the_classifier_learned(spark, models, probes, pooling):
     df = read_images(spark, probes).frame
-    found = {explain.local_path(p).stem: e for p, e in explain.explain_model(models[pooling], df).items()}
+    found = {explanations.local_path(p).stem: e for p, e in maps.explain_model(models[pooling], df).items()}
     df.unpersist()
     assert {e.method for e in found.values()} == {"CAM" if pooling == "avg" else "Grad-CAM"}
     grid = {"avg": (7, 7), "flatten": (7, 7), "avg-b345": (28, 28)}[pooling]  # block5_pool / block3_pool
@@ -107,7 +108,7 @@ def test_map_peaks_at_the_square_the_classifier_learned(spark, models, probes, p
             continue
         e = found[name]
         assert e.map.shape == grid and e.prediction == 1
-        heat = explain.evidence(e.map, covid=True, size=(224, 224))
+        heat = drawing.evidence(e.map, covid=True, size=(224, 224))
         y, x = np.unravel_index(np.argmax(heat), heat.shape)
         top, left = where
         cell = 224 // grid[0]  # a peak within one grid cell of the square
@@ -123,18 +124,18 @@ def test_predict_explain_cli_writes_pngs_npys_and_csv_columns(models, probes, tm
     table = pd.read_csv(csv)
     assert {"explain_method", "explanation_png", "explanation_npy"} <= set(table.columns)
     assert set(table.explain_method) == {"Grad-CAM"}
-    manifest = json.loads((out / explain.MANIFEST).read_text())
+    manifest = json.loads((out / explanations.MANIFEST).read_text())
     assert manifest["images"] == 3 and manifest["maps"]["VGG16"]["layer"] == "block3_pool"
     for row in table.itertuples():
         png, npy = row.explanation_png, row.explanation_npy
         assert png.startswith(str(out)) and png.endswith(".png.map.png") and np.load(npy).shape == (28, 28)
         image = Image.open(png)
-        geo = explain.layout(224, 224, 1)
+        geo = drawing.layout(224, 224, 1)
         assert image.size == geo["size"]  # the scan at its own size, plus title and colour bar
         # The scan is drawn 1:1 in its box: the clean corner of the overlay is the original's pixels.
         left, top, w, h = geo["boxes"][0]
         drawn = np.asarray(image.convert("L"))[top : top + h, left : left + w].astype(float)
-        original = np.asarray(Image.open(probes / explain.local_path(row.path).name).convert("L")).astype(float)
+        original = np.asarray(Image.open(probes / explanations.local_path(row.path).name).convert("L")).astype(float)
         assert np.corrcoef(drawn.ravel(), original.ravel())[0, 1] > 0.5
     # Again into the same folder: replaced; into a folder that holds other things: refused, untouched.
     assert main([*args, "--explain", str(out)]) == 0
@@ -164,7 +165,7 @@ def test_ensemble_gets_one_map_per_member_side_by_side(models, probes, tmp_path)
             assert r["members"][n] == pytest.approx(alone[n][r["path"]], abs=1e-6)
         npys = r["explanation_npy"].split(";")
         assert [np.load(p).shape for p in npys] == [(7, 7), (28, 28)]
-        assert Image.open(r["explanation_png"]).size == explain.layout(224, 224, 2)["size"]
+        assert Image.open(r["explanation_png"]).size == drawing.layout(224, 224, 2)["size"]
 
 
 def test_undecodable_image_is_handled_as_plain_predict_handles_it(models, probes, tmp_path, capsys):
@@ -210,7 +211,7 @@ def patch_runs(spark, patch_data, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_report_gallery_shows_the_most_confident_of_each_outcome(patch_runs, tmp_path):
-    from covidct.report import build_report
+    from covidct.reporting.report import build_report
 
     run = patch_runs["first"]
     report = build_report([run], out=tmp_path / "report", n_resamples=50, gallery=2)
@@ -235,8 +236,8 @@ def test_report_gallery_shows_the_most_confident_of_each_outcome(patch_runs, tmp
 
 def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(patch_runs, tmp_path, monkeypatch):
     """A run retrained on unchanged data (force) gets its gallery from the cache; another model does not."""
-    from covidct import gallery as gallerylib
-    from covidct.report import build_report
+    from covidct.reporting import gallery_cache
+    from covidct.reporting.report import build_report
 
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
 
@@ -248,7 +249,9 @@ def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(patch_runs
 
     first, again = patch_runs["first"], patch_runs["again"]  # the same data and params: the same model
     model = first / "vgg16" / "model"
-    assert gallerylib.model_digest(model) == gallerylib.model_digest(again / "vgg16" / "model")  # other uids, times
+    assert gallery_cache.model_digest(model) == gallery_cache.model_digest(
+        again / "vgg16" / "model"
+    )  # other uids, times
     tweaked = tmp_path / "tweaked"  # the same stages and params, one coefficient changed
     shutil.copytree(model, tweaked)
     part = next(tweaked.glob("stages/1_*/data/part-*.parquet"))
@@ -256,14 +259,16 @@ def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(patch_runs
     rows = table.to_pylist()
     rows[0]["coefficientMatrix"]["values"][0] += 1e-9
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
-    assert gallerylib.model_digest(tweaked) != gallerylib.model_digest(model)
+    assert gallery_cache.model_digest(tweaked) != gallery_cache.model_digest(model)
     made, made_files = gallery_of(first, tmp_path / "r1")
     reused, reused_files = gallery_of(again, tmp_path / "r2")
     assert made["cached"] is False and reused["cached"] is True
     assert reused["categories"] == made["categories"] and reused["methods"] == made["methods"]
     assert reused_files == made_files and any(name.endswith(".npy") for name in made_files)
-    assert len(list((tmp_path / "home" / gallerylib.CACHE_FOLDER).iterdir())) == 1
+    assert len(list((tmp_path / "home" / gallery_cache.CACHE_FOLDER).iterdir())) == 1
 
     other = patch_runs["other"]  # another split seed: another model (and other test images)
-    assert gallerylib.model_digest(other / "vgg16" / "model") != gallerylib.model_digest(first / "vgg16" / "model")
+    assert gallery_cache.model_digest(other / "vgg16" / "model") != gallery_cache.model_digest(
+        first / "vgg16" / "model"
+    )
     assert gallery_of(other, tmp_path / "r3")[0]["cached"] is False

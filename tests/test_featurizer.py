@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,8 +13,9 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 
-from covidct.dataset import load_images
-from covidct.featurizer import ARROW_BATCH_CONF, DeepImageFeaturizer
+from covidct.data.dataset import load_images
+from covidct.features.featurizer import DeepImageFeaturizer
+from covidct.features.workers import ARROW_BATCH_CONF
 
 BACKBONE_DIMS = {
     "VGG16": (512, 25088),
@@ -76,11 +78,20 @@ def test_pipeline_model_save_and_load_gives_identical_predictions(images, tmp_pa
         rows = m.transform(probes).select("relpath", "probability", "prediction").collect()
         return {r.relpath: (r.prediction, r.probability.toArray()) for r in rows}
 
-    before, after = predict(model), predict(loaded)
-    assert before.keys() == after.keys() and len(before) == 6
+    # A model saved before the package had layers names its stage by the old path, which still loads.
+    shutil.copytree(tmp_path / "model", tmp_path / "saved-before")
+    (meta,) = (tmp_path / "saved-before" / "stages").glob("0_*/metadata/part-00000")
+    assert '"class":"covidct.features.featurizer.DeepImageFeaturizer"' in meta.read_text()
+    meta.write_text(meta.read_text().replace("covidct.features.featurizer.", "covidct.featurizer."))
+    older = PipelineModel.load(str(tmp_path / "saved-before"))
+    assert isinstance(older.stages[0], DeepImageFeaturizer)
+
+    before, after, old = predict(model), predict(loaded), predict(older)
+    assert before.keys() == after.keys() == old.keys() and len(before) == 6
     for key, (prediction, probability) in before.items():
-        assert after[key][0] == prediction
+        assert after[key][0] == old[key][0] == prediction
         np.testing.assert_allclose(after[key][1], probability, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(old[key][1], probability, rtol=0, atol=1e-6)
 
 
 def test_random_weights_are_identical_in_every_worker(spark, images):
@@ -164,9 +175,9 @@ def test_defining_transforming_and_saving_never_imports_tensorflow_on_the_driver
     code = textwrap.dedent(
         f"""
         import sys
-        from covidct.session import get_spark
-        from covidct.dataset import load_images
-        from covidct.featurizer import DeepImageFeaturizer
+        from covidct.core.session import get_spark
+        from covidct.data.dataset import load_images
+        from covidct.features.featurizer import DeepImageFeaturizer
         spark = get_spark("no-tf")
         df = load_images(spark, {str(small_dataset)!r})
         featurizer = DeepImageFeaturizer(modelName="Xception", weights="none")

@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 
 from covidct.cli import main
-from covidct.errors import CovidctError, DownloadError
-from covidct.fetch import STATE_NAME, ArchiveLimits, HttpOptions, fetch
-from covidct.manifest import COLUMNS, MANIFEST_NAME, read_manifest
+from covidct.core.errors import CovidctError, DownloadError
+from covidct.data.fetch import STATE_NAME, ArchiveLimits, HttpOptions, fetch
+from covidct.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 from upstream import DEFECTS, Upstream, class_zip, self_signed_tls, symlink_entry, upstream_files, write_files
 
 HTTP = HttpOptions(timeout=(2.0, 5.0), retries=2, backoff_factor=0.01, backoff_max=0.05, progress_min_bytes=0)
@@ -190,7 +190,7 @@ def test_dest_that_no_longer_matches_its_manifest_is_fetched_again(upstream, des
 
 
 def test_progress_is_logged_for_large_files(upstream, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="covidct.fetch"):
+    with caplog.at_level(logging.INFO, logger="covidct.data.fetch"):
         fetch(tmp_path / "d", upstream.base_url, http=HTTP, gate=False)
     assert any("CT_COVID.zip: " in m and "%" in m for m in caplog.messages)
     assert any("CT_COVID.zip: downloaded" in m for m in caplog.messages)
@@ -477,7 +477,7 @@ def test_cli_fetch(upstream, tmp_path, capsys):
 def test_real_fetch_from_folder_then_validate(real_data_dir, tmp_path):
     if real_data_dir is None:
         pytest.skip("set COVIDCT_DATA_DIR to the real COVID-CT copy")
-    from covidct.validate import validate
+    from covidct.data.validate import validate
 
     dest = tmp_path / "COVID-CT"
     started = time.monotonic()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidct.errors import ImageDecodeError
-from covidct.image import decode, describe, from_image_struct
+from covidct.core.errors import ImageDecodeError
+from covidct.data.image import decode, describe, from_image_struct
 
 
 def _bytes(img: Image.Image, fmt: str) -> bytes:

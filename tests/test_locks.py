@@ -1,5 +1,5 @@
-"""One writer at a time per destination (covidct.locks): concurrent `covidct fetch` into one folder,
-concurrent writers of one run folder (covidct.atomic), a killed holder. Real processes, real HTTP."""
+"""One writer at a time per destination (covidct.core.locks): concurrent `covidct fetch` into one folder,
+concurrent writers of one run folder (covidct.core.atomic), a killed holder. Real processes, real HTTP."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from covidct.locks import LockBusy, lock_path, locked
-from covidct.manifest import MANIFEST_NAME, read_manifest
+from covidct.core.locks import LockBusy, lock_path, locked
+from covidct.data.manifest import MANIFEST_NAME, read_manifest
 from upstream import Upstream, upstream_files
 
 SMALL = ["--expect-covid", "12", "--expect-noncovid", "12"]
@@ -89,7 +89,7 @@ WRITER = textwrap.dedent(
     """
     import logging, sys, time
     from pathlib import Path
-    from covidct.atomic import atomic_dir
+    from covidct.core.atomic import atomic_dir
 
     logging.basicConfig(level=logging.INFO)
 

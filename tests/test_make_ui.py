@@ -1,6 +1,6 @@
 """`make ui`: a really running Airflow (`airflow standalone`), one for the whole module.
 
-`python -m covidct.localstack ui` (api-server on a free port, scheduler, dag-processor,
+`python -m covidct.orchestration.local ui` (api-server on a free port, scheduler, dag-processor,
 triggerer) runs with an isolated AIRFLOW_HOME and COVIDCT_HOME in tmp and an operator
 allowlist. Its api-server answers; bad trigger params are refused through its REST API: with
 HTTP 400 and no run (the param schema), or with a run whose first task fails at once naming
@@ -88,7 +88,7 @@ def evil(small_dataset):
 
 @pytest.fixture(scope="module")
 def airflow(site, tmp_path_factory):
-    """`python -m covidct.localstack ui` (airflow standalone) on a free port; stopped with Ctrl-C."""
+    """`python -m covidct.orchestration.local ui` (airflow standalone) on a free port; stopped with Ctrl-C."""
     tmp = tmp_path_factory.mktemp("stack")
     port = free_port()
     env = {
@@ -110,7 +110,7 @@ def airflow(site, tmp_path_factory):
     log_file = tmp / "standalone.log"
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "covidct.localstack", "ui"],
+            [sys.executable, "-m", "covidct.orchestration.local", "ui"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -10,15 +10,15 @@ from airflow.sdk.exceptions import AirflowFailException
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
 
-from covidct import image as imagelib
-from covidct import pipeline
-from covidct.backbone import BACKBONES, MULTI_LAYER_POOLINGS, POOLINGS, get_backbone, weights_identity
-from covidct.cache import CacheKey, FeatureCache
 from covidct.cli import main
-from covidct.dataset import load_images
-from covidct.errors import CovidctError
-from covidct.featurizer import DeepImageFeaturizer
-from covidct.train import TrainConfig, featurize
+from covidct.core.errors import CovidctError
+from covidct.data import image as imagelib
+from covidct.data.dataset import load_images
+from covidct.features.backbone import BACKBONES, MULTI_LAYER_POOLINGS, POOLINGS, get_backbone, weights_identity
+from covidct.features.cache import CacheKey, FeatureCache
+from covidct.features.featurizer import DeepImageFeaturizer
+from covidct.modelling.train import TrainConfig, featurize
+from covidct.orchestration import pipeline
 
 #: pooling -> dims for the backbones with blocks 3, 4, 5 in the table.
 DIMS = {

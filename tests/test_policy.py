@@ -1,4 +1,4 @@
-"""The operator's allowlist for trigger params (covidct.policy), the param schema, the job's re-check,
+"""The operator's allowlist for trigger params (covidct.orchestration.policy), the param schema, the job's re-check,
 and redirects over real loopback HTTP on two addresses (127.0.0.1 allowed, 127.0.0.2 not)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from conftest import ROOT
-from covidct import pipeline
-from covidct.errors import CovidctError
-from covidct.policy import SOURCES_ENV, WEIGHTS_DIRS_ENV, Policy, PolicyError, parse_url
+from covidct.core.errors import CovidctError
+from covidct.orchestration import pipeline
+from covidct.orchestration.policy import SOURCES_ENV, WEIGHTS_DIRS_ENV, Policy, PolicyError, parse_url
 from upstream import PREFIX, Upstream, upstream_files
 
 MIRROR = "http://mirror.example:8000/covid/"
@@ -378,8 +378,8 @@ def test_make_run_refuses_a_param_outside_the_allowlist_in_seconds(site, tmp_pat
     env = {**os.environ, "COVIDCT_HOME": str(tmp_path / "home"), "AIRFLOW_HOME": str(tmp_path / "af"),
            "COVIDCT_WEIGHTS_DIR": str(site["weights"]), "COVIDCT_DAG_CONF": '{"weights": "/etc/passwd"}'}  # fmt: skip
     env.pop(WEIGHTS_DIRS_ENV, None)
-    result = subprocess.run([sys.executable, "-m", "covidct.localstack", "run"], capture_output=True, text=True,
-                            env=env, timeout=120)  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "covidct.orchestration.local", "run"], capture_output=True,
+                            text=True, env=env, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: weights file '/etc/passwd'" in result.stderr and WEIGHTS_DIRS_ENV in result.stderr
     assert not (tmp_path / "af").exists() and not (tmp_path / "home").exists()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from covidct import image as imagelib
 from covidct.cli import main
+from covidct.data import image as imagelib
 
 
 def scans_folder(dataset: Path, dest: Path) -> tuple[Path, dict[str, str]]:
@@ -69,7 +69,7 @@ def test_unreadable_files_are_listed_and_the_rest_scored(small_model, small_data
 
 
 def test_predict_returns_the_unreadable_files_beside_the_rows(small_model, small_dataset, tmp_path):
-    from covidct.predict import predict
+    from covidct.inference.predict import predict
 
     folder, bad = scans_folder(small_dataset, tmp_path / "scans")
     rows = predict(small_model, folder)

@@ -17,10 +17,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidct import report as reportlib
-from covidct import stats
 from covidct.cli import main
-from covidct.errors import CovidctError
+from covidct.core.errors import CovidctError
+from covidct.data.dataset import group_key
+from covidct.modelling import stats
+from covidct.reporting import report as reportlib
+from covidct.reporting.comparison import COLUMNS
+from covidct.reporting.formatting import fmt_p
 from support.runs import BACKBONES, SPLITS, make_run, predictions, split_images, write_result
 
 RED = "#b00020"
@@ -75,7 +78,7 @@ def test_table_shows_metrics_json_values_with_intervals(built):
         for entry in rep.splits[split].entries:
             written = json.loads(entry.source.read_text())
             row = next(line for line in md_sections[split].splitlines() if line.startswith(f"| {entry.backbone}"))
-            for key, _title, percent in reportlib.COLUMNS:
+            for key, _title, percent in COLUMNS:
                 value, interval = written[key], entry.interval(key)
                 assert interval is not None and interval.low is not None, (split, entry.backbone, key)
                 assert interval.low <= value + 1e-9 and value - 1e-9 <= interval.high, (split, entry.backbone, key)
@@ -189,7 +192,7 @@ def test_mcnemar_matches_hand_computation(built):
             assert row["tested"] and (row["b"], row["c"]) == (b, c)
             assert row["pvalue"] == pytest.approx(p, rel=1e-9)
             assert row["n"] == len(split_images(split))
-            assert f"| {row['n']} | {b} | {c} | {reportlib._fmt_p(p)} |" in md_sections[split]
+            assert f"| {row['n']} | {b} | {c} | {fmt_p(p)} |" in md_sections[split]
         assert any(r["b"] + r["c"] > 0 for r in rows)
 
 
@@ -299,7 +302,7 @@ def test_vectorized_resample_metrics_equal_sklearn(grouped):
     frame = predictions("VGG19", "official")
     y, pred, score = frame["label"].to_numpy(), frame["prediction"].to_numpy(), frame["probability"].to_numpy()
     score = np.round(score, 1)  # ties, as Spark's probabilities can have
-    codes = np.unique([stats.group_key(p) for p in frame["relpath"]], return_inverse=True)[1] if grouped else None
+    codes = np.unique([group_key(p) for p in frame["relpath"]], return_inverse=True)[1] if grouped else None
     weights = stats.resample_weights(len(y), codes, 150, np.random.default_rng(3))
     got = stats.weighted_metrics(y, pred, score, weights)
     for r in range(len(weights)):
@@ -313,10 +316,10 @@ def test_vectorized_resample_metrics_equal_sklearn(grouped):
 
 
 def test_group_key_and_degenerate_bootstrap():
-    assert stats.group_key("CT_COVID/2020.02.10.20021584-p6-52%3.png") == "CT_COVID/2020.02.10.20021584-p6-52"
-    assert stats.group_key("CT_NonCOVID/12%1.jpg") == "CT_NonCOVID/12"
-    assert stats.group_key("CT_NonCOVID/12.png") == stats.group_key("CT_NonCOVID/12%0.jpg")
-    assert stats.group_key("CT_COVID/a%1.png") != stats.group_key("CT_NonCOVID/a%1.png")
+    assert group_key("CT_COVID/2020.02.10.20021584-p6-52%3.png") == "CT_COVID/2020.02.10.20021584-p6-52"
+    assert group_key("CT_NonCOVID/12%1.jpg") == "CT_NonCOVID/12"
+    assert group_key("CT_NonCOVID/12.png") == group_key("CT_NonCOVID/12%0.jpg")
+    assert group_key("CT_COVID/a%1.png") != group_key("CT_NonCOVID/a%1.png")
     # one test image per class: most resamples hold one class only -> those are skipped, not zero
     boot = stats.bootstrap([0, 1], [0, 1], [0.2, 0.9], n_resamples=400)
     assert boot.intervals["accuracy"].n_valid == 400
@@ -337,7 +340,7 @@ def write_seeds(folder: Path, backbone: str, accuracies: list[float], **extra) -
 
 
 def test_ensemble_rows_get_intervals_mcnemar_and_curves(tmp_path):
-    from covidct.ensemble import build_ensemble
+    from covidct.modelling.ensemble import build_ensemble
 
     run = make_run(tmp_path / "run")
     result = build_ensemble(run)

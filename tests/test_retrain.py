@@ -58,7 +58,7 @@ def add_images(data: Path, n: int, seed: int = 99) -> list[str]:
 
 
 def test_the_fingerprint_changes_with_what_determines_a_model_and_only_that(data, monkeypatch):
-    from covidct import fingerprint
+    from covidct.lifecycle import fingerprint
 
     base = fingerprint.compute(data, PARAMS)
     assert base.complete and base.digest == fingerprint.compute(data, dict(PARAMS)).digest
@@ -97,13 +97,13 @@ def test_the_fingerprint_changes_with_what_determines_a_model_and_only_that(data
 
 
 def test_weights_not_on_this_machine_make_an_incomplete_fingerprint(data, tmp_path, monkeypatch):
-    from covidct import fingerprint
+    from covidct.lifecycle import fingerprint
 
     monkeypatch.setenv("COVIDCT_WEIGHTS_DIR", str(tmp_path / "none"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     found = fingerprint.compute(data, {**PARAMS, "weights": "imagenet"})
     assert not found.complete and found.components["weights"]["VGG16"].startswith("unknown (")
-    decision = fingerprint.decide(found, last={"run_id": "r1", "fingerprint": found.digest, "components": {}})
+    decision = fingerprint.decide_retrain(found, last={"run_id": "r1", "fingerprint": found.digest, "components": {}})
     assert decision.retrain and "weights are not on this machine yet" in decision.reason
 
 
@@ -111,33 +111,34 @@ def test_weights_not_on_this_machine_make_an_incomplete_fingerprint(data, tmp_pa
 
 
 def successful_run(home: Path, run_id: str, found) -> Path:
-    from covidct import fingerprint, paths
+    from covidct.core import paths
+    from covidct.lifecycle import fingerprint
 
     run_dir = paths.run_dir(run_id)
-    fingerprint.write_run_fingerprint(run_dir, found, fingerprint.decide(found))
+    fingerprint.write_run_fingerprint(run_dir, found, fingerprint.decide_retrain(found))
     (run_dir / "report").mkdir(parents=True)
     (run_dir / "report" / "report.html").write_text("<html></html>")
-    fingerprint.record_success(run_id, run_dir, run_dir / "report" / "report.html")
+    fingerprint.record_last_success(run_id, run_dir, run_dir / "report" / "report.html")
     return run_dir
 
 
 def test_unchanged_force_changed_and_gone(data, home):
-    from covidct import fingerprint
+    from covidct.lifecycle import fingerprint
 
     found = fingerprint.compute(data, PARAMS)
-    first = fingerprint.decide(found)
+    first = fingerprint.decide_retrain(found)
     assert first.retrain and first.reason == "retraining: no successful run recorded yet"
     run_dir = successful_run(home, "r1", found)
     record = json.loads(fingerprint.state_path().read_text())
     assert record["run_id"] == "r1" and record["fingerprint"] == found.digest
 
-    unchanged = fingerprint.decide(found)
+    unchanged = fingerprint.decide_retrain(found)
     assert not unchanged.retrain and unchanged.reason.startswith("unchanged since run r1 (succeeded ")
     assert "param force retrains" in unchanged.reason
-    forced = fingerprint.decide(found, force=True)
+    forced = fingerprint.decide_retrain(found, force=True)
     assert forced.retrain and forced.reason.startswith("retraining: param force is set (unchanged since run r1")
     other = fingerprint.compute(data, {**PARAMS, "splits": ["official", "random70"]})
-    changed = fingerprint.decide(other)
+    changed = fingerprint.decide_retrain(other)
     assert changed.retrain and changed.reason.startswith("retraining: changed since run r1: params (splits: ")
     # The unchanged run's result page names the run whose models stand.
     report = fingerprint.write_unchanged_report(home / "runs" / "r2", unchanged)
@@ -145,36 +146,37 @@ def test_unchanged_force_changed_and_gone(data, home):
     assert "Unchanged since run r1" in (report.parent / "report.md").read_text()
     # Its outputs deleted: retrain.
     shutil.rmtree(run_dir)
-    gone = fingerprint.decide(found)
+    gone = fingerprint.decide_retrain(found)
     assert gone.retrain and "its outputs are gone" in gone.reason
     # An unreadable record counts as none.
     fingerprint.state_path().write_text("{not json")
-    assert fingerprint.last_success() is None and fingerprint.decide(found).retrain
+    assert fingerprint.last_success() is None and fingerprint.decide_retrain(found).retrain
 
 
 def test_the_record_is_written_atomically_and_one_writer_at_a_time(data, home, monkeypatch):
-    from covidct import atomic, fingerprint, locks
+    from covidct.core import atomic, locks
+    from covidct.lifecycle import fingerprint
 
     found = fingerprint.compute(data, PARAMS)
     successful_run(home, "r1", found)
     path = fingerprint.state_path()
     # A writer that fails mid-way leaves the previous record whole, and no temporary file.
     run2 = home / "runs" / "r2"
-    fingerprint.write_run_fingerprint(run2, found, fingerprint.decide(found))
+    fingerprint.write_run_fingerprint(run2, found, fingerprint.decide_retrain(found))
 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
     with monkeypatch.context() as patch, pytest.raises(OSError, match="disk full"):
         patch.setattr(atomic.os, "replace", broken_replace)
-        fingerprint.record_success("r2", run2, run2 / "report.html")
+        fingerprint.record_last_success("r2", run2, run2 / "report.html")
     assert json.loads(path.read_text())["run_id"] == "r1"
     assert not list(path.parent.glob(f".{path.name}.tmp-*"))
 
     # While another process holds the lock, a writer waits, then writes.
     done = threading.Event()
     with locks.locked(path, what="test"):
-        writer = threading.Thread(target=lambda: (fingerprint.record_success("r2", run2, run2 / "x"), done.set()))
+        writer = threading.Thread(target=lambda: (fingerprint.record_last_success("r2", run2, run2 / "x"), done.set()))
         writer.start()
         time.sleep(1.0)
         assert not done.is_set() and json.loads(path.read_text())["run_id"] == "r1"
@@ -184,8 +186,8 @@ def test_the_record_is_written_atomically_and_one_writer_at_a_time(data, home, m
     # Many writers at once: a whole record of one of them.
     runs = [f"c{i}" for i in range(8)]
     for run_id in runs:
-        fingerprint.write_run_fingerprint(home / "runs" / run_id, found, fingerprint.decide(found))
-    threads = [threading.Thread(target=fingerprint.record_success, args=(r, home / "runs" / r, "x")) for r in runs]
+        fingerprint.write_run_fingerprint(home / "runs" / run_id, found, fingerprint.decide_retrain(found))
+    threads = [threading.Thread(target=fingerprint.record_last_success, args=(r, home / "runs" / r, "x")) for r in runs]
     for t in threads:
         t.start()
     for t in threads:
@@ -197,7 +199,8 @@ def test_the_record_is_written_atomically_and_one_writer_at_a_time(data, home, m
 def test_a_run_with_a_failed_task_is_not_recorded(home):
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from covidct import fingerprint, pipeline
+    from covidct.lifecycle import fingerprint
+    from covidct.orchestration import pipeline
 
     states = {"fetch_dataset": "success", "train_vgg16": "success", "train_vgg19": "failed", "report": "success",
               "record_success": "running"}  # fmt: skip
@@ -207,8 +210,8 @@ def test_a_run_with_a_failed_task_is_not_recorded(home):
 
 
 def test_data_that_passed_validation_are_not_validated_again(data):
-    from covidct import pipeline
-    from covidct.validate import passed_before, validate
+    from covidct.data.validate import passed_before, validate
+    from covidct.orchestration import pipeline
 
     assert passed_before(data, 12, 12) is None  # never validated
     assert validate(data, 12, 12).success
@@ -247,8 +250,9 @@ def run_dag(dag, conf: dict):
 def test_unchanged_data_skip_training_force_retrains_and_new_images_are_the_only_ones_featurized(
     airflow_db, dag, data, home, monkeypatch
 ):
-    from covidct import fingerprint, paths
-    from covidct.localstack import summary
+    from covidct.core import paths
+    from covidct.lifecycle import fingerprint
+    from covidct.orchestration.local.runner import summary
 
     monkeypatch.setenv("COVIDCT_ALLOWED_SOURCES", str(data))
     conf = {"data_source": str(data), "weights": "none", "backbones": ["VGG16"], "splits": ["official"],

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from covidct import policy
 from covidct.cli import main
-from covidct.errors import CovidctError
-from covidct.scoring import COLUMNS, Ledger, ScoreConfig, score_folder
+from covidct.core.errors import CovidctError
+from covidct.lifecycle.scoring import COLUMNS, Ledger, ScoreConfig, score_folder
+from covidct.orchestration import policy
 
 
 def incoming(dataset: Path, dest: Path, n: int = 4) -> Path:

@@ -39,10 +39,10 @@ def test_three_tasks_one_spark_submit_on_spark_default(dag):
 
 
 def test_scheduled_on_the_champion_asset(dag):
-    from covidct import registry
+    from covidct.orchestration.assets import CHAMPION_ASSET
 
     assets = dag.timetable.asset_condition.objects  # what the promote task emits, and nothing else
-    assert [(a.name, a.uri) for a in assets] == [(registry.CHAMPION_ASSET.name, registry.CHAMPION_ASSET.uri)]
+    assert [(a.name, a.uri) for a in assets] == [(CHAMPION_ASSET.name, CHAMPION_ASSET.uri)]
 
 
 def test_the_folder_param_schema_refuses_what_is_not_a_plain_absolute_path(dag):
@@ -78,15 +78,15 @@ def register_champion(model_dir: Path, tmp_path: Path) -> str:
     import mlflow.spark
     from pyspark.ml import PipelineModel
 
-    from covidct import registry, tracking
+    from covidct.lifecycle import job_logging, registry, store
 
-    client = tracking.client()
-    with mlflow.start_run(experiment_id=tracking.experiment_id(client), run_name="champion fixture"):
+    client = store.client()
+    with mlflow.start_run(experiment_id=store.experiment_id(client), run_name="champion fixture"):
         info = mlflow.spark.log_model(
             PipelineModel.load(model_dir.as_uri()),
             "model",
             dfs_tmpdir=str(tmp_path / "dfs"),
-            pip_requirements=list(tracking.PIP_REQUIREMENTS),
+            pip_requirements=list(job_logging.PIP_REQUIREMENTS),
         )
     version = registry.register(info.model_uri, {"covidct.model": "ResNet50 (test)"}, client)
     registry.set_champion(version, client)
@@ -100,7 +100,7 @@ def states_of(dagrun) -> dict[str, str]:
 @pytest.mark.slow
 def test_scores_the_incoming_folder_with_the_champion(airflow_db, dag, home, spark, small_model, small_dataset,
                                                       tmp_path):  # fmt: skip
-    from covidct import scoring
+    from covidct.core import paths
 
     version = register_champion(small_model, tmp_path)
     incoming = home / "incoming"  # the operator's default folder: an empty param scores it
@@ -111,7 +111,7 @@ def test_scores_the_incoming_folder_with_the_champion(airflow_db, dag, home, spa
     (incoming / "notes.txt").write_text("not a scan")
     dagrun = dag.test(run_conf={})
     assert states_of(dagrun) == {"check_folder": "success", "champion": "success", "score": "success"}
-    out = scoring.run_scores_dir(dagrun.run_id)
+    out = paths.run_scores_dir(dagrun.run_id)
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 4 and predictions.new.all()
     assert set(predictions.model_name) == {"covid-ct"} and set(predictions.model_version) == {version}
@@ -133,12 +133,12 @@ def test_a_folder_outside_the_allowlist_fails_the_run_before_any_spark_job(airfl
 def test_check_folder_and_champion_say_what_is_wrong(home, tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from covidct import scoring
+    from covidct.orchestration import scoring_tasks
 
     with pytest.raises(AirflowFailException, match=r"refused trigger params: folder '/etc' .*ALLOWED_SCORING_DIRS"):
-        scoring.check_folder_param("/etc")
+        scoring_tasks.check_folder_param("/etc")
     with pytest.raises(AirflowFailException, match="folder of scans .*/incoming/later does not exist"):
-        scoring.check_folder_param(str(home / "incoming" / "later"))
-    assert scoring.check_folder_param(None) == str((home / "incoming").resolve())  # created: an empty inbox
+        scoring_tasks.check_folder_param(str(home / "incoming" / "later"))
+    assert scoring_tasks.check_folder_param(None) == str((home / "incoming").resolve())  # created: an empty inbox
     with pytest.raises(AirflowFailException, match="no champion model yet: registered model 'covid-ct' has no"):
-        scoring.resolve_champion(tmp_path / "dest")
+        scoring_tasks.resolve_champion(tmp_path / "dest")

@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
-from covidct.localstack import environment
-from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS
+from covidct.core.session import LOCAL_DRIVER_JAVA_OPTIONS
+from covidct.orchestration.local.environment import environment
 
 JVM_ARGS = """
-from covidct.session import get_spark
+from covidct.core.session import get_spark
 spark = get_spark("jvm-args")
 print("JVM_ARGS", list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments()))
 spark.stop()

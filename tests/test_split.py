@@ -2,9 +2,9 @@
 
 import pytest
 
-from covidct import split
-from covidct.dataset import split_lists
-from covidct.errors import CovidctError
+from covidct.core.errors import CovidctError
+from covidct.data import split
+from covidct.data.dataset import split_lists
 
 
 def test_random70_is_seeded_exact_and_order_independent():

@@ -30,22 +30,22 @@ def home(tmp_path_factory):
 
 
 def test_tracking_uri_is_the_embedded_store_unless_mlflow_tracking_uri_says_otherwise(monkeypatch, tmp_path):
-    from covidct import tracking
+    from covidct.lifecycle import links, runs, store
 
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
-    assert tracking.artifact_root() == (tmp_path / "mlflow" / "artifacts").as_uri()
+    assert store.tracking_uri() == f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    assert store.artifact_root() == (tmp_path / "mlflow" / "artifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking.tracking_uri() == "http://127.0.0.1:5999" and tracking.artifact_root() is None
-    assert tracking.ui_url() == "http://127.0.0.1:5999"
+    assert store.tracking_uri() == "http://127.0.0.1:5999" and store.artifact_root() is None
+    assert links.ui_url() == "http://127.0.0.1:5999"
     # The Airflow task context comes from the AIRFLOW_CTX_* variables Airflow exports (spark-submit inherits them).
     env = {"AIRFLOW_CTX_DAG_ID": "d", "AIRFLOW_CTX_DAG_RUN_ID": "manual__x", "AIRFLOW_CTX_TASK_ID": "train_vgg16"}
-    assert tracking.airflow_context(env) == {"airflow.dag_id": "d", "airflow.run_id": "manual__x",
+    assert runs.airflow_context(env) == {"airflow.dag_id": "d", "airflow.run_id": "manual__x",
                                              "airflow.task_id": "train_vgg16"}  # fmt: skip
-    assert tracking.airflow_context({}) == {}
+    assert runs.airflow_context({}) == {}
     monkeypatch.setenv("COVIDCT_TRACKING", "off")
-    assert not tracking.enabled()
+    assert not store.enabled()
 
 
 # --------------------------------------------------------------------------- a Spark model in MLflow
@@ -58,21 +58,21 @@ def logged_model(home, spark, tmp_path_factory):
     from pyspark.ml.classification import LogisticRegression
     from pyspark.ml.linalg import Vectors
 
-    from covidct import tracking
+    from covidct.lifecycle import job_logging, store
 
-    client = tracking.client()
+    client = store.client()
     import mlflow
     import mlflow.spark
 
     rows = [(Vectors.dense([float(i % 2) + 0.1 * i, 1.0 - (i % 2)]), float(i % 2)) for i in range(12)]
     frame = spark.createDataFrame(rows, ["features", "label"])
     model = Pipeline(stages=[LogisticRegression(maxIter=5, labelCol="label")]).fit(frame)
-    with mlflow.start_run(experiment_id=tracking.experiment_id(client), run_name="fixture"):
+    with mlflow.start_run(experiment_id=store.experiment_id(client), run_name="fixture"):
         info = mlflow.spark.log_model(
             model,
             "model",
             dfs_tmpdir=str(tmp_path_factory.mktemp("dfs")),
-            pip_requirements=list(tracking.PIP_REQUIREMENTS),
+            pip_requirements=list(job_logging.PIP_REQUIREMENTS),
         )
     return info.model_uri, model, frame
 
@@ -130,14 +130,14 @@ def fake_run(run_dir: Path, predictions: pd.DataFrame, model_uri: str, random_we
 
 def test_gate_random_weights_never_first_run_promotes_worse_kept_not_worse_promoted(home, logged_model, tmp_path):
     """The gate's four decisions, in order, on one registry (each step sees the champion of the one before)."""
-    from covidct import promotion, registry, tracking
+    from covidct.lifecycle import promotion, registry, runs, store
 
     uri = logged_model[0]
-    client = tracking.client()
-    parent = tracking.parent_run(DAG_ID, "manual__gate-test")
+    client = store.client()
+    parent = runs.parent_run(DAG_ID, "manual__gate-test")
     # The embedded store keeps its artifacts under COVIDCT_HOME (not ./mlruns), and MLflow's own
     # export of MLFLOW_TRACKING_URI does not outlive client() (it would pin a later COVIDCT_HOME).
-    artifacts = client.get_experiment(tracking.experiment_id(client)).artifact_location
+    artifacts = client.get_experiment(store.experiment_id(client)).artifact_location
     assert artifacts == (home / "mlflow" / "artifacts").as_uri() and "MLFLOW_TRACKING_URI" not in os.environ
     good = official_test_set()
 
@@ -187,8 +187,8 @@ def test_gate_random_weights_never_first_run_promotes_worse_kept_not_worse_promo
 
 def test_an_ensemble_champion_downloads_as_its_ensemble_folder(tmp_path, monkeypatch):
     """The ensemble task's run holds the ensemble folder as a pyfunc model; as champion, champion(dest)
-    gives that folder back (what covidct.predict takes), under the DAG run's parent run."""
-    from covidct import registry, tracking
+    gives that folder back (what covidct.inference.predict takes), under the DAG run's parent run."""
+    from covidct.lifecycle import pyfunc, registry, runs, store
 
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COVIDCT_TRACKING", "on")
@@ -201,9 +201,9 @@ def test_an_ensemble_champion_downloads_as_its_ensemble_folder(tmp_path, monkeyp
     manifest = {"format": 1, "method": "mean", "threshold": 0.5, "random_weights": False,
                 "members": [{"backbone": "VGG16", "model": "members/vgg16", "weights_id": "sha256:abc"}]}  # fmt: skip
     (folder / "ensemble.json").write_text(json.dumps(manifest))
-    logged = tracking.log_ensemble(folder, {"official": {"mean": {"accuracy": 0.8, "auc": 0.9, "n_test": 20}}})
-    assert logged.parent_run_id == tracking.parent_run(DAG_ID, "manual__ens")
-    run = tracking.client().get_run(logged.run_id)
+    logged = pyfunc.log_ensemble(folder, {"official": {"mean": {"accuracy": 0.8, "auc": 0.9, "n_test": 20}}})
+    assert logged.parent_run_id == runs.parent_run(DAG_ID, "manual__ens")
+    run = store.client().get_run(logged.run_id)
     assert run.data.metrics["official/mean/auc"] == 0.9 and run.data.tags["airflow.task_id"] == "ensemble"
     registry.set_champion(registry.register(logged.models["ensemble"], {"covidct.kind": "ensemble"}))
     champion = registry.champion(tmp_path / "dl")
@@ -215,7 +215,7 @@ def test_an_ensemble_champion_downloads_as_its_ensemble_folder(tmp_path, monkeyp
 
 
 def test_paired_bootstrap_interval_brackets_the_difference():
-    from covidct.promotion import paired_auc_difference
+    from covidct.lifecycle.promotion import paired_auc_difference
 
     frame = official_test_set(3)
     groups = [r.split("%")[0] for r in frame["relpath"]]
@@ -227,7 +227,7 @@ def test_paired_bootstrap_interval_brackets_the_difference():
 
 
 def test_sections_added_to_a_written_report_replace_themselves(tmp_path):
-    from covidct.report import append_section, build_report
+    from covidct.reporting.report import append_section, build_report
     from support.runs import make_run
 
     report = build_report([make_run(tmp_path / "run")], n_resamples=50)
@@ -250,7 +250,7 @@ def test_sections_added_to_a_written_report_replace_themselves(tmp_path):
 def test_promote_follows_the_report_and_declares_the_champion_asset(dag):
     from datetime import timedelta
 
-    from covidct.registry import CHAMPION_ASSET
+    from covidct.orchestration.assets import CHAMPION_ASSET
 
     promote = dag.task_dict["promote"]
     assert promote.upstream_task_ids == {"report"} and promote.trigger_rule == "all_success"
@@ -278,15 +278,16 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     task skips, no event, v1 stays. Run 2 changes no champion, data or feature of run 1."""
     import mlflow.spark
 
-    from covidct import paths, registry, tracking
+    from covidct.core import paths
+    from covidct.lifecycle import registry, runs, store
     from support.dags import fresh
 
     trained_run.use(monkeypatch)
     first_id = trained_run.run_id
     assert trained_run.states["promote"] == "success", trained_run.states
-    client = tracking.client()
-    exp = tracking.experiment_id(client)
-    parent = tracking.parent_run(DAG_ID, first_id)
+    client = store.client()
+    exp = store.experiment_id(client)
+    parent = runs.parent_run(DAG_ID, first_id)
     assert parent == trained_run.parent_run_id
     parent_tags = client.get_run(parent).data.tags
     assert parent_tags["airflow.run_id"] == first_id and parent_tags["covidct.promotion.decision"] == "promoted"
@@ -306,7 +307,7 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     info = json.loads((run / "vgg16" / "mlflow.json").read_text())
     assert info["run_id"] == train.info.run_id and info["parent_run_id"] == parent
     assert mlflow.spark.load_model(info["models"]["official"]).stages[0].getModelName() == "VGG16"  # needs Spark
-    assert 0 < info["seconds"] < 120, info  # what logging took in the job (README: MLflow's overhead)
+    assert 0 < info["seconds"] < 120, info  # what logging took in the job (docs/mlflow-and-scoring.md)
     # The report names the MLflow runs and the decision, and sits in the parent run.
     html = (run / "report" / "report.html").read_text()
     assert "<h2>MLflow runs</h2>" in html and train.info.run_id in html and "<h2>Promotion</h2>" in html
@@ -360,12 +361,13 @@ def test_make_mlflow_ui_serves_the_store_on_loopback_and_ctrl_c_stops_it(home, l
     import time
     import urllib.request
 
-    from covidct import tracking
+    from covidct.lifecycle import store
+    from covidct.orchestration.local.launchers import mlflow_ui_command
 
-    assert tracking.ui_command()[tracking.ui_command().index("--host") + 1] == "127.0.0.1"
+    assert mlflow_ui_command()[mlflow_ui_command().index("--host") + 1] == "127.0.0.1"
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "covidct.tracking", "ui", "--port", str(port)],
+        [sys.executable, "-m", "covidct.orchestration.local", "mlflow-ui", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -378,7 +380,7 @@ def test_make_mlflow_ui_serves_the_store_on_loopback_and_ctrl_c_stops_it(home, l
         while time.monotonic() < deadline and experiment is None:
             time.sleep(2)
             try:
-                url = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={tracking.EXPERIMENT}"
+                url = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={store.EXPERIMENT}"
                 with urllib.request.urlopen(url, timeout=5) as response:
                     experiment = json.loads(response.read())["experiment"]
             except OSError:

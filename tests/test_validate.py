@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from covidct.cli import main
-from covidct.errors import CovidctError
-from covidct.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
-from covidct.validate import validate
+from covidct.core.errors import CovidctError
+from covidct.data.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
+from covidct.data.validate import validate
 from upstream import DEFECTS
 
 SMALL = {"expected_covid": 12, "expected_noncovid": 12}
@@ -107,7 +107,9 @@ def test_image_size_bounds_and_pixel_limit(data, monkeypatch):
     Image.new("L", (20, 300), 128).save(data / "CT_COVID" / "sliver.png")
     with open(data / "Data-split/COVID/trainCT_COVID.txt", "a") as f:
         f.write("sliver.png\n")
-    monkeypatch.setattr("covidct.validate.MAX_PIXELS", 11_000)  # instead of PIL's 89 M: the 96x112+ images exceed it
+    monkeypatch.setattr(
+        "covidct.data.validate.MAX_PIXELS", 11_000
+    )  # instead of PIL's 89 M: the 96x112+ images exceed it
     result = validate(data, expected_covid=13, expected_noncovid=12)
     text = messages(result)
     assert "image width within 32..10000 px: 1 offending file: CT_COVID/sliver.png (20 px wide)" in text

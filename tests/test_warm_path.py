@@ -17,7 +17,7 @@ def predictions_frame(spark, y, pred, margin):
 
 @pytest.mark.parametrize("case", ["mixed", "ties", "never predicts COVID"])
 def test_collected_metrics_equal_sparks_evaluators(spark, case):
-    from covidct.evaluate import evaluate, evaluate_collected
+    from covidct.modelling.evaluate import evaluate, evaluate_collected
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60)
@@ -35,11 +35,11 @@ def test_collected_metrics_equal_sparks_evaluators(spark, case):
 
 @pytest.mark.slow
 def test_hashes_come_from_the_manifest_and_only_uncached_images_are_read(spark, small_dataset, tmp_path):
-    from covidct.backbone import get_backbone, weights_identity
-    from covidct.cache import CacheKey, FeatureCache
-    from covidct.dataset import load_images
-    from covidct.manifest import MANIFEST_NAME, build_manifest, write_manifest
-    from covidct.train import image_table
+    from covidct.data.dataset import load_images
+    from covidct.data.manifest import MANIFEST_NAME, build_manifest, write_manifest
+    from covidct.features.backbone import get_backbone, weights_identity
+    from covidct.features.cache import CacheKey, FeatureCache
+    from covidct.modelling.train import image_table
 
     data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")
     cache = FeatureCache(tmp_path / "cache")
@@ -80,6 +80,6 @@ def test_hashes_come_from_the_manifest_and_only_uncached_images_are_read(spark, 
 
 
 def test_make_run_does_not_migrate_an_up_to_date_db(airflow_db):
-    from covidct.localstack import migrate_if_needed
+    from covidct.orchestration.local.runner import migrate_if_needed
 
     assert migrate_if_needed() is False

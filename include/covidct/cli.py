@@ -14,11 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from covidct import executors
-from covidct.backbone import POOLINGS
-from covidct.errors import CovidctError
-from covidct.locks import DEFAULT_WAIT
-from covidct.split import STACK_FOLDS
+from covidct.core import executors
+from covidct.core.errors import CovidctError
+from covidct.core.locks import DEFAULT_WAIT
+from covidct.core.spark_errors import user_error
+from covidct.data.split import STACK_FOLDS
+from covidct.features.backbone import POOLINGS
 
 log = logging.getLogger("covidct")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -89,12 +90,12 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from covidct import tracking
-    from covidct.cache import default_cache_dir
-    from covidct.train import TrainConfig, train
+    from covidct.features.cache import default_cache_dir
+    from covidct.lifecycle import job_logging, store
+    from covidct.modelling.train import TrainConfig, train
 
     if args.confined:  # the DAG's job: its arguments came from trigger params
-        from covidct.policy import WEIGHTS_PATTERN, Policy, check_pattern
+        from covidct.orchestration.policy import WEIGHTS_PATTERN, Policy, check_pattern
 
         check_pattern(args.weights, WEIGHTS_PATTERN, "--weights")
         args.weights = Policy.from_env().check_weights(args.weights)
@@ -115,9 +116,9 @@ def _cmd_train(args) -> int:
         seeds=args.seeds if args.seeds and args.seeds.strip() else None,
         stack_folds=args.stack_folds,
         stack_seeds=args.stack_seeds,
-        tracking=(args.tracking or ("on" if tracking.enabled() else "off")) == "on",
     )
-    results = train(config)
+    tracking = (args.tracking or ("on" if store.enabled() else "off")) == "on"
+    results = train(config, before_publish=job_logging.record_train if tracking else None)
     for split, m in results.items():
         print(
             f"{m['backbone']} {split}: accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  auc {m['auc']:.4f}  "
@@ -160,8 +161,8 @@ def _add_predict(sub) -> None:
 
 
 def _cmd_predict(args) -> int:
-    from covidct import paths
-    from covidct.predict import predict
+    from covidct.core import paths
+    from covidct.inference.predict import predict
 
     log_path = args.log or paths.home() / "logs" / f"predict-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,10 +228,10 @@ def _add_score(sub) -> None:
 
 
 def _cmd_score(args) -> int:
-    from covidct.scoring import ScoreConfig, score_folder
+    from covidct.lifecycle.scoring import ScoreConfig, score_folder
 
     if args.confined:  # the scoring DAG's job: the folder came from a trigger param
-        from covidct.policy import FOLDER_PATTERN, Policy, check_pattern
+        from covidct.orchestration.policy import FOLDER_PATTERN, Policy, check_pattern
 
         check_pattern(str(args.images), FOLDER_PATTERN, "--images")
         args.images = Path(Policy.from_env().check_folder(str(args.images)))
@@ -264,16 +265,17 @@ def _add_ensemble(sub) -> None:
 
 
 def _cmd_ensemble(args) -> int:
-    from covidct.ensemble import LABELS, build_ensemble
+    from covidct.modelling.ensemble import build_ensemble
+    from covidct.modelling.ensemble_format import METHOD_LABELS
 
     result = build_ensemble(args.run_dir, out=args.out)
     for split, methods in result.splits.items():
         for method, m in methods.items():
             acc, auc = m["accuracy"], m["auc"]
-            print(f"{LABELS[method]} {split}: accuracy {acc:.4f}  auc {auc:.4f}  ({m['n_test']} test images)")
+            print(f"{METHOD_LABELS[method]} {split}: accuracy {acc:.4f}  auc {auc:.4f}  ({m['n_test']} test images)")
     for method, runs in result.seeds.items():
         acc = [r["accuracy"] for r in runs]
-        print(f"{LABELS[method]} random70 over {len(acc)} seeds: accuracy mean {sum(acc) / len(acc):.4f}")
+        print(f"{METHOD_LABELS[method]} random70 over {len(acc)} seeds: accuracy mean {sum(acc) / len(acc):.4f}")
     print(f"wrote {result.out} ({'+'.join(result.members)}, models of the {result.model_split} split)")
     return 0
 
@@ -300,7 +302,7 @@ def _add_fetch(sub) -> None:
 
 
 def _cmd_fetch(args) -> int:
-    from covidct.fetch import fetch
+    from covidct.data.fetch import fetch
 
     result = fetch(
         args.dest,
@@ -322,7 +324,7 @@ def _add_validate(sub) -> None:
 
 
 def _cmd_validate(args) -> int:
-    from covidct.validate import validate
+    from covidct.data.validate import validate
 
     result = validate(args.data, expected_covid=args.expect_covid, expected_noncovid=args.expect_noncovid)
     print(result.summary())
@@ -346,7 +348,7 @@ def _add_report(sub) -> None:
 
 
 def _cmd_report(args) -> int:
-    from covidct.report import build_report
+    from covidct.reporting.report import build_report
 
     expected = [b.strip() for b in args.expect.split(",") if b.strip()] if args.expect else None
     if args.gallery < 0:
@@ -364,7 +366,7 @@ def _add_cache(sub) -> None:
 
 
 def _cmd_cache(args) -> int:
-    from covidct.cache import FeatureCache, default_cache_dir
+    from covidct.features.cache import FeatureCache, default_cache_dir
 
     cache = FeatureCache(args.cache_dir or default_cache_dir())
     if args.action == "clear":
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, confined: bool = False) -> int:
-    """Run a command; ``confined``: its arguments are untrusted (the DAG's job), see ``covidct.policy``."""
+    """Run a command; ``confined``: its arguments are untrusted (the DAG's job; ``covidct.orchestration.policy``)."""
     args = build_parser().parse_args(argv)
     args.confined = confined
     logging.basicConfig(
@@ -406,8 +408,6 @@ def main(argv: list[str] | None = None, *, confined: bool = False) -> int:
         print(f"error: {executors.failure() or exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from covidct.train import user_error
-
         # The executor watchdog stopped Spark: whatever the job was doing failed because of it.
         found = executors.failure() or user_error(exc)
         if found is None:

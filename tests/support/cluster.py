@@ -36,12 +36,12 @@ def tail(path: Path, lines: int = 40) -> str:
 
 def spark_env(tmp: Path) -> dict[str, str]:
     """Environment of the daemons and of spark-submit: loopback only, logs and conf in ``tmp``."""
-    from covidct.session import LOCAL_DRIVER_JAVA_OPTIONS
+    from covidct.core.session import LOCAL_DRIVER_JAVA_OPTIONS
 
     conf_dir = tmp / "conf"  # no spark-defaults.conf from anywhere else
     conf_dir.mkdir(parents=True, exist_ok=True)
     # The daemons and executors of this short-lived cluster get a local driver's JVM options (no C2 JIT:
-    # covidct.session): their jobs are as short, and every JVM here shares the test machine's cores.
+    # covidct.core.session): their jobs are as short, and every JVM here shares the test machine's cores.
     (conf_dir / "spark-defaults.conf").write_text(f"spark.executor.extraJavaOptions {LOCAL_DRIVER_JAVA_OPTIONS}\n")
     env = {
         **os.environ,

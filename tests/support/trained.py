@@ -56,8 +56,9 @@ def use_env(monkeypatch, env: dict[str, str]) -> None:
 def train_once(root: Path, data_source: Path) -> TrainedRun:
     from airflow.sdk.listener import get_listener_manager
 
-    from covidct import paths, registry, tracking
-    from covidct.localstack import TaskProgress
+    from covidct.core import paths
+    from covidct.lifecycle import registry, runs
+    from covidct.orchestration.local.runner import TaskProgress
     from support.dags import fresh
     from support.weights import write_weights
 
@@ -83,6 +84,6 @@ def train_once(root: Path, data_source: Path) -> TrainedRun:
             run_dir=paths.run_dir(dagrun.run_id),
             states={ti.task_id: ti.state for ti in dagrun.get_task_instances()}, errors=dict(progress.errors),
             last_success=json.loads(state.read_text()) if state.is_file() else None,
-            parent_run_id=tracking.parent_run(DAG_ID, dagrun.run_id),
+            parent_run_id=runs.parent_run(DAG_ID, dagrun.run_id),
             champion_version=None if version is None else str(version.version),
         )  # fmt: skip

@@ -1,0 +1,1 @@
+"""The dataset: fetching, the manifest, decoding images, splits and the validation gate."""

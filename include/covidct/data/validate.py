@@ -1,0 +1,412 @@
+"""Great Expectations validation of a dataset folder, as a library call.
+
+Two batches are validated in an ephemeral GX context (nothing is written outside
+``OUT``, no usage statistics are sent):
+
+- ``images``: the manifest (``covidct.data.manifest``), one row per image: expected counts
+  per class, every file decodes fully, no duplicate content (sha256), labels in {0, 1},
+  width/height within sane bounds and pixels below PIL's decompression-bomb limit,
+  format PNG or JPEG (by content), every image in exactly one official split list;
+- ``split_lists``: one row per line of ``Data-split/``: every named file exists, and
+  no file is named twice.
+
+``OUT`` (default ``DIR/validation``) receives ``result.json`` and the GX Data Docs site
+(``data-docs/index.html``), replaced atomically. ``ValidationResult.summary()`` names each
+failed expectation and the offending files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from covidct.core.atomic import atomic_dir
+from covidct.core.errors import CovidctError
+from covidct.data.dataset import check_layout
+from covidct.data.manifest import SPLITS, dataset_digest, load_manifest, split_entries
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE, MAX_SIDE = 32, 10_000  # pixels; the real images are 115..1671 wide, 96..1225 high
+FORMATS = ("PNG", "JPEG")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+SHOW_FILES = 10  # offending files named per failure in the summary (all are in result.json)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed expectation: what was expected, what was found, which files."""
+
+    expectation: str  # the GX expectation type, e.g. expect_column_values_to_be_null
+    column: str | None
+    description: str
+    message: str
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    success: bool
+    data_dir: Path
+    label: str
+    evaluated: int  # expectations evaluated
+    images: int
+    failures: list[Failure]
+    result_json: Path
+    data_docs: Path  # index.html
+    seconds: float
+
+    def summary(self) -> str:
+        verdict = "passed" if self.success else "FAILED"
+        lines = [
+            f"validation of {self.label} {verdict}: {self.evaluated - len(self.failures)} of {self.evaluated} "
+            f"expectations met ({self.images} images, {self.seconds:.1f} s)"
+        ]
+        lines += [f"  - {failure.message}" for failure in self.failures]
+        lines += [f"result: {self.result_json}", f"data docs: {self.data_docs}"]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Check:
+    batch: str  # "images" or "split_lists"
+    expectation: object  # a great_expectations.expectations.Expectation
+    show: Callable[[dict], str | None] = lambda row: None  # how an offending row is described
+
+
+def validate(
+    data_dir: str | Path,
+    expected_covid: int = 349,
+    expected_noncovid: int = 397,
+    *,
+    out: str | Path | None = None,
+    label: str | None = None,
+) -> ValidationResult:
+    """Validate the dataset folder ``data_dir``; write ``OUT/result.json`` and ``OUT/data-docs/``.
+
+    Raises CovidctError only when the folder cannot be validated at all (not laid out like
+    the dataset, a split list missing, ``OUT`` not writable); failed expectations are
+    reported in the result, not raised.
+    """
+    started = time.monotonic()
+    root = check_layout(data_dir).absolute()
+    out = Path(out).expanduser().absolute() if out is not None else root / "validation"
+    manifest = load_manifest(root)
+    entries = split_entries(root)
+    images = _with_derived_columns(manifest)
+    checks = _checks(expected_covid, expected_noncovid, entries)
+    log.info("validating %s: %d images, %d split-list entries", root, len(images), len(entries))
+    try:
+        with atomic_dir(out) as staging:
+            gx_results = _run_gx(checks, {"images": images, "split_lists": entries}, staging / "data-docs")
+            failures, evaluated = _failures(gx_results, checks)
+            result = ValidationResult(
+                success=all(r.success for r in gx_results.values()) and not failures,
+                data_dir=root,
+                label=label or str(root),
+                evaluated=evaluated,
+                images=len(images),
+                failures=failures,
+                result_json=out / "result.json",
+                data_docs=out / "data-docs" / "index.html",
+                seconds=time.monotonic() - started,
+            )
+            report = {
+                "success": result.success,
+                "data_dir": label or str(root),
+                "validated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "expected": {"covid": expected_covid, "noncovid": expected_noncovid},
+                "images": len(images),
+                "split_list_entries": len(entries),
+                # what was validated: lets a later run skip validating the very same data (passed_before)
+                "dataset_digest": dataset_digest(root, manifest),
+                "covidct_sources": _own_sources_digest(),
+                "evaluated_expectations": evaluated,
+                "failures": [asdict(f) for f in failures],
+                "great_expectations": {batch: r.describe_dict() for batch, r in gx_results.items()},
+            }
+            (staging / "result.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    except OSError as exc:  # read-only data folder, disk full
+        raise CovidctError(f"cannot write the validation report to {out}: {exc.strerror or exc}") from None
+    log.info("%s", result.summary().splitlines()[0])
+    return result
+
+
+def passed_before(data_dir: str | Path, expected_covid: int = 349, expected_noncovid: int = 397) -> dict | None:
+    """``DIR/validation/result.json`` if it is a pass of exactly these data, expectations and code; else None.
+
+    Validation is a function of the manifest, the split lists and the expectations: when the
+    folder still matches its manifest (names and sizes, as ``load_manifest`` checks) and their
+    digest equals the one that passed with the same expectations and the same validation code,
+    validating again would give the same answer. Cheap: reads the manifest, no image, no GX.
+    """
+    root = check_layout(data_dir).absolute()
+    try:
+        previous = json.loads((root / "validation" / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict) or previous.get("success") is not True:
+        return None
+    if previous.get("expected") != {"covid": expected_covid, "noncovid": expected_noncovid}:
+        return None
+    if previous.get("covidct_sources") != _own_sources_digest():
+        return None
+    if previous.get("dataset_digest") != dataset_digest(root, load_manifest(root)):
+        return None
+    return previous
+
+
+def _own_sources_digest() -> str:
+    """sha256 of the modules that decide a validation (this one, the manifest's, the image decoder)."""
+    import hashlib
+
+    from covidct.data import image, manifest
+
+    digest = hashlib.sha256()
+    for module in (__file__, manifest.__file__, image.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()
+
+
+def _with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest plus what the expectations count: one column per class, pixels."""
+    images = manifest.copy()
+    images["covid"] = (images["label"] == 1).astype("int64")
+    images["noncovid"] = (images["label"] == 0).astype("int64")
+    images["pixels"] = images["width"] * images["height"]
+    return images
+
+
+def _import_gx():
+    """great_expectations, with usage statistics off and its INFO chatter out of our logs."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    quiet = logging.getLogger("great_expectations").level == logging.NOTSET
+    if quiet:
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    import great_expectations as gx
+
+    if quiet:  # this one sets itself to INFO on import
+        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
+    return gx
+
+
+def _checks(expected_covid: int, expected_noncovid: int, entries: pd.DataFrame) -> dict[str, _Check]:
+    gxe = _import_gx().expectations
+
+    lists_of = entries.groupby("relpath")["list"].agg(list).to_dict()
+
+    def in_lists(row: dict) -> str:
+        return "in " + ", ".join(lists_of.get(row["relpath"], []))
+
+    def value(column: str, fmt: Callable = str) -> Callable[[dict], str]:
+        return lambda row: fmt(row.get(column))
+
+    checks = {
+        "covid_count": _Check(
+            "images",
+            gxe.ExpectColumnSumToBeBetween(
+                column="covid",
+                min_value=expected_covid,
+                max_value=expected_covid,
+                description=f"expected {expected_covid} COVID images",
+            ),
+        ),
+        "noncovid_count": _Check(
+            "images",
+            gxe.ExpectColumnSumToBeBetween(
+                column="noncovid",
+                min_value=expected_noncovid,
+                max_value=expected_noncovid,
+                description=f"expected {expected_noncovid} non-COVID images",
+            ),
+        ),
+        "labels": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeInSet(
+                column="label", value_set=[0, 1], description="labels are 0 (non-COVID) or 1 (COVID)"
+            ),
+            value("label"),
+        ),
+        "decodes": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeNull(column="decode_error", description="every file decodes fully as an image"),
+            value("decode_error"),
+        ),
+        "unique": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeUnique(column="sha256", description="no duplicate images (sha256 unique)"),
+            value("sha256", lambda sha: f"sha256 {str(sha)[:12]}"),
+        ),
+        "width": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="width",
+                min_value=MIN_SIDE,
+                max_value=MAX_SIDE,
+                description=f"image width within {MIN_SIDE}..{MAX_SIDE} px",
+            ),
+            value("width", lambda w: f"{w} px wide"),
+        ),
+        "height": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="height",
+                min_value=MIN_SIDE,
+                max_value=MAX_SIDE,
+                description=f"image height within {MIN_SIDE}..{MAX_SIDE} px",
+            ),
+            value("height", lambda h: f"{h} px high"),
+        ),
+        "pixels": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeBetween(
+                column="pixels",
+                min_value=1,
+                max_value=MAX_PIXELS,
+                description=f"pixels below the decompression-bomb limit ({MAX_PIXELS:,})",
+            ),
+            value("pixels", lambda p: f"{p} pixels"),
+        ),
+        "formats": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeInSet(
+                column="format", value_set=list(FORMATS), description="image format (by content) is PNG or JPEG"
+            ),
+            value("format"),
+        ),
+        "in_a_split": _Check(
+            "images",
+            gxe.ExpectColumnValuesToNotBeNull(column="split", description="every image is in an official split list"),
+        ),
+        "one_split": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeInSet(
+                column="split", value_set=list(SPLITS), description="no image is in more than one official split list"
+            ),
+            value("split", lambda s: f"in {s}"),
+        ),
+        "listed_exist": _Check(
+            "split_lists",
+            gxe.ExpectColumnValuesToBeInSet(
+                column="present", value_set=[True], description="every file named in Data-split exists"
+            ),
+            in_lists,
+        ),
+        "listed_once": _Check(
+            "split_lists",
+            gxe.ExpectColumnValuesToBeUnique(column="relpath", description="no file is named twice in Data-split"),
+            in_lists,
+        ),
+    }
+    for key, check in checks.items():
+        check.expectation.meta = {"covidct_check": key}
+    return checks
+
+
+def _run_gx(checks: dict[str, _Check], frames: dict[str, pd.DataFrame], docs_dir: Path):
+    """Run every check on its batch in an ephemeral context; build Data Docs into ``docs_dir``."""
+    gx = _import_gx()
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        data_docs_sites={
+            "covidct": {
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            }
+        },
+    )
+    context = gx.get_context(project_config=config, mode="ephemeral")
+    source = context.data_sources.add_pandas("covidct")
+    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": ["relpath"]}
+    results = {}
+    for batch, frame in frames.items():  # one checkpoint per batch: each has its own DataFrame
+        definition = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
+        suite = context.suites.add(gx.ExpectationSuite(name=batch))
+        for check in checks.values():
+            if check.batch == batch:
+                suite.add_expectation(check.expectation)
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=batch, data=definition, suite=suite)
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"covidct-{batch}",
+                validation_definitions=[validation],
+                actions=[UpdateDataDocsAction(name="data_docs", site_names=["covidct"])],
+                result_format=result_format,
+            )
+        )
+        results[batch] = checkpoint.run(batch_parameters={"dataframe": frame})
+    return results
+
+
+def _failures(results: dict, checks: dict[str, _Check]) -> tuple[list[Failure], int]:
+    """The failed expectations, in the order of ``checks``, with human messages; and how many ran."""
+    failed: dict[str, Failure] = {}
+    evaluated = 0
+    for checkpoint_result in results.values():
+        for suite_result in checkpoint_result.run_results.values():
+            for outcome in suite_result.results:
+                evaluated += 1
+                config = outcome.expectation_config
+                key = (config.meta or {}).get("covidct_check")
+                check = checks.get(key)
+                if outcome.success or check is None:
+                    continue
+                failed[key] = _failure(config, outcome, check)
+    return [failed[key] for key in checks if key in failed], evaluated
+
+
+def _failure(config, outcome, check: _Check) -> Failure:
+    description = config.description or config.type
+    result = outcome.result or {}
+    error = _exception_message(outcome.exception_info)
+    if error:
+        message = f"{description}: could not be evaluated ({error})"
+        return Failure(config.type, config.kwargs.get("column"), description, message)
+    if "observed_value" in result:
+        observed = result["observed_value"]
+        message = f"{description}, found {observed if observed is not None else 0}"
+        return Failure(config.type, config.kwargs.get("column"), description, message)
+    rows = result.get("unexpected_index_list") or []
+    files = list(dict.fromkeys(str(row.get("relpath")) for row in rows))  # once each, in order
+    shown = []
+    for row in rows:
+        detail = check.show(row)
+        item = f"{row.get('relpath')} ({detail})" if detail else str(row.get("relpath"))
+        if item not in shown:
+            shown.append(item)
+    count = len(files) if rows else int(result.get("unexpected_count") or 0)
+    more = f", and {len(shown) - SHOW_FILES} more" if len(shown) > SHOW_FILES else ""
+    noun = "offending file" if count == 1 else "offending files"
+    message = f"{description}: {count} {noun}: {', '.join(shown[:SHOW_FILES])}{more}"
+    return Failure(config.type, config.kwargs.get("column"), description, message, files)
+
+
+def _exception_message(info) -> str | None:
+    """The message of an exception GX caught while evaluating an expectation, if any."""
+    if not isinstance(info, dict):
+        return None
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    nested = [v for v in info.values() if isinstance(v, dict) and v.get("raised_exception")]
+    return str(nested[0].get("exception_message")) if nested else None

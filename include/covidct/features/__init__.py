@@ -1,0 +1,1 @@
+"""Images to feature vectors: the backbone table, ``DeepImageFeaturizer`` and the feature cache."""

@@ -1,0 +1,141 @@
+"""Incremental feature cache: features stored as Parquet, keyed by what can change them.
+
+Layout::
+
+    CACHE/<backbone>/<weights identity>/<pooling>/<precision>/<preprocessing version>/*.parquet
+        columns: sha256 (of the image file), features (array<float>)
+
+A run featurizes only the images whose sha256 is missing under its key and reuses
+the rest. Other weights, pooling, precision or preprocessing live under another key, so stale
+features are never reused. New features are written by Spark into a hidden staging
+folder and then renamed into place file by file; Spark's readers skip hidden files and
+``.tmp`` names, so a crash mid-write leaves only complete files visible. Two runs
+writing the same images at once just leave duplicates, which readers drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+
+from covidct.core import paths
+from covidct.data.image import PREPROCESSING_VERSION
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "COVIDCT_CACHE_DIR"
+SCHEMA = "sha256 string, features array<float>"
+STALE_STAGING_S = 24 * 3600
+
+
+def default_cache_dir() -> Path:
+    """$COVIDCT_CACHE_DIR, else $COVIDCT_HOME/feature-cache."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return paths.home() / "feature-cache"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    backbone: str
+    weights_id: str
+    pooling: str
+    precision: str = "float32"
+    preprocessing: str = PREPROCESSING_VERSION
+
+    def parts(self) -> tuple[str, ...]:
+        return (self.backbone, self.weights_id, self.pooling, self.precision, self.preprocessing)
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+
+    def folder(self, key: CacheKey) -> Path:
+        return self.root.joinpath(*key.parts())
+
+    def files(self, key: CacheKey) -> list[Path]:
+        folder = self.folder(key)
+        return sorted(folder.glob("[!._]*.parquet")) if folder.is_dir() else []
+
+    def read(self, spark: SparkSession, key: CacheKey) -> DataFrame | None:
+        """Cached ``sha256, features`` under ``key`` (one row per sha256), or None if empty."""
+        files = self.files(key)
+        if not files:
+            return None
+        df = spark.read.schema(SCHEMA).option("ignoreCorruptFiles", "true").parquet(*[f.as_uri() for f in files])
+        return df.dropDuplicates(["sha256"])
+
+    def shas(self, key: CacheKey) -> set[str]:
+        """The sha256 of every image cached under ``key``: the files' ``sha256`` column, read here, no Spark job.
+
+        Like ``read`` (``ignoreCorruptFiles``), a file that cannot be read counts as absent.
+        """
+        import pyarrow.parquet as pq
+
+        found: set[str] = set()
+        for file in self.files(key):
+            try:
+                found.update(pq.read_table(file, columns=["sha256"]).column("sha256").to_pylist())
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                log.warning("feature cache: skipping unreadable %s (%s)", file, exc)
+        return found
+
+    def write(self, features: DataFrame, key: CacheKey) -> int:
+        """Add ``sha256, features`` rows under ``key``; returns the number of files published."""
+        folder = self.folder(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staging(folder)
+        staging = folder / f".staging-{uuid.uuid4().hex}"
+        try:
+            features.select("sha256", "features").write.parquet(staging.as_uri())
+            run = uuid.uuid4().hex[:12]
+            published = 0
+            for part in sorted(staging.glob("part-*.parquet")):
+                os.rename(part, folder / f"{run}-{part.name}")  # atomic: readers see whole files only
+                published += 1
+            return published
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def clear(self, key: CacheKey | None = None) -> None:
+        target = self.folder(key) if key else self.root
+        if target.exists():
+            shutil.rmtree(target)
+
+    def _remove_stale_staging(self, folder: Path) -> None:
+        """Staging folders left by crashed runs (older than a day) are removed."""
+        now = time.time()
+        for stale in folder.glob(".staging-*"):
+            try:
+                if now - stale.stat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+    def summary(self) -> list[dict]:
+        """One row per key: backbone, weights id, pooling, precision, preprocessing, files, bytes."""
+        rows = []
+        for folder in sorted(self.root.glob("*/*/*/*/*")):
+            files = list(folder.glob("[!._]*.parquet"))
+            if files:
+                backbone, weights_id, pooling, precision, preprocessing = folder.relative_to(self.root).parts
+                rows.append(
+                    {
+                        "backbone": backbone,
+                        "weights_id": weights_id,
+                        "pooling": pooling,
+                        "precision": precision,
+                        "preprocessing": preprocessing,
+                        "files": len(files),
+                        "bytes": sum(f.stat().st_size for f in files),
+                    }
+                )
+        return rows

@@ -1,0 +1,162 @@
+"""The featurizer's worker side: Keras backbones built in Spark's Python workers, kept and reused across tasks.
+
+A Python worker builds the model for a set of params (backbone, weights, pooling, precision, and
+the seed of random weights) on first use and keeps the last ``MAX_KEPT`` of them
+(``WorkerCache``): the next task with the same params reuses it instead of rebuilding (seconds)
+and reloading weights (hundreds of MB). The explainer (``covidct.inference.explainer``) keeps
+its models the same way. TensorFlow gets the task's cores (``spark.task.cpus``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+
+from covidct.data import image as imagelib
+from covidct.features.backbone import MULTI_LAYER_POOLINGS, get_backbone, resolve_weights
+
+log = logging.getLogger(__name__)
+
+ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+#: Rows per Arrow batch the featurizer allows (Spark's default, 10,000 image rows, is GBs).
+MAX_ARROW_ROWS = 256
+#: Models a worker keeps (each up to a few hundred MB).
+MAX_KEPT = 2
+
+T = TypeVar("T")
+
+
+class WorkerCache(Generic[T]):
+    """The last ``size`` objects built in this worker process, by key; one built at a time (a lock)."""
+
+    def __init__(self, size: int = MAX_KEPT):
+        self.size = size
+        self._items: OrderedDict[Hashable, T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The object kept under ``key``, else ``build()``'s (kept; the least recently used goes)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            item = build()
+            self._items[key] = item
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return item
+
+
+def model_key(model_name: str, weights: str, pooling: str, seed: int, precision: str) -> tuple:
+    """What identifies a worker's model: the seed counts only for random weights."""
+    return (model_name, weights, pooling, precision, seed if weights == "none" else None)
+
+
+def bound_arrow_batches(dataset: DataFrame, batch_size: int) -> None:
+    """Keep the Arrow batches that carry image bytes to the Python workers small (``MAX_ARROW_ROWS``)."""
+    spark = dataset.sparkSession
+    limit = max(batch_size, MAX_ARROW_ROWS)
+    current = int(spark.conf.get(ARROW_BATCH_CONF, "10000"))
+    if current <= 0 or current > limit:
+        log.info("setting %s=%d (was %d) so image batches stay small in memory", ARROW_BATCH_CONF, limit, current)
+        spark.conf.set(ARROW_BATCH_CONF, str(limit))
+
+
+class WorkerModel:
+    """A built Keras backbone plus its input size and ``preprocess_input``."""
+
+    def __init__(self, model_name: str, weights: str, pooling: str, seed: int, precision: str = "float32"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        configure_tf_threads()
+        import keras
+
+        backbone = get_backbone(model_name)
+        self.size = backbone.input_size
+        self.preprocess = backbone.preprocess_input()
+        path = resolve_weights(backbone, weights)
+        if path is None:
+            keras.utils.set_random_seed(seed)  # identical random weights in every worker
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        try:
+            base = backbone.keras_constructor()(
+                include_top=False,
+                weights=None if path is None else str(path),
+                input_shape=(self.size, self.size, 3),
+                pooling="avg" if pooling == "avg" else None,
+            )
+            if pooling == "flatten":
+                base = keras.Model(base.inputs, keras.layers.Flatten()(base.outputs[0]), name=base.name + "_flatten")
+            elif pooling in MULTI_LAYER_POOLINGS:
+                base = _multi_layer_model(keras, base, backbone.block_layers(pooling), pooling)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        self.model = base
+        self.dim = backbone.feature_dim(pooling)
+
+    def decode(self, item, name, kind: str) -> np.ndarray:
+        """One image (file bytes, or Spark's image struct for ``kind`` "struct") as the backbone's input array."""
+        if kind == "struct":
+            return imagelib.from_image_struct(item, self.size)
+        return imagelib.decode(item, self.size, name)
+
+    def features(self, images, names: pd.Series, kind: str, batch_size: int) -> np.ndarray:
+        rows = images.to_dict("records") if kind == "struct" else list(images)
+        names = [n if isinstance(n, str) else f"row {i}" for i, n in enumerate(names)]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for start in range(0, len(rows), batch_size):
+            stop = min(start + batch_size, len(rows))
+            batch = np.stack([self.decode(rows[i], names[i], kind) for i in range(start, stop)])
+            out[start:stop] = np.asarray(self.model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
+        return out
+
+
+def _multi_layer_model(keras, base, blocks: tuple[tuple[str, int], ...], pooling: str):
+    """One model whose output is the global pools of several block outputs, concatenated.
+
+    Layout: all blocks' averages (in ``blocks`` order), then all blocks' maxima for ``avgmax``.
+    One forward pass computes every block (the deeper blocks reuse the shallower ones).
+    """
+    pools = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
+    outputs = [
+        pools[op](name=f"{op}_{layer}")(base.get_layer(layer).output)
+        for op in MULTI_LAYER_POOLINGS[pooling]
+        for layer, _ in blocks
+    ]
+    return keras.Model(base.inputs, keras.layers.Concatenate(name=pooling)(outputs), name=f"{base.name}_{pooling}")
+
+
+_MODELS: WorkerCache[WorkerModel] = WorkerCache()
+
+
+def worker_model(model_name: str, weights: str, pooling: str, seed: int, precision: str = "float32") -> WorkerModel:
+    """The worker's model for these params, built on first use and then reused across tasks."""
+    return _MODELS.get(
+        model_key(model_name, weights, pooling, seed, precision),
+        lambda: WorkerModel(model_name, weights, pooling, seed, precision),
+    )
+
+
+def configure_tf_threads() -> None:
+    """TensorFlow gets the task's cores (spark.task.cpus); COVIDCT_TF_THREADS overrides."""
+    threads = os.environ.get("COVIDCT_TF_THREADS")
+    if not threads:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        threads = ctx.cpus() if ctx is not None else 0  # 0 = TensorFlow's default (all cores)
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(min(int(threads), 2) if int(threads) else 0)
+    except RuntimeError:  # TensorFlow already initialised in this process: keep its setting
+        pass
