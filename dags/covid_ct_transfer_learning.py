@@ -51,6 +51,7 @@ from pathlib import Path
 from airflow.sdk import CronTriggerTimetable, Param, chain, dag, task
 
 from covidct.core import paths
+from covidct.data import duplicates
 from covidct.data.split import SEEDS_PATTERN, SPLITS, STACK_FOLDS
 from covidct.features.backbone import POOLINGS, PRECISIONS
 from covidct.orchestration import alerts, bounds, pipeline, policy
@@ -143,6 +144,13 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
         ),
         "expect_covid": Param(349, type="integer", minimum=1, description="Expected COVID images."),
         "expect_noncovid": Param(397, type="integer", minimum=1, description="Expected non-COVID images."),
+        "near_duplicates": Param(
+            "warn",
+            type="string",
+            enum=list(duplicates.POLICIES),
+            description="A picture filed under both classes or in two official splits (perceptual hash): "
+            "warn (the validation report names both files; the upstream data has two such pairs) or fail.",
+        ),
         "stacked": Param(
             False,
             type="boolean",
@@ -166,8 +174,11 @@ def covid_ct_transfer_learning():
         return pipeline.fetch_dataset(params["data_source"], params["expect_covid"], params["expect_noncovid"])
 
     @task
-    def validate_dataset(data_dir: str, params=None) -> None:
-        pipeline.validate_dataset(data_dir, params["expect_covid"], params["expect_noncovid"])
+    def validate_dataset(data_dir: str, params=None, run_id=None) -> None:
+        pipeline.validate_dataset(
+            data_dir, params["expect_covid"], params["expect_noncovid"], params.get("near_duplicates", "warn"),
+            run_dir=str(paths.run_dir(run_id)),
+        )  # fmt: skip
 
     # Unchanged since the last successful run (and not force): skips every later task, whatever its
     # trigger rule (ignore_downstream_trigger_rules), so the run ends green without training.

@@ -3,7 +3,8 @@
 Like the real set they mix PNG and JPEG, RGBA, RGB and grayscale images, include
 JPEG data in files named ``.png``, and come with ``Data-split`` lists. The two classes
 look different (bright textured vs. dark smooth) so that even random-weight features
-separate them.
+separate them, and no two images are near-duplicates (``covidct.data.duplicates``) for up to
+12 images per class.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def make_image(label: int, index: int, rng: np.random.Generator) -> Image.Image:
     if label:  # "COVID": bright, high-frequency stripes plus noise
         base = 150 + 80 * np.sin(xx / 2.0 + index) * np.cos(yy / 3.0)
         base = base + rng.normal(0, 25, (h, w))
-    else:  # "non-COVID": dark, smooth gradient
-        base = 40 + 30 * (xx / w) + 10 * (yy / h) + rng.normal(0, 3, (h, w))
+    else:  # "non-COVID": dark and smooth, a different random relief each (no two are near-duplicates)
+        relief = Image.fromarray(rng.uniform(0, 1, (4, 4)).astype(np.float32), mode="F")
+        base = 40 + 30 * np.asarray(relief.resize((w, h), Image.Resampling.BICUBIC)) + rng.normal(0, 3, (h, w))
     gray = np.clip(base, 0, 255).astype(np.uint8)
     mode = MODES[index % len(MODES)]
     if mode == "L":
@@ -81,6 +83,25 @@ def make_dataset(
         for part, members in parts.items():
             (split_dir / f"{part}CT_{short}.txt").write_text("".join(m + "\n" for m in members))
     return root
+
+
+def first_listed(root: str | Path, split_list: str, folder: str) -> str:
+    """The relpath of the first image named by ``Data-split/<split_list>``, e.g. ``CT_COVID/...png``."""
+    return f"{folder}/{(Path(root) / 'Data-split' / split_list).read_text().split()[0]}"
+
+
+def plant_near_duplicate(
+    root: str | Path, source: str, folder: str, split_list: str, name: str, scale: float = 0.8
+) -> str:
+    """File a rescaled, re-encoded (JPEG) copy of ``source`` as ``folder/name``, listed in ``split_list``
+    (e.g. ``NonCOVID/trainCT_NonCOVID.txt``): what sha256 cannot see and a perceptual hash can."""
+    root = Path(root)
+    img = Image.open(root / source).convert("RGB")
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
+    img.save(root / folder / name, "JPEG", quality=85)
+    with open(root / "Data-split" / split_list, "a") as f:
+        f.write(name + "\n")
+    return f"{folder}/{name}"
 
 
 PATCH = 48  # side of the bright square of make_patch_dataset's COVID images, in pixels

@@ -96,7 +96,7 @@ def test_params_have_descriptions_defaults_and_validate(dag):
         assert candidate.validate()["seeds"] == good
     for bad in ({"backbones": ["AlexNet"]}, {"backbones": []}, {"splits": ["random80"]}, {"pooling": "max"},
                 {"seed": -1}, {"seeds": "0-9; rm -rf /"}, {"seeds": "-1"}, {"seeds": "0 - 9"}, {"seeds": ""},
-                {"seeds": "{{ 7*7 }}"}, {"seeds": 5}):  # fmt: skip
+                {"seeds": "{{ 7*7 }}"}, {"seeds": 5}, {"near_duplicates": "ignore"}):  # fmt: skip
         with pytest.raises(ParamValidationError):
             candidate = copy.deepcopy(params)
             candidate.update(bad)
@@ -161,6 +161,10 @@ def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
     html = (run.run_dir / "report" / "report.html").read_text()
     assert "RANDOM WEIGHTS" not in html
     assert all(name in html for name in ("VGG16", "VGG19", "Xception", "Ensemble (stacked)"))
+    # The validate task kept the gate's result in the run folder; the report says what it found in the data.
+    assert json.loads((run.run_dir / "validation.json").read_text())["near_duplicates"]["policy"] == "warn"
+    assert "<h2>Data: pictures filed twice</h2>" in html and "found no picture filed twice" in html
+    assert summary["data"]["pairs"] == [] and summary["data"]["policy"] == "warn"
     assert (run.run_dir / "ensemble" / "ensemble.json").is_file()
     # The data were fetched into COVIDCT_HOME and the features cached there.
     assert (run.home / "data" / "COVID-CT" / "CT_COVID").is_dir()
@@ -288,6 +292,36 @@ def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset, 
     with pytest.raises(AirflowFailException, match="expected 13 COVID images, found 12"):
         pipeline.validate_dataset(str(data), expected_covid=13, expected_noncovid=12)
     assert not (small_dataset / "validation").exists()
+
+
+def test_the_validate_task_warns_of_near_duplicates_or_fails_as_its_param_says(dag, small_dataset, tmp_path, caplog):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from synthetic import first_listed, plant_near_duplicate
+
+    data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")
+    covid_test = first_listed(data, "COVID/testCT_COVID.txt", "CT_COVID")
+    twin = plant_near_duplicate(data, covid_test, "CT_NonCOVID", "NonCOVID/trainCT_NonCOVID.txt", "71%0.jpg")
+    validate_task = dag.get_task("validate_dataset").python_callable
+    params = {"expect_covid": 12, "expect_noncovid": 13}
+    assert dag.params.validate()["near_duplicates"] == "warn"
+
+    validate_task(str(data), params=params | {"near_duplicates": "warn"})
+    [record] = [r for r in caplog.records if "no picture under both classes" in r.getMessage()]
+    assert record.levelname == "WARNING" and twin in record.getMessage()
+    with pytest.raises(AirflowFailException, match=f"no picture under both classes .*{twin}"):
+        validate_task(str(data), params=params | {"near_duplicates": "fail"})
+
+
+def test_validation_keeps_the_gates_result_in_the_run_folder_passed_before_or_not(small_dataset, tmp_path, caplog):
+    from covidct.orchestration import pipeline
+
+    data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")
+    for run in ("first", "second"):  # the second run's data passed before: not validated again, still kept
+        pipeline.validate_dataset(str(data), 12, 12, run_dir=str(tmp_path / run))
+        kept = json.loads((tmp_path / run / "validation.json").read_text())
+        assert kept == json.loads((data / "validation" / "result.json").read_text()) and kept["success"]
+    assert "not repeated" in caplog.text
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -134,6 +135,7 @@ def test_fetch_over_http_lays_out_dataset_with_manifest(upstream, small_dataset,
     assert (row["label"], row["format"], row["split"]) == (1, "JPEG", "train")
     assert row["sha256"] == _sha256(small_dataset / row.name)
     assert set(manifest["mode"]) == {"RGBA", "RGB", "L"} and manifest["decode_error"].isna().all()
+    assert (manifest["dhash"].str.fullmatch("[0-9a-f]{64}")).all()  # the perceptual hash, 256 bits
     assert set(manifest.loc[manifest["label"] == 0, "split"]) == {"train", "val", "test"}
 
     assert (dest / "validation" / "result.json").is_file()
@@ -187,6 +189,15 @@ def test_dest_that_no_longer_matches_its_manifest_is_fetched_again(upstream, des
     victim.unlink()
     result = fetch(dest, upstream.base_url, http=HTTP, **SMALL)
     assert result.changed and victim.is_file()
+
+
+def test_a_manifest_from_before_perceptual_hashes_is_fetched_again_once(upstream, dest, caplog):
+    old = read_manifest(dest / MANIFEST_NAME).drop(columns="dhash")
+    old.to_parquet(dest / MANIFEST_NAME, index=False)
+    result = fetch(dest, upstream.base_url, http=HTTP, **SMALL)
+    assert result.changed and "was written by an older covidct (no perceptual hashes); fetching again" in caplog.text
+    assert read_manifest(dest / MANIFEST_NAME)["dhash"].notna().all()
+    assert not fetch(dest, upstream.base_url, http=HTTP, **SMALL).changed
 
 
 def test_progress_is_logged_for_large_files(upstream, tmp_path, caplog):
@@ -486,6 +497,15 @@ def test_real_fetch_from_folder_then_validate(real_data_dir, tmp_path):
     assert result.counts == {"COVID": 349, "non-COVID": 397}
     checked = validate(dest)
     assert checked.success, checked.summary()
+    # the two pictures filed under both classes (COVID test, non-COVID train): a warning, not a failure
+    [warning] = checked.warnings
+    assert sorted(warning.files) == ["CT_COVID/kjr-21-e24-p5-29.png", "CT_COVID/kjr-21-e24-p5-31.png",
+                                     "CT_NonCOVID/71%0.jpg", "CT_NonCOVID/71%1.jpg"]  # fmt: skip
+    pairs = json.loads(checked.result_json.read_text())["near_duplicates"]["pairs"]
+    assert [(p["relpath_a"], p["relpath_b"], p["distance"]) for p in pairs if p["kind"] != "within a split"] == [
+        ("CT_COVID/kjr-21-e24-p5-29.png", "CT_NonCOVID/71%0.jpg", 8),
+        ("CT_COVID/kjr-21-e24-p5-31.png", "CT_NonCOVID/71%1.jpg", 19),
+    ]
     print(f"\nreal data: fetch from folder {fetch_s:.1f} s, validate {checked.seconds:.1f} s")
 
     ours = read_manifest(dest / MANIFEST_NAME).set_index("relpath")

@@ -386,3 +386,53 @@ def test_repeated_seeds_table_with_the_study_percentile(tmp_path):
     html = rep.html.read_text(encoding="utf-8")
     assert "<h2>random70 repeated over 6 seeds</h2>" in html and "alt='Accuracy and AUC per seed, random70'" in html
     assert (rep.out / "seeds_random70.png").is_file() and rep.out / "seeds_random70.png" in rep.images
+
+
+# --------------------------------------------------------------------------- the data section
+
+
+def test_the_data_section_shows_pictures_filed_twice_side_by_side(small_dataset, tmp_path):
+    import shutil
+
+    from covidct.data.validate import validate
+    from covidct.reporting.data_audit import append_data_section
+    from synthetic import first_listed, plant_near_duplicate
+
+    data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")
+    covid_test = first_listed(data, "COVID/testCT_COVID.txt", "CT_COVID")
+    twin = plant_near_duplicate(data, covid_test, "CT_NonCOVID", "NonCOVID/trainCT_NonCOVID.txt", "71%0.jpg")
+    gate = validate(data, expected_covid=12, expected_noncovid=13)
+    rep = reportlib.build_report([make_run(tmp_path / "run")], n_resamples=50)
+
+    for _ in range(2):  # added again (a retried report task): replaced, not repeated
+        found = append_data_section(rep.out, gate.result_json)
+    html, md = rep.html.read_text(encoding="utf-8"), rep.markdown.read_text(encoding="utf-8")
+    assert html.count("<h2>Data: pictures filed twice</h2>") == 1 and md.count("## Data: pictures filed twice") == 1
+    [pair] = found["pairs"]
+    assert (pair["relpath_a"], pair["relpath_b"], pair["kind"]) == (covid_test, twin, "across classes")
+    row = html[html.index("<h2>Data: pictures filed twice</h2>") :]
+    assert covid_test in row and twin in row and "COVID, test" in row and "non-COVID, train" in row
+    assert "<code>near_duplicates: fail</code> stops such data" in row
+    [uri] = re.findall(r"src='data:image/png;base64,([^']+)'", row)
+    thumb = Image.open(rep.out / pair["thumbnail"])
+    assert thumb.height == 128 and base64.b64decode(uri) == (rep.out / pair["thumbnail"]).read_bytes()
+    assert f"| across classes | {covid_test} (COVID, test) | {twin} (non-COVID, train) | {pair['distance']} |" in md
+    assert f"]({pair['thumbnail']}) |" in md
+    assert json.loads(rep.summary_json.read_text())["data"]["pairs"] == found["pairs"]
+
+
+def test_the_data_section_says_when_no_picture_is_filed_twice_and_is_absent_without_a_gate(small_dataset, tmp_path):
+    import shutil
+
+    from covidct.data.validate import validate
+    from covidct.reporting.data_audit import append_data_section
+
+    data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")
+    gate = validate(data, expected_covid=12, expected_noncovid=12)
+    rep = reportlib.build_report([make_run(tmp_path / "run")], n_resamples=50)
+    before = rep.html.read_text(encoding="utf-8")
+    assert append_data_section(rep.out, tmp_path / "nowhere.json") is None
+    assert rep.html.read_text(encoding="utf-8") == before
+    assert append_data_section(rep.out, gate.result_json)["pairs"] == []
+    assert "found no picture filed twice under both classes or in two official splits" in rep.html.read_text()
+    assert not (rep.out / "near-duplicates").exists()

@@ -66,7 +66,8 @@ def test_the_fingerprint_changes_with_what_determines_a_model_and_only_that(data
     assert base.components["weights"] == {"VGG16": "random-seed42"}
     assert {"pyspark", "tensorflow", "keras"} <= base.components["code"]["libraries"].keys()
     # Params that cannot change a model leave it alone.
-    for key, value in {"force": True, "feature_cache": False, "data_source": "/elsewhere", "expect_covid": 13}.items():
+    for key, value in {"force": True, "feature_cache": False, "data_source": "/elsewhere", "expect_covid": 13,
+                       "near_duplicates": "fail"}.items():  # fmt: skip
         assert fingerprint.compute(data, {**PARAMS, key: value}).digest == base.digest, key
     # Params that can change one change it, and say how.
     pooled = fingerprint.compute(data, {**PARAMS, "pooling": "avg-b345"})

@@ -10,8 +10,10 @@ import pytest
 
 from covidct.cli import main
 from covidct.core.errors import CovidctError
+from covidct.data.duplicates import near_duplicates
 from covidct.data.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
-from covidct.data.validate import validate
+from covidct.data.validate import passed_before, validate
+from synthetic import first_listed, plant_near_duplicate
 from upstream import DEFECTS
 
 SMALL = {"expected_covid": 12, "expected_noncovid": 12}
@@ -31,12 +33,14 @@ def test_good_dataset_passes_and_writes_json_and_data_docs(data, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # GX must not write anything outside DIR/validation
     result = validate(data, **SMALL)
     assert result.success, result.summary()
-    assert result.failures == [] and result.evaluated == 13 and result.images == 24
-    assert result.summary().startswith(f"validation of {data} passed: 13 of 13 expectations met")
+    assert result.failures == [] and result.warnings == [] and result.evaluated == 15 and result.images == 24
+    assert result.summary().startswith(f"validation of {data} passed: 15 of 15 expectations met (24 images")
 
     assert result.result_json == data / "validation" / "result.json"
     report = json.loads(result.result_json.read_text())
     assert report["success"] is True and report["images"] == 24 and report["expected"] == {"covid": 12, "noncovid": 12}
+    assert report["warnings"] == [] and report["near_duplicates"]["pairs"] == []
+    assert report["near_duplicates"]["policy"] == "warn"
     assert set(report["great_expectations"]) == {"images", "split_lists"}
     assert result.data_docs == data / "validation" / "data-docs" / "index.html"
     html = result.data_docs.read_text()
@@ -145,7 +149,7 @@ def test_report_can_go_elsewhere(data, tmp_path):
 
 def test_cli_validate_exit_status_and_message(data, capsys):
     assert main(["validate", "--data", str(data), "--expect-covid", "12", "--expect-noncovid", "12"]) == 0
-    assert "passed: 13 of 13" in capsys.readouterr().out
+    assert "passed: 15 of 15" in capsys.readouterr().out
     DEFECTS["zero-byte file"](data)
     assert main(["validate", "--data", str(data), "--expect-covid", "12", "--expect-noncovid", "12"]) == 1
     out = capsys.readouterr().out
@@ -153,3 +157,93 @@ def test_cli_validate_exit_status_and_message(data, capsys):
     assert "expected 12 COVID images, found 13" in out
     assert main(["validate", "--data", str(data / "nowhere")]) == 2
     assert "error: dataset folder" in capsys.readouterr().err
+
+
+# --- near-duplicates: the same picture under both classes, or in two official splits ---------------------
+
+
+def test_a_picture_under_both_classes_is_a_warning_naming_both_files(data):
+    covid_test = first_listed(data, "COVID/testCT_COVID.txt", "CT_COVID")
+    twin = plant_near_duplicate(data, covid_test, "CT_NonCOVID", "NonCOVID/trainCT_NonCOVID.txt", "71%0.jpg")
+    assert (data / twin).read_bytes() != (data / covid_test).read_bytes()  # sha256 cannot see it
+
+    result = validate(data, expected_covid=12, expected_noncovid=13)
+    assert result.success and result.failures == [], result.summary()
+    [warning] = result.warnings
+    assert sorted(warning.files) == sorted([covid_test, twin])
+    assert warning.message.startswith(
+        "no picture under both classes (perceptual hash, <= 24 of 256 bits apart; a warning, does not fail the gate):"
+        " 2 offending files: "
+    )
+    assert f"{covid_test} (same picture as {twin}: non-COVID, train, " in warning.message
+    assert f"{twin} (same picture as {covid_test}: COVID, test, " in warning.message
+    assert "passed: 14 of 15 expectations met, 1 with a warning" in result.summary()
+    assert "  - warning: no picture under both classes" in result.summary()
+
+    report = json.loads(result.result_json.read_text())
+    assert report["success"] is True and [w["files"] for w in report["warnings"]] == [warning.files]
+    [pair] = report["near_duplicates"]["pairs"]
+    assert (pair["relpath_a"], pair["relpath_b"], pair["kind"]) == (covid_test, twin, "across classes")
+    assert (pair["split_a"], pair["split_b"]) == ("test", "train") and 0 <= pair["distance"] <= 24
+    pages = [page.read_text() for page in (result.data_docs.parent / "validations").rglob("*.html")]
+    assert any(f"same picture as {twin}: non-COVID, train" in page for page in pages)  # in the Data Docs too
+    assert any("a warning, does not fail the gate" in page for page in pages)
+
+
+def test_near_duplicates_fail_the_gate_when_asked(data, capsys):
+    covid_test = first_listed(data, "COVID/testCT_COVID.txt", "CT_COVID")
+    twin = plant_near_duplicate(data, covid_test, "CT_NonCOVID", "NonCOVID/trainCT_NonCOVID.txt", "71%0.jpg")
+    result = validate(data, expected_covid=12, expected_noncovid=13, near_duplicates="fail")
+    assert not result.success and result.warnings == []
+    [failure] = result.failures
+    assert sorted(failure.files) == sorted([covid_test, twin])
+    assert failure.message.startswith("no picture under both classes (perceptual hash, <= 24 of 256 bits apart): ")
+
+    args = ["validate", "--data", str(data), "--expect-covid", "12", "--expect-noncovid", "13"]
+    assert main(args) == 0 and "1 with a warning" in capsys.readouterr().out
+    assert passed_before(data, 12, 13, "warn") is not None
+    assert passed_before(data, 12, 13, "fail") is None  # a pass with warnings is no pass of the stricter gate
+    assert main([*args, "--near-duplicates", "fail"]) == 1
+    assert "FAILED: 14 of 15 expectations met" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:  # argparse's choices come from duplicates.POLICIES
+        main([*args, "--near-duplicates", "ignore"])
+    assert info.value.code == 2 and "invalid choice: 'ignore'" in capsys.readouterr().err
+    with pytest.raises(CovidctError, match="near_duplicates must be one of warn, fail, got 'ignore'"):
+        validate(data, near_duplicates="ignore")
+
+
+def test_a_picture_in_two_splits_of_one_class_is_a_warning(data):
+    covid_train = first_listed(data, "COVID/trainCT_COVID.txt", "CT_COVID")
+    copy = plant_near_duplicate(data, covid_train, "CT_COVID", "COVID/testCT_COVID.txt", "copy-p1-1%0.png", scale=1.25)
+    result = validate(data, expected_covid=13, expected_noncovid=12)
+    [warning] = result.warnings
+    assert warning.message.startswith("no picture in two official splits (perceptual hash, <= 24 of 256 bits apart;")
+    assert f"{covid_train} (same picture as {copy}: COVID, test, " in warning.message
+
+
+def test_near_duplicate_pairs_by_kind_closest_first(data):
+    covid_test = first_listed(data, "COVID/testCT_COVID.txt", "CT_COVID")
+    covid_train = first_listed(data, "COVID/trainCT_COVID.txt", "CT_COVID")
+    plant_near_duplicate(data, covid_test, "CT_NonCOVID", "NonCOVID/trainCT_NonCOVID.txt", "71%0.jpg", scale=0.5)
+    plant_near_duplicate(data, covid_train, "CT_COVID", "COVID/trainCT_COVID.txt", "same-split-p1-1.png", scale=1.0)
+    plant_near_duplicate(data, covid_train, "CT_COVID", "COVID/valCT_COVID.txt", "other-split-p1-1.png", scale=0.9)
+    pairs = near_duplicates(build_manifest(data))
+    assert list(pairs["distance"]) == sorted(pairs["distance"])
+    kinds = {(a, b): kind for a, b, kind in zip(pairs["relpath_a"], pairs["relpath_b"], pairs["kind"], strict=True)}
+    assert kinds == {
+        (covid_test, "CT_NonCOVID/71%0.jpg"): "across classes",
+        (covid_train, "CT_COVID/same-split-p1-1.png"): "within a split",
+        (covid_train, "CT_COVID/other-split-p1-1.png"): "across splits",
+        ("CT_COVID/other-split-p1-1.png", "CT_COVID/same-split-p1-1.png"): "across splits",
+    }
+    with pytest.raises(ValueError, match="within 0..255 bits"):
+        near_duplicates(build_manifest(data), max_distance=256)
+
+
+def test_a_manifest_from_before_perceptual_hashes_is_rebuilt(data, caplog):
+    old = build_manifest(data).drop(columns="dhash")
+    old.to_parquet(data / MANIFEST_NAME, index=False)
+    with pytest.raises(CovidctError, match="written by an older covidct"):
+        read_manifest(data / MANIFEST_NAME)
+    assert validate(data, **SMALL).success
+    assert "was written by an older covidct (no perceptual hashes)" in caplog.text

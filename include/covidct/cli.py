@@ -18,6 +18,7 @@ from covidct.core import executors
 from covidct.core.errors import CovidctError
 from covidct.core.locks import DEFAULT_WAIT
 from covidct.core.spark_errors import user_error
+from covidct.data import duplicates
 from covidct.data.split import STACK_FOLDS
 from covidct.features.backbone import POOLINGS
 
@@ -320,13 +321,24 @@ def _add_validate(sub) -> None:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--expect-covid", type=int, default=349, help="expected COVID images (default 349)")
     p.add_argument("--expect-noncovid", type=int, default=397, help="expected non-COVID images (default 397)")
+    p.add_argument(
+        "--near-duplicates",
+        choices=duplicates.POLICIES,
+        default="warn",
+        help="a picture under both classes or in two official splits: a warning (default) or a failure",
+    )
     p.set_defaults(func=_cmd_validate)
 
 
 def _cmd_validate(args) -> int:
     from covidct.data.validate import validate
 
-    result = validate(args.data, expected_covid=args.expect_covid, expected_noncovid=args.expect_noncovid)
+    result = validate(
+        args.data,
+        expected_covid=args.expect_covid,
+        expected_noncovid=args.expect_noncovid,
+        near_duplicates=args.near_duplicates,
+    )
     print(result.summary())
     return 0 if result.success else 1
 

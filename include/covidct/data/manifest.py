@@ -6,6 +6,7 @@ Columns::
     label         1 COVID, 0 non-COVID (from the class folder)
     sha256, bytes of the file
     width, height, format, mode   after a full decode, by content (null if it fails)
+    dhash         its perceptual hash (``covidct.data.duplicates``), or null if it does not decode
     split         the official list naming it: train, val or test; null if none;
                   several joined with "+" (e.g. "train+test") if more than one does
     decode_error  why the file does not decode fully, or null
@@ -27,12 +28,13 @@ import pandas as pd
 from covidct.core.atomic import sibling
 from covidct.core.errors import CovidctError, ImageDecodeError
 from covidct.data.dataset import CLASSES, check_layout, split_list_file, split_lists
-from covidct.data.image import describe
+from covidct.data.duplicates import perceptual_hash
+from covidct.data.image import open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.parquet"
-COLUMNS = ("relpath", "label", "sha256", "bytes", "width", "height", "format", "mode", "split", "decode_error")
+COLUMNS = ("relpath", "label", "sha256", "bytes", "width", "height", "format", "mode", "dhash", "split", "decode_error")
 SPLITS = ("train", "val", "test")
 _DTYPES = {
     "relpath": "object",
@@ -43,6 +45,7 @@ _DTYPES = {
     "height": "Int64",
     "format": "object",
     "mode": "object",
+    "dhash": "object",
     "split": "object",
     "decode_error": "object",
 }
@@ -88,13 +91,20 @@ def _describe_file(item: tuple[str, Path, int], splits: dict[str, list[str]]) ->
         "height": None,
         "format": None,
         "mode": None,
+        "dhash": None,
         "split": "+".join(splits.get(relpath, [])) or None,
         "decode_error": None,
     }
     try:
-        row.update(describe(data, relpath))
+        img = open_image(data, relpath)
     except ImageDecodeError as exc:
         row["decode_error"] = str(exc).removeprefix(f"cannot decode image {relpath}: ")
+        return row
+    row.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
+    try:
+        row["dhash"] = perceptual_hash(to_rgb(img))
+    except (OSError, ValueError) as exc:  # a mode PIL decodes but cannot convert: validate's decoder check says so
+        log.warning("no perceptual hash of %s: %s", relpath, exc)
     return row
 
 
@@ -134,6 +144,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     except (OSError, ValueError) as exc:
         raise CovidctError(f"cannot read the manifest {path}: {exc}") from None
     missing = [c for c in COLUMNS if c not in manifest.columns]
+    if missing == ["dhash"]:
+        raise CovidctError(f"{path} was written by an older covidct (no perceptual hashes)")
     if missing:
         raise CovidctError(f"{path} is not a covidct manifest: no column {', '.join(missing)}")
     return manifest[list(COLUMNS)].astype(_DTYPES)
@@ -190,11 +202,9 @@ def fresh_manifest(data_dir: str | Path) -> pd.DataFrame | None:
 def load_manifest(data_dir: str | Path) -> pd.DataFrame:
     """``DIR/manifest.parquet`` if it still matches the files, else a freshly built manifest."""
     root = check_layout(data_dir)
-    path = root / MANIFEST_NAME
-    if path.is_file():
-        manifest = read_manifest(path)
-        problems = stale_entries(manifest, root)
-        if not problems:
-            return manifest
-        log.warning("%s no longer matches the files (%s); rebuilding it", path, "; ".join(problems[:3]))
+    manifest = fresh_manifest(root)
+    if manifest is not None:
+        return manifest
+    if (root / MANIFEST_NAME).is_file():
+        log.warning("rebuilding the manifest of %s", root)
     return build_manifest(root)

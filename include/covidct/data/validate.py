@@ -7,12 +7,16 @@ Two batches are validated in an ephemeral GX context (nothing is written outside
   per class, every file decodes fully, no duplicate content (sha256), labels in {0, 1},
   width/height within sane bounds and pixels below PIL's decompression-bomb limit,
   format PNG or JPEG (by content), every image in exactly one official split list;
+  no picture filed under both classes, nor in two official splits of one class
+  (near-duplicates by perceptual hash, ``covidct.data.duplicates``): these two are
+  *warnings* by default (the upstream data has such pairs), failures with
+  ``near_duplicates="fail"``;
 - ``split_lists``: one row per line of ``Data-split/``: every named file exists, and
   no file is named twice.
 
 ``OUT`` (default ``DIR/validation``) receives ``result.json`` and the GX Data Docs site
 (``data-docs/index.html``), replaced atomically. ``ValidationResult.summary()`` names each
-failed expectation and the offending files.
+failed expectation and warning, with the offending files.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from PIL import Image
 
 from covidct.core.atomic import atomic_dir
 from covidct.core.errors import CovidctError
-from covidct.data.dataset import check_layout
+from covidct.data.dataset import LABEL_NAMES, check_layout
+from covidct.data.duplicates import BITS, MAX_DISTANCE, POLICIES, near_duplicates
 from covidct.data.manifest import SPLITS, dataset_digest, load_manifest, split_entries
 
 log = logging.getLogger(__name__)
@@ -60,18 +65,22 @@ class ValidationResult:
     label: str
     evaluated: int  # expectations evaluated
     images: int
-    failures: list[Failure]
+    failures: list[Failure]  # failed critical expectations: the data did not pass
     result_json: Path
     data_docs: Path  # index.html
     seconds: float
+    warnings: list[Failure] = field(default_factory=list)  # failed expectations of severity "warning"
 
     def summary(self) -> str:
         verdict = "passed" if self.success else "FAILED"
+        met = self.evaluated - len(self.failures) - len(self.warnings)
+        warned = f", {len(self.warnings)} with a warning" if self.warnings else ""
         lines = [
-            f"validation of {self.label} {verdict}: {self.evaluated - len(self.failures)} of {self.evaluated} "
-            f"expectations met ({self.images} images, {self.seconds:.1f} s)"
+            f"validation of {self.label} {verdict}: {met} of {self.evaluated} expectations met{warned} "
+            f"({self.images} images, {self.seconds:.1f} s)"
         ]
         lines += [f"  - {failure.message}" for failure in self.failures]
+        lines += [f"  - warning: {warning.message}" for warning in self.warnings]
         lines += [f"result: {self.result_json}", f"data docs: {self.data_docs}"]
         return "\n".join(lines)
 
@@ -81,6 +90,7 @@ class _Check:
     batch: str  # "images" or "split_lists"
     expectation: object  # a great_expectations.expectations.Expectation
     show: Callable[[dict], str | None] = lambda row: None  # how an offending row is described
+    severity: str = "critical"  # or "warning": reported, does not fail the validation
 
 
 def validate(
@@ -90,27 +100,34 @@ def validate(
     *,
     out: str | Path | None = None,
     label: str | None = None,
+    near_duplicates: str = "warn",
 ) -> ValidationResult:
     """Validate the dataset folder ``data_dir``; write ``OUT/result.json`` and ``OUT/data-docs/``.
 
-    Raises CovidctError only when the folder cannot be validated at all (not laid out like
-    the dataset, a split list missing, ``OUT`` not writable); failed expectations are
-    reported in the result, not raised.
+    ``near_duplicates``: ``warn`` (default) reports a picture filed under both classes or in two
+    official splits as a warning, ``fail`` as a failure. Raises CovidctError only when the folder
+    cannot be validated at all (not laid out like the dataset, a split list missing, ``OUT`` not
+    writable) or for an unknown ``near_duplicates``; failed expectations are reported in the
+    result, not raised.
     """
     started = time.monotonic()
+    if near_duplicates not in POLICIES:
+        raise CovidctError(f"near_duplicates must be one of {', '.join(POLICIES)}, got {near_duplicates!r}")
     root = check_layout(data_dir).absolute()
     out = Path(out).expanduser().absolute() if out is not None else root / "validation"
     manifest = load_manifest(root)
     entries = split_entries(root)
-    images = _with_derived_columns(manifest)
-    checks = _checks(expected_covid, expected_noncovid, entries)
+    pairs = near_duplicates_of(manifest)
+    images = _with_derived_columns(manifest, pairs)
+    severity = "critical" if near_duplicates == "fail" else "warning"
+    checks = _checks(expected_covid, expected_noncovid, entries, severity)
     log.info("validating %s: %d images, %d split-list entries", root, len(images), len(entries))
     try:
         with atomic_dir(out) as staging:
             gx_results = _run_gx(checks, {"images": images, "split_lists": entries}, staging / "data-docs")
-            failures, evaluated = _failures(gx_results, checks)
+            failures, warnings, evaluated = _failures(gx_results, checks)
             result = ValidationResult(
-                success=all(r.success for r in gx_results.values()) and not failures,
+                success=not failures,
                 data_dir=root,
                 label=label or str(root),
                 evaluated=evaluated,
@@ -119,6 +136,7 @@ def validate(
                 result_json=out / "result.json",
                 data_docs=out / "data-docs" / "index.html",
                 seconds=time.monotonic() - started,
+                warnings=warnings,
             )
             report = {
                 "success": result.success,
@@ -132,6 +150,13 @@ def validate(
                 "covidct_sources": _own_sources_digest(),
                 "evaluated_expectations": evaluated,
                 "failures": [asdict(f) for f in failures],
+                "warnings": [asdict(w) for w in warnings],
+                "near_duplicates": {
+                    "policy": near_duplicates,
+                    "hash": "dhash 16x16",
+                    "max_distance_bits": MAX_DISTANCE,
+                    "pairs": pairs.to_dict(orient="records"),  # every kind, closest first
+                },
                 "great_expectations": {batch: r.describe_dict() for batch, r in gx_results.items()},
             }
             (staging / "result.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
@@ -141,7 +166,9 @@ def validate(
     return result
 
 
-def passed_before(data_dir: str | Path, expected_covid: int = 349, expected_noncovid: int = 397) -> dict | None:
+def passed_before(
+    data_dir: str | Path, expected_covid: int = 349, expected_noncovid: int = 397, near_duplicates: str = "warn"
+) -> dict | None:
     """``DIR/validation/result.json`` if it is a pass of exactly these data, expectations and code; else None.
 
     Validation is a function of the manifest, the split lists and the expectations: when the
@@ -158,6 +185,8 @@ def passed_before(data_dir: str | Path, expected_covid: int = 349, expected_nonc
         return None
     if previous.get("expected") != {"covid": expected_covid, "noncovid": expected_noncovid}:
         return None
+    if (previous.get("near_duplicates") or {}).get("policy") != near_duplicates:
+        return None
     if previous.get("covidct_sources") != _own_sources_digest():
         return None
     if previous.get("dataset_digest") != dataset_digest(root, load_manifest(root)):
@@ -169,20 +198,40 @@ def _own_sources_digest() -> str:
     """sha256 of the modules that decide a validation (this one, the manifest's, the image decoder)."""
     import hashlib
 
-    from covidct.data import image, manifest
+    from covidct.data import duplicates, image, manifest
 
     digest = hashlib.sha256()
-    for module in (__file__, manifest.__file__, image.__file__):
+    for module in (__file__, manifest.__file__, image.__file__, duplicates.__file__):
         digest.update(Path(module).read_bytes())
     return digest.hexdigest()
 
 
-def _with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The manifest plus what the expectations count: one column per class, pixels."""
+def near_duplicates_of(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest's near-duplicate pairs (``covidct.data.duplicates.near_duplicates``), logged by kind."""
+    pairs = near_duplicates(manifest)
+    counts = pairs["kind"].value_counts().to_dict()
+    log.info("near-duplicate pairs (dhash, <= %d of %d bits apart): %s", MAX_DISTANCE, BITS,
+             ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "none")  # fmt: skip
+    return pairs
+
+
+def _with_derived_columns(manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The manifest plus what the expectations count: one column per class, pixels, and each image's
+    closest near-duplicate under the other class (``twin_other_class``) and in another official split
+    of its class (``twin_other_split``), described, or null."""
     images = manifest.copy()
     images["covid"] = (images["label"] == 1).astype("int64")
     images["noncovid"] = (images["label"] == 0).astype("int64")
     images["pixels"] = images["width"] * images["height"]
+    for column, kind in (("twin_other_class", "across classes"), ("twin_other_split", "across splits")):
+        twins: dict[str, str] = {}
+        for pair in pairs[pairs["kind"] == kind].itertuples():  # closest first: the first one stays
+            sides = ((pair.relpath_a, pair.relpath_b, pair.label_b, pair.split_b),
+                     (pair.relpath_b, pair.relpath_a, pair.label_a, pair.split_a))  # fmt: skip
+            for this, other, label, split in sides:
+                where = f"{LABEL_NAMES[label]}, {split or 'in no split list'}"
+                twins.setdefault(this, f"same picture as {other}: {where}, {pair.distance} of {BITS} bits apart")
+        images[column] = images["relpath"].map(twins).astype("object")
     return images
 
 
@@ -199,10 +248,16 @@ def _import_gx():
     return gx
 
 
-def _checks(expected_covid: int, expected_noncovid: int, entries: pd.DataFrame) -> dict[str, _Check]:
+def _checks(
+    expected_covid: int, expected_noncovid: int, entries: pd.DataFrame, near_duplicates: str = "warning"
+) -> dict[str, _Check]:
+    """The expectations by key; ``near_duplicates`` is the severity of the two near-duplicate checks."""
     gxe = _import_gx().expectations
 
     lists_of = entries.groupby("relpath")["list"].agg(list).to_dict()
+    twins = f"perceptual hash, <= {MAX_DISTANCE} of {BITS} bits apart"
+    # GX's Data Docs show a failed warning like any failed expectation: the description says which it is
+    twins = f"({twins}; a warning, does not fail the gate)" if near_duplicates == "warning" else f"({twins})"
 
     def in_lists(row: dict) -> str:
         return "in " + ", ".join(lists_of.get(row["relpath"], []))
@@ -294,6 +349,26 @@ def _checks(expected_covid: int, expected_noncovid: int, entries: pd.DataFrame) 
             ),
             value("split", lambda s: f"in {s}"),
         ),
+        "no_twin_across_classes": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeNull(
+                column="twin_other_class",
+                description=f"no picture under both classes {twins}",
+                severity=near_duplicates,
+            ),
+            value("twin_other_class"),
+            near_duplicates,
+        ),
+        "no_twin_across_splits": _Check(
+            "images",
+            gxe.ExpectColumnValuesToBeNull(
+                column="twin_other_split",
+                description=f"no picture in two official splits {twins}",
+                severity=near_duplicates,
+            ),
+            value("twin_other_split"),
+            near_duplicates,
+        ),
         "listed_exist": _Check(
             "split_lists",
             gxe.ExpectColumnValuesToBeInSet(
@@ -359,8 +434,9 @@ def _run_gx(checks: dict[str, _Check], frames: dict[str, pd.DataFrame], docs_dir
     return results
 
 
-def _failures(results: dict, checks: dict[str, _Check]) -> tuple[list[Failure], int]:
-    """The failed expectations, in the order of ``checks``, with human messages; and how many ran."""
+def _failures(results: dict, checks: dict[str, _Check]) -> tuple[list[Failure], list[Failure], int]:
+    """The failed expectations (critical, then warnings), in the order of ``checks``, with human
+    messages; and how many ran."""
     failed: dict[str, Failure] = {}
     evaluated = 0
     for checkpoint_result in results.values():
@@ -373,7 +449,9 @@ def _failures(results: dict, checks: dict[str, _Check]) -> tuple[list[Failure], 
                 if outcome.success or check is None:
                     continue
                 failed[key] = _failure(config, outcome, check)
-    return [failed[key] for key in checks if key in failed], evaluated
+    critical = [failed[key] for key in checks if key in failed and checks[key].severity == "critical"]
+    warnings = [failed[key] for key in checks if key in failed and checks[key].severity != "critical"]
+    return critical, warnings, evaluated
 
 
 def _failure(config, outcome, check: _Check) -> Failure:

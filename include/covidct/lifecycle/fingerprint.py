@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 #: ``feature_cache`` (cached features equal computed ones: the cache is keyed by weights, pooling,
 #: precision and preprocessing); ``data_source`` and the expected counts (where the data come from
 #: and the gate they passed: the data themselves are in the ``dataset`` component).
-NOT_MODEL_PARAMS = frozenset({"force", "feature_cache", "data_source", "expect_covid", "expect_noncovid"})
+NOT_MODEL_PARAMS = frozenset(
+    {"force", "feature_cache", "data_source", "expect_covid", "expect_noncovid", "near_duplicates"}
+)
 STATE_NAME = "last-successful-run.json"
 RUN_FILE = "fingerprint.json"
 COMPONENTS = ("dataset", "params", "weights", "preprocessing", "code")

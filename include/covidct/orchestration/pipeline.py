@@ -64,8 +64,16 @@ def fetch_dataset(source: str | None, expected_covid: int, expected_noncovid: in
     return str(paths.data_dir())
 
 
-def validate_dataset(data_dir: str, expected_covid: int, expected_noncovid: int) -> None:
-    """Great Expectations gate: fails (not retried) naming every failed expectation.
+def validate_dataset(
+    data_dir: str,
+    expected_covid: int,
+    expected_noncovid: int,
+    near_duplicates: str = "warn",
+    run_dir: str | None = None,
+) -> None:
+    """Great Expectations gate: fails (not retried) naming every failed expectation; logs the warnings
+    (near-duplicates across classes or splits, unless ``near_duplicates`` is ``fail``). A pass is
+    copied into ``run_dir`` (``validation.json``), for the run's report.
 
     Data that already passed (the same dataset digest, expectations and validation code, in
     ``DIR/validation/result.json``) are not validated again: that answer cannot change.
@@ -73,16 +81,25 @@ def validate_dataset(data_dir: str, expected_covid: int, expected_noncovid: int)
     from covidct.data.validate import passed_before, validate
 
     with retry_only_transient():
-        previous = passed_before(data_dir, expected_covid, expected_noncovid)
+        previous = passed_before(data_dir, expected_covid, expected_noncovid, near_duplicates)
         if previous is not None:
             log.info("validation of %s: these exact data (dataset digest %s) passed with the same expectations at %s; "
                      "not repeated (%s/validation/result.json)", data_dir, previous["dataset_digest"][:12],
                      previous.get("validated_at"), data_dir)  # fmt: skip
-            return
-        result = validate(data_dir, expected_covid=expected_covid, expected_noncovid=expected_noncovid)
-        log.info("%s", result.summary())
-        if not result.success:
-            raise CovidctError(result.summary())
+            for warning in previous.get("warnings", []):
+                log.warning("validation warning (%s): %s", previous.get("validated_at"), warning["message"])
+        else:
+            result = validate(data_dir, expected_covid, expected_noncovid, near_duplicates=near_duplicates)
+            log.log(logging.WARNING if result.warnings else logging.INFO, "%s", result.summary())
+            if not result.success:
+                raise CovidctError(result.summary())
+        if run_dir is not None:
+            from covidct.core.atomic import write_text_atomic
+            from covidct.reporting.data_audit import RUN_COPY
+
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            passed = (Path(data_dir) / "validation" / "result.json").read_text(encoding="utf-8")
+            write_text_atomic(Path(run_dir) / RUN_COPY, passed)
 
 
 def check_changes(data_dir: str, params: Mapping, run_id: str) -> bool:
@@ -198,6 +215,9 @@ def build_run_report(
         per_category = 0
         log.info("no gallery of maps: the run has random weights (weights=none)")
     report = build_report([Path(run_dir)], expected_backbones=list(backbones), failures=failures, gallery=per_category)
+    from covidct.reporting.data_audit import RUN_COPY, append_data_section
+
+    append_data_section(report.out, Path(run_dir) / RUN_COPY)  # the gate's near-duplicates, if it found any
     from covidct.lifecycle import job_logging
 
     job_logging.log_report(report.out)  # the MLflow runs into the report, the report into the parent run
