@@ -195,13 +195,14 @@ def test_a_manifest_from_before_perceptual_hashes_is_fetched_again_once(upstream
     old = read_manifest(dest / MANIFEST_NAME).drop(columns="dhash")
     old.to_parquet(dest / MANIFEST_NAME, index=False)
     result = fetch(dest, upstream.base_url, http=HTTP, **SMALL)
-    assert result.changed and "was written by an older covidct (no perceptual hashes); fetching again" in caplog.text
+    assert result.changed
+    assert "was written by an older covidct, without perceptual hashes); fetching again" in caplog.text
     assert read_manifest(dest / MANIFEST_NAME)["dhash"].notna().all()
     assert not fetch(dest, upstream.base_url, http=HTTP, **SMALL).changed
 
 
 def test_progress_is_logged_for_large_files(upstream, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="covidct.data.fetch"):
+    with caplog.at_level(logging.INFO, logger="covidct.data.download"):  # where the progress is logged
         fetch(tmp_path / "d", upstream.base_url, http=HTTP, gate=False)
     assert any("CT_COVID.zip: " in m and "%" in m for m in caplog.messages)
     assert any("CT_COVID.zip: downloaded" in m for m in caplog.messages)

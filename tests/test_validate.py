@@ -246,4 +246,4 @@ def test_a_manifest_from_before_perceptual_hashes_is_rebuilt(data, caplog):
     with pytest.raises(CovidctError, match="written by an older covidct"):
         read_manifest(data / MANIFEST_NAME)
     assert validate(data, **SMALL).success
-    assert "was written by an older covidct (no perceptual hashes)" in caplog.text
+    assert "was written by an older covidct, without perceptual hashes" in caplog.text

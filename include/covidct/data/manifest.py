@@ -145,7 +145,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise CovidctError(f"cannot read the manifest {path}: {exc}") from None
     missing = [c for c in COLUMNS if c not in manifest.columns]
     if missing == ["dhash"]:
-        raise CovidctError(f"{path} was written by an older covidct (no perceptual hashes)")
+        raise CovidctError(f"{path} was written by an older covidct, without perceptual hashes")
     if missing:
         raise CovidctError(f"{path} is not a covidct manifest: no column {', '.join(missing)}")
     return manifest[list(COLUMNS)].astype(_DTYPES)
