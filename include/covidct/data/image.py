@@ -89,9 +89,3 @@ def from_image_struct(row, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), RESAMPLE)
     return np.asarray(img, dtype=np.float32)
-
-
-def describe(data: bytes, name: str = "<bytes>") -> dict:
-    """Format (by content), mode, width and height of an image, after a full decode."""
-    img = open_image(data, name)
-    return {"format": img.format, "mode": img.mode, "width": img.width, "height": img.height}

@@ -195,7 +195,7 @@ def passed_before(
 
 
 def _own_sources_digest() -> str:
-    """sha256 of the modules that decide a validation (this one, the manifest's, the image decoder)."""
+    """sha256 of the modules that decide a validation (this one, the manifest's, the image decoder, the hash)."""
     import hashlib
 
     from covidct.data import duplicates, image, manifest
