@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -316,6 +317,7 @@ def test_the_validate_task_warns_of_near_duplicates_or_fails_as_its_param_says(d
 def test_validation_keeps_the_gates_result_in_the_run_folder_passed_before_or_not(small_dataset, tmp_path, caplog):
     from covidct.orchestration import pipeline
 
+    caplog.set_level(logging.INFO, logger="covidct.orchestration.pipeline")  # where "not repeated" is logged
     data = shutil.copytree(small_dataset, tmp_path / "COVID-CT")
     for run in ("first", "second"):  # the second run's data passed before: not validated again, still kept
         pipeline.validate_dataset(str(data), 12, 12, run_dir=str(tmp_path / run))
