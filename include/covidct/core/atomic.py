@@ -62,12 +62,20 @@ def atomic_dir(
                 shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a file so readers see the old or the new content, never a part."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the whole file to; renamed to ``path`` when the block
+    ends without an error. Readers see the old or the new content, never a part."""
     path = Path(path)
     tmp = sibling(path, "tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # after a failure: no temporary file left behind
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a file so readers see the old or the new content, never a part."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

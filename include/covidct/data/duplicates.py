@@ -26,7 +26,7 @@ POLICIES = ("warn", "fail")  # what a near-duplicate across classes or splits do
 HASH_SIZE = 16  # 16×16 = 256 bits
 BITS = HASH_SIZE * HASH_SIZE
 MAX_DISTANCE = 24  # bits of 256
-KINDS = ("across classes", "across splits", "within a split")
+ACROSS_CLASSES, ACROSS_SPLITS, WITHIN_A_SPLIT = "across classes", "across splits", "within a split"  # pair kinds
 PAIR_COLUMNS = ("relpath_a", "relpath_b", "distance", "kind", "label_a", "label_b", "split_a", "split_b")
 _BLOCK = 1024  # rows of the distance matrix computed at once (memory: _BLOCK × images × 4 bytes)
 
@@ -75,11 +75,11 @@ def near_duplicates(manifest: pd.DataFrame, max_distance: int = MAX_DISTANCE) ->
             a, b = b, a
         split_a, split_b = _split(a["split"]), _split(b["split"])
         if int(a["label"]) != int(b["label"]):
-            kind = KINDS[0]
+            kind = ACROSS_CLASSES
         elif split_a != split_b:
-            kind = KINDS[1]
+            kind = ACROSS_SPLITS
         else:
-            kind = KINDS[2]
+            kind = WITHIN_A_SPLIT
         pairs.append((a["relpath"], b["relpath"], int(round(distance)), kind, int(a["label"]), int(b["label"]),
                       split_a, split_b))  # fmt: skip
     frame = pd.DataFrame(pairs, columns=list(PAIR_COLUMNS))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidct.core.atomic import sibling
+from covidct.core.atomic import atomic_file
 from covidct.core.errors import CovidctError, ImageDecodeError
 from covidct.data.dataset import CLASSES, check_layout, split_list_file, split_lists
 from covidct.data.duplicates import perceptual_hash
@@ -127,12 +127,8 @@ def build_manifest(data_dir: str | Path, workers: int | None = None) -> pd.DataF
 def write_manifest(manifest: pd.DataFrame, path: str | Path) -> Path:
     """Write the manifest as Parquet, atomically."""
     path = Path(path)
-    tmp = sibling(path, "tmp")
-    try:
+    with atomic_file(path) as tmp:
         manifest.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

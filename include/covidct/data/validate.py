@@ -36,7 +36,7 @@ from PIL import Image
 from covidct.core.atomic import atomic_dir
 from covidct.core.errors import CovidctError
 from covidct.data.dataset import LABEL_NAMES, check_layout
-from covidct.data.duplicates import BITS, MAX_DISTANCE, POLICIES, near_duplicates
+from covidct.data.duplicates import ACROSS_CLASSES, ACROSS_SPLITS, BITS, MAX_DISTANCE, POLICIES, near_duplicates
 from covidct.data.manifest import SPLITS, dataset_digest, load_manifest, split_entries
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ MIN_SIDE, MAX_SIDE = 32, 10_000  # pixels; the real images are 115..1671 wide, 9
 FORMATS = ("PNG", "JPEG")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 SHOW_FILES = 10  # offending files named per failure in the summary (all are in result.json)
+# the near-duplicate kinds the gate checks: each image's closest twin of that kind, in a column, and the check
+TWINS = {
+    ACROSS_CLASSES: ("twin_other_class", "no picture under both classes"),
+    ACROSS_SPLITS: ("twin_other_split", "no picture in two official splits"),
+}
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,7 @@ def _with_derived_columns(manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.Dat
     images["covid"] = (images["label"] == 1).astype("int64")
     images["noncovid"] = (images["label"] == 0).astype("int64")
     images["pixels"] = images["width"] * images["height"]
-    for column, kind in (("twin_other_class", "across classes"), ("twin_other_split", "across splits")):
+    for kind, (column, _) in TWINS.items():
         twins: dict[str, str] = {}
         for pair in pairs[pairs["kind"] == kind].itertuples():  # closest first: the first one stays
             sides = ((pair.relpath_a, pair.relpath_b, pair.label_b, pair.split_b),
@@ -349,26 +354,15 @@ def _checks(
             ),
             value("split", lambda s: f"in {s}"),
         ),
-        "no_twin_across_classes": _Check(
-            "images",
-            gxe.ExpectColumnValuesToBeNull(
-                column="twin_other_class",
-                description=f"no picture under both classes {twins}",
-                severity=near_duplicates,
-            ),
-            value("twin_other_class"),
-            near_duplicates,
-        ),
-        "no_twin_across_splits": _Check(
-            "images",
-            gxe.ExpectColumnValuesToBeNull(
-                column="twin_other_split",
-                description=f"no picture in two official splits {twins}",
-                severity=near_duplicates,
-            ),
-            value("twin_other_split"),
-            near_duplicates,
-        ),
+        **{
+            f"no_twin_{kind.replace(' ', '_')}": _Check(
+                "images",
+                gxe.ExpectColumnValuesToBeNull(column=column, description=f"{what} {twins}", severity=near_duplicates),
+                value(column),
+                near_duplicates,
+            )
+            for kind, (column, what) in TWINS.items()
+        },
         "listed_exist": _Check(
             "split_lists",
             gxe.ExpectColumnValuesToBeInSet(

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from PIL import Image
 
-from covidct.core.atomic import sibling
+from covidct.core.atomic import atomic_file
 from covidct.core.errors import ImageDecodeError
+from covidct.data.duplicates import WITHIN_A_SPLIT
 from covidct.data.image import open_image, to_rgb
 from covidct.reporting.sections import append_section
 
@@ -38,7 +38,7 @@ def append_data_section(report_dir: str | Path, validation_json: str | Path) -> 
         log.info("no near-duplicate audit in the report: %s is missing or from an older covidct", validation_json)
         return None
     data_dir = Path(result.get("data_dir") or "")
-    pairs = [dict(p) for p in found.get("pairs", []) if p.get("kind") != "within a split"]
+    pairs = [dict(p) for p in found.get("pairs", []) if p.get("kind") != WITHIN_A_SPLIT]
     images = {}
     for n, pair in enumerate(pairs, 1):
         thumbnail = _side_by_side(data_dir, pair["relpath_a"], pair["relpath_b"], report_dir / FOLDER / f"{n}.png")
@@ -50,7 +50,7 @@ def append_data_section(report_dir: str | Path, validation_json: str | Path) -> 
         "hash": found.get("hash"),
         "max_distance_bits": found.get("max_distance_bits"),
         "pairs": pairs,
-        "within_a_split": sum(1 for p in found.get("pairs", []) if p.get("kind") == "within a split"),
+        "within_a_split": sum(1 for p in found.get("pairs", []) if p.get("kind") == WITHIN_A_SPLIT),
         "validated_at": result.get("validated_at"),
     }
     append_section(report_dir, "data", "data", data, images=images)
@@ -69,10 +69,6 @@ def _side_by_side(data_dir: Path, a: str, b: str, out: Path) -> Path | None:
     canvas.paste(pictures[0], (0, 0))
     canvas.paste(pictures[1], (pictures[0].width + GAP, 0))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling(out, "tmp")
-    try:
+    with atomic_file(out) as tmp:
         canvas.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
