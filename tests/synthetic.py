@@ -130,3 +130,66 @@ def make_patch_dataset(root: str | Path, n: int = 16, seed: int = 0, size: int =
             top, left = rng.integers(0, size - PATCH, 2) if folder == "CT_COVID" else (None, None)
             patch_image(top, left, rng, size).save(root / folder / f"{folder.lower()}-{i}.png")
     return root
+
+
+MARK = 10  # side of border_mark_dataset's white square, in pixels
+MARK_AT = 4  # its distance from the picture's top and left edges, in pixels
+
+
+def body_picture(index: int, seed: int, mark: bool) -> Image.Image:
+    """A CT-like slice (grayscale): a bright oval body with two darker lungs on black, its shape, place
+    and texture drawn from ``(seed, index)``; with ``mark``, a white MARK × MARK square MARK_AT pixels from
+    the top left corner, outside the body."""
+    rng = np.random.default_rng([seed, index])
+    h, w = 160 + 8 * (index % 3), 176 + 8 * (index % 2)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = h / 2 + rng.uniform(-4, 4), w / 2 + rng.uniform(-4, 4)
+    body = ((yy - cy) / (0.30 * h)) ** 2 + ((xx - cx) / rng.uniform(0.32 * w, 0.36 * w)) ** 2 <= 1
+    relief = Image.fromarray(rng.uniform(0, 1, (6, 6)).astype(np.float32), mode="F")
+    texture = np.asarray(relief.resize((w, h), Image.Resampling.BICUBIC))
+    picture = rng.uniform(0, 8, (h, w))  # air around the body
+    picture[body] = (130 + 40 * texture + rng.normal(0, 10, (h, w)))[body]
+    for side in (-1, 1):
+        ly, lx, ay, ax = cy + rng.uniform(-3, 3), cx + side * 0.16 * w, 0.2 * h, rng.uniform(0.09, 0.12) * w
+        lung = ((yy - ly) / ay) ** 2 + ((xx - lx) / ax) ** 2 <= 1
+        picture[lung] = (60 + 30 * texture + rng.normal(0, 8, (h, w)))[lung]
+    if mark:
+        picture[MARK_AT : MARK_AT + MARK, MARK_AT : MARK_AT + MARK] = 255
+    return Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8), mode="L")
+
+
+def border_mark_dataset(
+    root: str | Path,
+    per_class: int = 24,
+    seed: int = 0,
+    twins: bool = True,
+    splits: tuple[float, float, float] = (0.5, 0.25, 0.25),
+) -> Path:
+    """Two classes that differ ONLY by a mark on the border: every COVID picture has a small white square
+    in its top left corner (MARK pixels, MARK_AT from the edges), outside the body; nothing else tells them apart.
+
+    ``root/CT_COVID``, ``root/CT_NonCOVID`` (``per_class`` grayscale PNGs each, CT-like bodies of
+    ``body_picture``) and ``root/Data-split`` lists like ``make_dataset``'s (the first half train, a quarter
+    val, a quarter test per class). With ``twins`` (the default) picture ``i`` of each class shows the same
+    body, pixel for pixel, and the two sit in the same official split: a view that drops the mark (``body``,
+    ``body-blank``) sees the same pictures in both classes, so nothing can tell them apart there (chance, AUC
+    0.5), while the whole picture gives the class away. The twins are near-duplicates across classes, as the
+    validation gate would say (and ``official-clean`` would leave out their test images); ``twins=False``
+    draws every picture its own body. One patient per picture (``<name>%0.png``).
+    """
+    root = Path(root)
+    for folder, (short, label) in CLASSES.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        names = []
+        for i in range(per_class):
+            picture = body_picture(i if twins else 2 * i + label, seed, mark=bool(label))
+            name = f"mark-{i:03d}%0.png" if label else f"plain-{i:03d}%0.png"
+            picture.save(root / folder / name, format="PNG")
+            names.append(name)
+        n_train, n_val = round(per_class * splits[0]), round(per_class * splits[1])
+        parts = {"train": names[:n_train], "val": names[n_train : n_train + n_val], "test": names[n_train + n_val :]}
+        split_dir = root / "Data-split" / short
+        split_dir.mkdir(parents=True, exist_ok=True)
+        for part, members in parts.items():
+            (split_dir / f"{part}CT_{short}.txt").write_text("".join(m + "\n" for m in members))
+    return root

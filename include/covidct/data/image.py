@@ -14,10 +14,29 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from covidct.core.errors import ImageDecodeError
+from covidct.data.body import BODY_VERSION, FULL, VIEWS, apply_view
 
 #: Bumped whenever decoding/resizing changes, so cached features are not reused.
 PREPROCESSING_VERSION = "pil-rgb-bilinear-v1"
 RESAMPLE = Image.Resampling.BILINEAR
+FLIPS = "hflip-mean"
+
+
+def preprocessing_id(view: str = FULL, flips: bool = False) -> str:
+    """What the backbone is shown, as one string (the feature cache's key, metrics.json, the fingerprint).
+
+    The whole picture without flips keeps the plain ``PREPROCESSING_VERSION`` (caches stay valid);
+    a body view adds the view and the mask's version (``_body-blank-mask1``); flips add ``_hflip-mean``
+    (the features of the picture and of its mirror image, averaged).
+    """
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose from {', '.join(VIEWS)}")
+    parts = [PREPROCESSING_VERSION]
+    if view != FULL:
+        parts.append(f"{view}-{BODY_VERSION}")
+    if flips:
+        parts.append(FLIPS)
+    return "_".join(parts)  # not "+": Hadoop paths take URIs, where it would be escaped
 
 
 def open_image(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -49,9 +68,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes, size: int, name: str = "<bytes>") -> np.ndarray:
-    """Bytes -> float32 array (size, size, 3), RGB, 0..255, before ``preprocess_input``."""
-    img = to_rgb(open_image(data, name))
+def decode(data: bytes, size: int, name: str = "<bytes>", view: str = FULL) -> np.ndarray:
+    """Bytes -> float32 array (size, size, 3), RGB, 0..255, before ``preprocess_input``.
+
+    ``view``: the whole picture, or only the body (``covidct.data.body``), before resizing.
+    """
+    img = apply_view(to_rgb(open_image(data, name)), view)
     if img.size != (size, size):
         img = img.resize((size, size), RESAMPLE)
     return np.asarray(img, dtype=np.float32)
@@ -72,7 +94,7 @@ def problem(data: bytes | None) -> str | None:
     return None
 
 
-def from_image_struct(row, size: int) -> np.ndarray:
+def from_image_struct(row, size: int, view: str = FULL) -> np.ndarray:
     """A row of Spark's image data source (BGR(A) or gray bytes) -> float32 RGB array."""
     name = row.get("origin") or "<image struct>"
     height, width, channels = int(row["height"]), int(row["width"]), int(row["nChannels"])
@@ -86,6 +108,7 @@ def from_image_struct(row, size: int) -> np.ndarray:
         img = Image.fromarray(np.ascontiguousarray(arr[:, :, 2::-1]), mode="RGB")  # BGR(A) -> RGB
     else:
         raise ImageDecodeError(f"cannot decode image {name}: {channels} channels")
+    img = apply_view(img, view)
     if img.size != (size, size):
         img = img.resize((size, size), RESAMPLE)
     return np.asarray(img, dtype=np.float32)
