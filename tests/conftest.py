@@ -116,8 +116,8 @@ def airflow_db() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(airflow_db, small_dataset, tmp_path_factory):
-    """The transfer-learning DAG run once for the session (``support.trained``): three backbones, both
-    splits, stand-in ImageNet weights, MLflow tracking on. Read it; ``trained_run.use(monkeypatch)``
+    """The transfer-learning DAG run once for the session (``support.trained``): three backbones, the
+    default splits, stand-in ImageNet weights, MLflow tracking on. Read it; ``trained_run.use(monkeypatch)``
     gives a test its environment."""
     from support.trained import train_once
 

@@ -18,7 +18,12 @@ SPLITS = ("official", "random70")
 
 
 def split_images(split: str, seed: int = 42) -> list[tuple[str, int]]:
-    """(relpath, label) of a split's test images; cases have 1-3 slices named ``%<n>`` like upstream."""
+    """(relpath, label) of a split's test images; cases have 1-3 slices named ``%<n>`` like upstream.
+
+    ``official-clean``: official's without its first image (as if it had a near-duplicate in the other class).
+    """
+    if split == "official-clean":
+        return split_images("official", seed)[1:]
     rng = np.random.default_rng({"official": 1, "random70": 2}[split] * 1000 + seed)
     cases = 30 if split == "official" else 40
     images = []
@@ -37,7 +42,7 @@ def split_images(split: str, seed: int = 42) -> list[tuple[str, int]]:
 def predictions(backbone: str, split: str, seed: int = 42) -> pd.DataFrame:
     strength, _random = BACKBONES[backbone]
     rows = split_images(split, seed)
-    rng = np.random.default_rng([list(BACKBONES).index(backbone), SPLITS.index(split), seed])
+    rng = np.random.default_rng([list(BACKBONES).index(backbone), (*SPLITS, "official-clean").index(split), seed])
     labels = np.array([label for _, label in rows])
     logits = (2 * labels - 1) * strength + rng.normal(0, 1.2, len(rows))
     probability = 1 / (1 + np.exp(-logits))

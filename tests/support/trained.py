@@ -1,7 +1,7 @@
 """The session's one trained DAG run: what the whole-DAG, MLflow/promotion and registry tests read.
 
 ``conftest.trained_run`` runs the transfer-learning DAG once with ``dag.test()`` (real spark-submit
-per backbone): the three backbones on both splits of the synthetic dataset, stand-in ImageNet
+per backbone): the three backbones on the default splits of the synthetic dataset, stand-in ImageNet
 weights files (so the gate promotes, and the report has a gallery), the stacked ensemble asked for
 (param ``stacked``), MLflow tracking on in an
 embedded store under its own COVIDCT_HOME. Tests read what it left; a test that runs more DAG

@@ -1,7 +1,10 @@
-"""Train/test splits: ``random70`` (the study's protocol) and ``official`` (patient-level lists).
+"""Train/test splits: ``random70`` (the study's protocol), ``official`` (patient-level lists) and
+``official-clean`` (``official`` without the test images that are near-duplicates of an image of the
+other class or of another official split).
 
-Both are computed on the driver from the sorted relative paths, so the same seed gives
-the same split whatever the Spark partitioning, local or on a cluster.
+All are computed on the driver from the sorted relative paths (and, for ``official-clean``, the
+dataset's manifest), so the same seed gives the same split whatever the Spark partitioning, local
+or on a cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from covidct.data.dataset import group_key, split_lists
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("random70", "official")
+SPLITS = ("random70", "official", "official-clean")
+#: What ``--split both`` means (kept from before ``official-clean`` existed).
+BOTH = ("random70", "official")
+#: The splits made of the published patient-level lists: whole patients per side, resampled and folded as such.
+PATIENT_SPLITS = ("official", "official-clean")
+#: A split made from another by leaving test images out: same training images, so the same models.
+CLEANED_FROM = {"official-clean": "official"}
 TEST_FRACTION = 0.3
 #: ``--seeds`` / the DAG's ``seeds``: seeds and inclusive ranges, comma-separated ("0-9", "1,5,20-24").
 SEEDS_PATTERN = r"^[0-9]{1,10}(-[0-9]{1,10})?(,[0-9]{1,10}(-[0-9]{1,10})?)*$"
@@ -28,11 +37,11 @@ STACK_FOLDS = 5
 
 
 def parse_splits(value: str | list[str]) -> list[str]:
-    """'official,random70' / 'both' / ['official'] -> validated list, in a stable order."""
+    """'official,random70' / 'both' (random70 + official) / ['official'] -> validated list, in SPLITS' order."""
     items = value if isinstance(value, list) else str(value).split(",")
     names = [s.strip().lower() for s in items if s.strip()]
     if names == ["both"]:
-        names = list(SPLITS)
+        names = list(BOTH)
     unknown = [s for s in names if s not in SPLITS]
     if unknown or not names:
         raise CovidctError(f"unknown split {', '.join(unknown) or value!r}; choose from {', '.join(SPLITS)}")
@@ -119,10 +128,58 @@ def official(relpaths: list[str], data_dir) -> dict[str, str]:
     return {p: s for p, s in assignment.items() if p in present}
 
 
+def official_clean(relpaths: list[str], data_dir, manifest=None) -> dict[str, str]:
+    """``official`` without every test image that shows the same picture as an image of the other class or
+    of another official split list.
+
+    The pairs are ``covidct.data.duplicates.near_duplicates`` of the dataset's manifest (``manifest``, or
+    ``load_manifest(data_dir)``: ``DIR/manifest.parquet``, or built from the files): a test image on either
+    side of a pair ``across classes`` or ``across splits`` is left out; the pair's training images stay.
+    With no such pair it equals ``official``. On UCSD COVID-CT it leaves out ``CT_COVID/kjr-21-e24-p5-29.png``
+    and ``kjr-21-e24-p5-31.png`` (the pictures of ``CT_NonCOVID/71%0.jpg`` and ``71%1.jpg``, which are train).
+    """
+    from covidct.data.duplicates import ACROSS_CLASSES, ACROSS_SPLITS, BITS, near_duplicates
+    from covidct.data.manifest import load_manifest
+
+    mapping = official(relpaths, data_dir)
+    pairs = near_duplicates(load_manifest(data_dir) if manifest is None else manifest)
+    pairs = pairs[pairs["kind"].isin([ACROSS_CLASSES, ACROSS_SPLITS])]
+    left_out: set[str] = set()
+    for pair in pairs.itertuples(index=False):  # closest first
+        for side, other in (("a", "b"), ("b", "a")):
+            relpath = getattr(pair, f"relpath_{side}")
+            if mapping.get(relpath) != "test":
+                continue
+            left_out.add(relpath)
+            label = "COVID" if getattr(pair, f"label_{other}") == 1 else "non-COVID"
+            log.info("official-clean leaves out test image %s: the same picture as %s (%s, %s), %d of %d bits "
+                     "apart (%s)", relpath, getattr(pair, f"relpath_{other}"), label,
+                     getattr(pair, f"split_{other}") or "in no split list", pair.distance, BITS, pair.kind)  # fmt: skip
+    n_test = sum(v == "test" for v in mapping.values())
+    if not left_out:
+        log.info("official-clean: no official test image has a near-duplicate across classes or splits; "
+                 "it equals official (%d test images)", n_test)  # fmt: skip
+    else:
+        log.info("official-clean: %d of %d official test images left out (%d test images)", len(left_out), n_test,
+                 n_test - len(left_out))  # fmt: skip
+    return {p: s for p, s in mapping.items() if p not in left_out}
+
+
+def split_mapping(split: str, relpaths: list[str], seed: int, data_dir) -> dict[str, str]:
+    """relpath -> 'train' / 'test' of ``split`` (images outside it absent)."""
+    if split == "random70":
+        return random70(relpaths, seed)
+    if split == "official":
+        return official(relpaths, data_dir)
+    if split == "official-clean":
+        return official_clean(relpaths, data_dir)
+    raise CovidctError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+
+
 def assign(images: DataFrame, split: str, seed: int, data_dir) -> DataFrame:
     """``images`` with a ``split`` column ('train'/'test'); images outside the split are dropped."""
     relpaths = [r.relpath for r in images.select("relpath").collect()]
-    mapping = random70(relpaths, seed) if split == "random70" else official(relpaths, data_dir)
+    mapping = split_mapping(split, relpaths, seed, data_dir)
     if not any(v == "test" for v in mapping.values()) or not any(v == "train" for v in mapping.values()):
         raise CovidctError(f"the {split} split of {len(relpaths)} images leaves no train or no test images")
     spark = images.sparkSession

@@ -55,8 +55,9 @@ from covidct.modelling.runfolder import SEEDS_DIR, canonical_backbone, find_metr
 
 log = logging.getLogger(__name__)
 
-#: The members' models the saved ensemble uses: the first of these splits they were trained on.
-MODEL_SPLITS = ("official", "random70")
+#: The members' models the saved ensemble uses: the first of these splits they were trained on (official
+#: wherever it ran, as the promotion gate compares on it; official-clean only in a run without official).
+MODEL_SPLITS = ("official", "official-clean", "random70")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from covidct.data.dataset import group_key
+from covidct.data.split import PATIENT_SPLITS
 from covidct.features.backbone import BACKBONES
 from covidct.modelling import stats
 from covidct.modelling.runfolder import PREDICTIONS, canonical_backbone, read_predictions
@@ -28,10 +29,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLIT_ORDER = ("random70", "official")
+SPLIT_ORDER = ("random70", "official", "official-clean")
 SPLIT_TITLES = {
     "random70": "random70: seeded image-level 70/30 split (the study's protocol)",
     "official": "official: the published patient-level split lists (not directly comparable with the study)",
+    "official-clean": "official-clean: the official lists without the test images that show the same picture as "
+    "an image of the other class or of another split",
 }
 #: (metrics.json key, column title, shown as a percentage)
 COLUMNS = (
@@ -220,7 +223,7 @@ def bootstrap_entry(entry: Entry, n_resamples: int, seed: int) -> None:
     frame = entry.predictions
     if frame is None:
         return
-    groups = [group_key(p) for p in frame["relpath"]] if entry.split == "official" else None
+    groups = [group_key(p) for p in frame["relpath"]] if entry.split in PATIENT_SPLITS else None
     entry.bootstrap = stats.bootstrap(
         frame["label"].to_numpy(),
         frame["prediction"].to_numpy(),
