@@ -16,12 +16,15 @@ on the UCSD COVID-CT dataset (349 COVID / 397 non-COVID images).
    The cluster is the `spark_default` connection: `local[*]`, a standalone master, YARN or
    Kubernetes, without changing this file.
    With `seeds` (e.g. `0-9`) each job also repeats the random70 split per seed from the same features.
+   Param `view` shows the backbones only the body (`body`, `body-blank`), `flips` adds test-time flips;
+   each job also measures where each model's evidence lies (its share inside the body).
 6. **ensemble** combines the backbones that succeeded (two or more): the mean of their COVID
    probabilities (the product's model, `covidct predict --model <run>/ensemble`) and, with param
    `stacked`, a stacked LR fitted on out-of-fold training predictions only (each train job then
    also fits its LR once per fold on the other folds: 5 more fits per split).
 7. **report** compares the backbones and the ensembles (tables with 95 % CIs, ROC, confusion,
-   calibration, McNemar; mean ± sd over seeds); it runs when at least one chosen backbone succeeded
+   calibration, McNemar; mean ± sd over seeds), beside shortcut baselines that never see the anatomy
+   and where each backbone's evidence lies; it runs when at least one chosen backbone succeeded
    and names those that failed (a run with a failed backbone stays green if the report could compare
    the rest; the failed task is red).
 8. **promote** compares the run's best model on the official split (a backbone or the ensemble) with
@@ -52,6 +55,7 @@ from airflow.sdk import CronTriggerTimetable, Param, chain, dag, task
 
 from covidct.core import paths
 from covidct.data import duplicates
+from covidct.data.body import VIEWS
 from covidct.data.split import SEEDS_PATTERN, SPLITS, STACK_FOLDS
 from covidct.features.backbone import POOLINGS, PRECISIONS
 from covidct.orchestration import alerts, bounds, pipeline, policy
@@ -93,12 +97,14 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             description="ImageNet backbones to compare (one Spark job each).",
         ),
         "splits": Param(
-            ["official", "random70"],
+            ["official", "official-clean", "random70"],
             type="array",
             items={"type": "string", "enum": list(SPLITS)},
             minItems=1,
             uniqueItems=True,
-            description="official: the published patient-level lists; random70: seeded 70/30 (the study's protocol).",
+            description="official: the published patient-level lists; official-clean: official without the test "
+            "images that show the same picture as an image of the other class or of another split (one more LR fit "
+            "per backbone, same features); random70: seeded 70/30 (the study's protocol).",
         ),
         "seed": Param(42, type="integer", minimum=0, description="Seed of the random70 split and of random weights."),
         "seeds": Param(
@@ -132,6 +138,20 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             enum=list(PRECISIONS),
             description="float32 (faithful), or bfloat16: ~2x faster featurization on CPUs with AVX512_BF16/AMX "
             "(features within ~1 %).",
+        ),
+        "view": Param(
+            "full",
+            type="string",
+            enum=list(VIEWS),
+            description="What the backbones see: full (the whole picture), body (cropped to the body's bounding "
+            "box) or body-blank (cropped, and black outside the body): no margins, borders or labels of the "
+            "paper the picture came from. Each has its own feature cache; saved models apply it when they predict.",
+        ),
+        "flips": Param(
+            False,
+            type="boolean",
+            description="Test-time flips: each image's features are the mean of its own and its mirror image's "
+            "(twice the featurization).",
         ),
         "data_source": Param(
             None,
@@ -244,6 +264,10 @@ def covid_ct_transfer_learning():
                 "{{ params.pooling }}",
                 "--precision",
                 "{{ params.precision }}",
+                "--view",
+                "{{ params.view }}",
+                "--flips",
+                "{{ 'on' if params.flips else 'off' }}",
                 "--stack-folds",
                 "{{ " + str(STACK_FOLDS) + " if params.stacked else 0 }}",  # out-of-fold fits: the stacked ensemble
                 "--cache",

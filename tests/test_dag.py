@@ -80,7 +80,8 @@ def test_train_tasks_are_spark_submits_of_the_job_through_spark_default(dag):
         args = task.application_args
         assert args[args.index("--backbone") + 1].lower() == task_id[6:]
         # Every job-level param of the trigger form reaches the job.
-        for param in ("splits", "seed", "seeds", "weights", "pooling", "precision", "stacked", "feature_cache"):
+        for param in ("splits", "seed", "seeds", "weights", "pooling", "precision", "view", "flips", "stacked",
+                      "feature_cache"):  # fmt: skip
             assert any(f"params.{param}" in str(a) for a in args), param
 
 
@@ -91,13 +92,15 @@ def test_params_have_descriptions_defaults_and_validate(dag):
     assert all(params.get_param(k).description for k in params)
     assert params.validate()["backbones"] == ["VGG16", "VGG19", "Xception"]
     assert params.validate()["seeds"] is None  # default: random70 with `seed` only, as before
+    assert params.validate()["splits"] == ["official", "official-clean", "random70"]
     for good in ("0-9", "1,5,20-24", "42"):
         candidate = copy.deepcopy(params)
         candidate.update({"seeds": good})
         assert candidate.validate()["seeds"] == good
     for bad in ({"backbones": ["AlexNet"]}, {"backbones": []}, {"splits": ["random80"]}, {"pooling": "max"},
                 {"seed": -1}, {"seeds": "0-9; rm -rf /"}, {"seeds": "-1"}, {"seeds": "0 - 9"}, {"seeds": ""},
-                {"seeds": "{{ 7*7 }}"}, {"seeds": 5}, {"near_duplicates": "ignore"}):  # fmt: skip
+                {"seeds": "{{ 7*7 }}"}, {"seeds": 5}, {"near_duplicates": "ignore"},
+                {"view": "lungs"}, {"flips": "yes"}):  # fmt: skip
         with pytest.raises(ParamValidationError):
             candidate = copy.deepcopy(params)
             candidate.update(bad)
@@ -153,10 +156,10 @@ def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
     assert set(run.states) == {t.task_id for t in dag.tasks}
     # Stand-in ImageNet weights (not random): a gallery of maps per split.
     summary = json.loads((run.run_dir / "report" / "summary.json").read_text())
-    assert set(summary["splits"]) == {"official", "random70"}
+    assert set(summary["splits"]) == {"official", "official-clean", "random70"}  # the DAG's default splits
     assert all(split["gallery"] for split in summary["splits"].values()), summary["splits"]
     for backbone in ("vgg16", "vgg19", "xception"):
-        for split in ("official", "random70"):
+        for split in ("official", "official-clean", "random70"):
             metrics = json.loads((run.run_dir / backbone / split / "metrics.json").read_text())
             assert metrics["split"] == split and metrics["seed"] == 5 and metrics["random_weights"] is False
     html = (run.run_dir / "report" / "report.html").read_text()

@@ -60,6 +60,17 @@ def test_report_files_and_default_location(built):
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+def test_the_shortcut_baselines_section_says_why_without_the_data_folder(built):
+    _run, rep, html, md = built
+    shortcuts = json.loads(rep.summary_json.read_text())["shortcuts"]
+    assert [p["split"] for p in shortcuts["splits"]] == ["random70", "official"]  # the comparison's order
+    for part in shortcuts["splits"]:  # the run folders name /data/COVID-CT, which is not there
+        assert part["rows"] == [] and part["reason"].startswith("the data folder the backbones were trained on cannot")
+        assert f"No shortcut baselines on {part['split']}: {part['reason']}." in md
+    assert html.count("<h2>Shortcut baselines: models that never see the anatomy</h2>") == 1
+    assert md.index("## Timings and feature cache") < md.index("## Shortcut baselines: models that never see")
+
+
 def test_every_backbone_row_per_split(built):
     _run, rep, html, md = built
     for text, marker in ((html, "<h2>"), (md, "\n## ")):
@@ -361,6 +372,33 @@ def test_ensemble_rows_get_intervals_mcnemar_and_curves(tmp_path):
     assert "Ensemble" not in {r["backbone"] for r in rep.summary["timings"]}  # no job of its own
     md = rep.markdown.read_text(encoding="utf-8")
     assert "| Ensemble **⚠ RANDOM WEIGHTS** — not a meaningful result |" in md
+
+
+def test_official_clean_beside_official_in_the_report_and_the_ensemble(tmp_path):
+    from covidct.modelling.ensemble import build_ensemble
+
+    run = tmp_path / "run"
+    for backbone in ("VGG16", "VGG19"):
+        for split in ("random70", "official", "official-clean"):
+            write_result(run / backbone.lower() / split, backbone, split)  # OUT/<split>/, as a job with three splits
+    result = build_ensemble(run)
+    assert set(result.splits) == {"random70", "official", "official-clean"}
+    assert result.model_split == "official"  # the saved ensemble's members stay those trained on official
+    rep = reportlib.build_report([run], gallery=0)
+    assert list(rep.splits) == ["random70", "official", "official-clean"]
+    clean = rep.summary["splits"]["official-clean"]
+    assert [r["label"] for r in clean["rows"]] == ["VGG16", "VGG19", "Ensemble"]
+    assert {r["bootstrap_unit"] for r in clean["rows"]} == {"patient"}  # whole patients, as on official
+    assert all(m["tested"] and m["n"] == len(split_images("official")) - 1 for m in clean["mcnemar"])
+    html, md = rep.html.read_text(encoding="utf-8"), rep.markdown.read_text(encoding="utf-8")
+    title = "official-clean: the official lists without the test images that show the same picture as"
+    assert html.index("<h2>official:") < html.index(f"<h2>{title}") and md.index("\n## official:") < md.index(
+        f"\n## {title}"
+    )
+    for kind in ("roc", "confusion", "calibration"):
+        assert (rep.out / f"{kind}_official-clean.png").is_file()
+        assert f"]({kind}_official-clean.png)" in md
+    assert "alt='ROC curves, official-clean split'" in html
 
 
 def test_repeated_seeds_table_with_the_study_percentile(tmp_path):

@@ -29,6 +29,7 @@ def single_run(spark, small_dataset, tmp_path_factory):
 
 def test_writes_metrics_model_and_predictions(single_run):
     assert sorted(p.name for p in single_run.iterdir()) == [
+        "evidence.parquet",
         "metrics.json",
         "model",
         "oof.parquet",

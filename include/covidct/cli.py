@@ -19,6 +19,7 @@ from covidct.core.errors import CovidctError
 from covidct.core.locks import DEFAULT_WAIT
 from covidct.core.spark_errors import user_error
 from covidct.data import duplicates
+from covidct.data.body import VIEWS
 from covidct.data.split import STACK_FOLDS
 from covidct.features.backbone import POOLINGS
 
@@ -33,8 +34,9 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--split",
         default="random70",
-        help="random70 (seeded 70/30, the study's protocol), official (patient-level lists), "
-        "or several: official,random70 / both (features computed once)",
+        help="random70 (seeded 70/30, the study's protocol), official (patient-level lists), official-clean "
+        "(official without the test images that are near-duplicates of another class's or split's image), "
+        "or several: official,official-clean,random70 / both = official,random70 (features computed once)",
     )
     p.add_argument("--seed", type=int, default=42, help="seed of the random70 split (and of random weights)")
     p.add_argument(
@@ -69,6 +71,27 @@ def _add_train(sub) -> None:
         default="float32",
         choices=["float32", "bfloat16"],
         help="bfloat16: ~2x faster featurization on CPUs with AVX512_BF16/AMX, features within ~1 %%",
+    )
+    p.add_argument(
+        "--view",
+        default="full",
+        choices=VIEWS,
+        help="what the backbone sees: full (the whole picture), body (cropped to the body's bounding box) or "
+        "body-blank (cropped, and black outside the body): no margins, borders or labels of the source figure",
+    )
+    p.add_argument(
+        "--flips",
+        choices=["on", "off"],
+        default="off",
+        help="on: test-time flips, each image's features are the mean of its own and its mirror image's "
+        "(2x the passes)",
+    )
+    p.add_argument(
+        "--evidence",
+        choices=["on", "off"],
+        default="on",
+        help="the share of each model's evidence that lies inside the body, over the test images "
+        "(one more pass over them; avg pooling only)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per Keras forward pass")
     p.add_argument("--max-iter", type=int, default=20)
@@ -109,6 +132,9 @@ def _cmd_train(args) -> int:
         weights=args.weights,
         pooling=args.pooling,
         precision=args.precision,
+        view=args.view,
+        flips=args.flips == "on",
+        evidence=args.evidence == "on",
         batch_size=args.batch_size,
         max_iter=args.max_iter,
         reg_param=args.reg_param,

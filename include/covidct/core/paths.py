@@ -4,6 +4,7 @@
     $COVIDCT_HOME/runs/<run id>/...     one folder per pipeline run (never shared by two runs)
     $COVIDCT_HOME/feature-cache/        cached features ($COVIDCT_CACHE_DIR overrides)
     $COVIDCT_HOME/gallery-cache/        the report's galleries of maps, reused for the same models and images
+    $COVIDCT_HOME/cues/                 the report's shortcut cues per image (``covidct.data.cues``), per dataset
     $COVIDCT_HOME/incoming/             new scans the scoring DAG scores ($COVIDCT_INCOMING_DIR overrides)
     $COVIDCT_HOME/scores/<run id>/...   one folder per scoring run; scores/_ledger/: what each model version scored
 

@@ -2,12 +2,13 @@
 
 Layout::
 
-    CACHE/<backbone>/<weights identity>/<pooling>/<precision>/<preprocessing version>/*.parquet
+    CACHE/<backbone>/<weights identity>/<pooling>/<precision>/<preprocessing>/*.parquet
         columns: sha256 (of the image file), features (array<float>)
 
 A run featurizes only the images whose sha256 is missing under its key and reuses
 the rest. Other weights, pooling, precision or preprocessing live under another key, so stale
-features are never reused. New features are written by Spark into a hidden staging
+features are never reused (``preprocessing``: ``covidct.data.image.preprocessing_id``, the decoding's
+version, the view of the picture and flips). New features are written by Spark into a hidden staging
 folder and then renamed into place file by file; Spark's readers skip hidden files and
 ``.tmp`` names, so a crash mid-write leaves only complete files visible. Two runs
 writing the same images at once just leave duplicates, which readers drop.

@@ -13,8 +13,10 @@ Keras runs in the Python workers through an iterator pandas UDF: the model is bu
 once per worker process and reused across tasks, images go through it in batches of
 ``batchSize``, and TensorFlow uses as many threads as the task has cores
 (``spark.task.cpus``). Defining or saving the stage never imports TensorFlow on the
-driver. An image that cannot be decoded fails the job with an error naming the file
-(the ``path`` column, when the DataFrame has one).
+driver. ``view`` shows the backbone the whole picture or only the body (``covidct.data.body``) and
+``flips`` averages each image's features with its mirror image's; both are saved with the stage, so a
+saved model applies them to new images. An image that cannot be decoded fails the job with an error
+naming the file (the ``path`` column, when the DataFrame has one).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, BinaryType, FloatType, StructType
 
 from covidct.core.errors import CovidctError
+from covidct.data.body import VIEWS
+from covidct.data.image import preprocessing_id
 from covidct.features.backbone import (
     POOLINGS,
     PRECISIONS,
@@ -65,6 +69,13 @@ def _to_precision(value) -> str:
     value = TypeConverters.toString(value).lower()
     if value not in PRECISIONS:
         raise TypeError(f"precision must be one of {PRECISIONS}, got {value!r}")
+    return value
+
+
+def _to_view(value) -> str:
+    value = TypeConverters.toString(value).lower()
+    if value not in VIEWS:
+        raise TypeError(f"view must be one of {VIEWS}, got {value!r}")
     return value
 
 
@@ -102,6 +113,19 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         "features within ~1 %)",
         _to_precision,
     )
+    view = Param(
+        Params._dummy(),
+        "view",
+        "what the backbone sees: 'full' (the whole picture), 'body' (cropped to the body's bounding box) or "
+        "'body-blank' (cropped, and black outside the body); covidct.data.body",
+        _to_view,
+    )
+    flips = Param(
+        Params._dummy(),
+        "flips",
+        "test-time flips: the features are the mean of the picture's and its mirror image's (twice the passes)",
+        TypeConverters.toBoolean,
+    )
     batchSize = Param(Params._dummy(), "batchSize", "images per Keras forward pass (> 0)", TypeConverters.toInt)
     seed = Param(Params._dummy(), "seed", "seed of the random weights when weights='none'", TypeConverters.toInt)
 
@@ -115,13 +139,15 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         pooling: str = "avg",
         weights: str | None = "imagenet",
         precision: str = "float32",
+        view: str = "full",
+        flips: bool = False,
         batchSize: int = 32,
         seed: int = 0,
     ):
         super().__init__()
         self._setDefault(
             inputCol="image", outputCol="features", modelName="VGG16", pooling="avg", weights="imagenet",
-            precision="float32", batchSize=32, seed=0,
+            precision="float32", view="full", flips=False, batchSize=32, seed=0,
         )  # fmt: skip
         self.setParams(**self._input_kwargs)
 
@@ -135,6 +161,8 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
         pooling: str = "avg",
         weights: str | None = "imagenet",
         precision: str = "float32",
+        view: str = "full",
+        flips: bool = False,
         batchSize: int = 32,
         seed: int = 0,
     ) -> DeepImageFeaturizer:
@@ -174,6 +202,22 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
 
     def getPrecision(self) -> str:
         return self.getOrDefault(self.precision)
+
+    def setView(self, value: str) -> DeepImageFeaturizer:
+        return self._set(view=value)
+
+    def getView(self) -> str:
+        return self.getOrDefault(self.view)
+
+    def setFlips(self, value: bool) -> DeepImageFeaturizer:
+        return self._set(flips=value)
+
+    def getFlips(self) -> bool:
+        return self.getOrDefault(self.flips)
+
+    def preprocessing(self) -> str:
+        """What the backbone is shown (``covidct.data.image.preprocessing_id``): the feature cache's key."""
+        return preprocessing_id(self.getView(), self.getFlips())
 
     def setBatchSize(self, value: int) -> DeepImageFeaturizer:
         return self.setParams(batchSize=value)
@@ -220,6 +264,8 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
             self.getPrecision(),
             self.getBatchSize(),
             self.getSeed(),
+            self.getView(),
+            self.getFlips(),
         )
         return udf(F.col(input_col), names)
 
@@ -228,12 +274,13 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
 
 
 def _featurize_udf(
-    kind: str, model_name: str, weights: str, pooling: str, precision: str, batch_size: int, seed: int
+    kind: str, model_name: str, weights: str, pooling: str, precision: str, batch_size: int, seed: int, view: str,
+    flips: bool,
 ):  # fmt: skip
     @F.pandas_udf(ArrayType(FloatType()))
     def featurize(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
         model = worker_model(model_name, weights, pooling, seed, precision)
         for images, names in batches:
-            yield pd.Series(list(model.features(images, names, kind, batch_size)))
+            yield pd.Series(list(model.features(images, names, kind, batch_size, view, flips)))
 
     return featurize

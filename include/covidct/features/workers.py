@@ -21,6 +21,7 @@ import pandas as pd
 from pyspark.sql import DataFrame
 
 from covidct.data import image as imagelib
+from covidct.data.body import FULL
 from covidct.features.backbone import MULTI_LAYER_POOLINGS, get_backbone, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -101,21 +102,40 @@ class WorkerModel:
             keras.mixed_precision.set_global_policy(previous)
         self.model = base
         self.dim = backbone.feature_dim(pooling)
+        self.pooling = pooling
+        self._conv = None
 
-    def decode(self, item, name, kind: str) -> np.ndarray:
+    def conv_block(self, x: np.ndarray) -> np.ndarray:
+        """The last conv block ``(n, h, w, C)`` of preprocessed inputs (``avg`` pooling: what it averages)."""
+        if self.pooling != "avg":
+            raise ValueError(f"the last conv block is kept apart only for avg pooling, not {self.pooling}")
+        if self._conv is None:
+            import keras
+
+            self._conv = keras.Model(self.model.inputs, self.model.layers[-1].input, name=self.model.name + "_conv")
+        return np.asarray(self._conv.predict_on_batch(x), dtype=np.float32)
+
+    def decode(self, item, name, kind: str, view: str = FULL) -> np.ndarray:
         """One image (file bytes, or Spark's image struct for ``kind`` "struct") as the backbone's input array."""
         if kind == "struct":
-            return imagelib.from_image_struct(item, self.size)
-        return imagelib.decode(item, self.size, name)
+            return imagelib.from_image_struct(item, self.size, view)
+        return imagelib.decode(item, self.size, name, view)
 
-    def features(self, images, names: pd.Series, kind: str, batch_size: int) -> np.ndarray:
+    def features(
+        self, images, names: pd.Series, kind: str, batch_size: int, view: str = FULL, flips: bool = False
+    ) -> np.ndarray:
+        """The features of a batch of images; ``flips``: the mean of the picture's and its mirror image's."""
         rows = images.to_dict("records") if kind == "struct" else list(images)
         names = [n if isinstance(n, str) else f"row {i}" for i, n in enumerate(names)]
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for start in range(0, len(rows), batch_size):
             stop = min(start + batch_size, len(rows))
-            batch = np.stack([self.decode(rows[i], names[i], kind) for i in range(start, stop)])
-            out[start:stop] = np.asarray(self.model.predict_on_batch(self.preprocess(batch)), dtype=np.float32)
+            x = self.preprocess(np.stack([self.decode(rows[i], names[i], kind, view) for i in range(start, stop)]))
+            feats = np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+            if flips:
+                mirrored = np.asarray(self.model.predict_on_batch(x[:, :, ::-1, :].copy()), dtype=np.float32)
+                feats = (feats + mirrored) / 2
+            out[start:stop] = feats
         return out
 
 

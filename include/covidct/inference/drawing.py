@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from covidct.data.body import FULL, apply_view
 from covidct.data.dataset import LABEL_NAMES
 from covidct.data.image import open_image, to_rgb
 from covidct.inference.explainer import CAM
@@ -27,6 +28,7 @@ class Panel:
     method: str
     probability: float
     map: np.ndarray  # raw (h, w), evidence for COVID
+    view: str = FULL  # the picture the map is over: the whole picture or the body (covidct.data.body)
 
 
 PAD, HEAD_H, CBAR_W, MIN_SLOT_W, DPI = 8, 52, 78, 320, 100
@@ -63,7 +65,8 @@ def render(
     from matplotlib.figure import Figure
     from PIL import Image
 
-    scan = to_rgb(open_image(image, name)).convert("L")
+    # The scan as the backbone saw it (its view), so that the map lies over what it was computed on.
+    scan = apply_view(to_rgb(open_image(image, name)), panels[0].view if panels else FULL).convert("L")
     geo = layout(scan.width, scan.height, len(panels), max_side)
     (fig_w, fig_h), (w, h) = geo["size"], geo["scan"]
     if (w, h) != scan.size:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from covidct.data.body import FULL
 from covidct.features.backbone import MULTI_LAYER_POOLINGS, get_backbone
 from covidct.features.workers import WorkerCache, model_key, worker_model
 
@@ -59,8 +60,14 @@ class Explainer:
         self.model = keras.Model(base.inputs, [conv, base.output], name=base.name + "_explain")
         self.method = method_for(pooling)
 
-    def explain(self, images, names: pd.Series, batch_size: int, coef: np.ndarray):
-        """``features (n, dim) float32`` and the raw maps ``[(h, w) float32]`` of a batch of image bytes."""
+    def explain(
+        self, images, names: pd.Series, batch_size: int, coef: np.ndarray, view: str = FULL, flips: bool = False
+    ):
+        """``features (n, dim) float32`` and the raw maps ``[(h, w) float32]`` of a batch of image bytes.
+
+        ``view``: the picture the featurizer shows (``covidct.data.body``); ``flips``: the maps and features
+        of the picture and of its mirror image (its map mirrored back), averaged, as the featurizer does.
+        """
         rows = list(images)
         names = [n if isinstance(n, str) else f"row {i}" for i, n in enumerate(names)]
         feats = np.empty((len(rows), self.worker.dim), dtype=np.float32)
@@ -69,9 +76,14 @@ class Explainer:
             batch_size = min(batch_size, GRAD_CAM_BATCH)
         for start in range(0, len(rows), batch_size):
             stop = min(start + batch_size, len(rows))
-            batch = np.stack([self.worker.decode(rows[i], names[i], "bytes") for i in range(start, stop)])
+            batch = np.stack([self.worker.decode(rows[i], names[i], "bytes", view) for i in range(start, stop)])
             x = self.worker.preprocess(batch)
-            cams, out = self._cam(x, coef) if self.method == CAM else self._grad_cam(x, coef)
+            method = self._cam if self.method == CAM else self._grad_cam
+            cams, out = method(x, coef)
+            if flips:
+                mirrored_cams, mirrored_out = method(x[:, :, ::-1, :].copy(), coef)
+                cams = (np.asarray(cams) + np.asarray(mirrored_cams)[:, :, ::-1]) / 2
+                out = (np.asarray(out) + np.asarray(mirrored_out)) / 2
             feats[start:stop] = out
             maps.extend(cams)
         return feats, maps

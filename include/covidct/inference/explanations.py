@@ -110,6 +110,7 @@ def _spec(item: Item) -> dict:
                 "method": p.method,
                 "probability": p.probability,
                 "map": np.asarray(p.map, dtype=np.float32).tolist(),
+                "view": p.view,
             }
             for p in item.panels
         ],
@@ -132,7 +133,7 @@ def _render_udf(staging: str, final: str, max_side: int | None):
 
 def _draw_one(image: bytes, path: str, name: str, spec: dict, staging: Path, max_side: int | None):
     panels = [
-        Panel(p["backbone"], p["method"], float(p["probability"]), np.asarray(p["map"], dtype=np.float32))
+        Panel(p["backbone"], p["method"], float(p["probability"]), np.asarray(p["map"], dtype=np.float32), p["view"])
         for p in spec["panels"]
     ]
     png = render(image, path, spec["headline"], panels, bool(spec["covid"]), max_side)
@@ -178,8 +179,7 @@ def explain_rows(
     items = []
     for r in rows:
         panels = tuple(
-            Panel(b, maps[b][r["path"]].method, maps[b][r["path"]].probability, maps[b][r["path"]].map)
-            for b in backbones
+            Panel(b, e.method, e.probability, e.map, e.view) for b in backbones for e in (maps[b][r["path"]],)
         )
         title = backbones[0] if len(backbones) == 1 else f"Ensemble ({r.get('method', 'mean')})"
         items.append(

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from covidct.core.errors import CovidctError
 from covidct.core.spark_errors import spark_errors
+from covidct.data.body import FULL
 from covidct.features.featurizer import DeepImageFeaturizer
 from covidct.features.workers import bound_arrow_batches
 from covidct.inference.explainer import map_layer, method_for, worker_explainer
@@ -38,6 +39,7 @@ class Explained:
     prediction: int
     logit: float  # Spark's rawPrediction[1]: the LR's margin
     map: np.ndarray  # (h, w) float32, evidence for COVID before upsampling and ReLU
+    view: str = FULL  # what the backbone saw (covidct.data.body): the map lies over that picture
 
 
 def load_model(model_dir: Path) -> tuple[DeepImageFeaturizer, LogisticRegressionModel]:
@@ -73,6 +75,8 @@ def explain_model(model_dir: Path, df: DataFrame) -> dict[str, Explained]:
         featurizer.getSeed(),
         featurizer.getBatchSize(),
         coef,
+        featurizer.getView(),
+        featurizer.getFlips(),
     )
     features = featurizer.getOutputCol()
     scored = lr.transform(
@@ -99,19 +103,21 @@ def explain_model(model_dir: Path, df: DataFrame) -> dict[str, Explained]:
             int(r.pred),
             float(r.logit),
             np.asarray(r.map, dtype=np.float32).reshape(r.map_h, r.map_w),
+            featurizer.getView(),
         )
         for r in rows
     }
 
 
 def _maps_udf(
-    model_name: str, weights: str, pooling: str, precision: str, seed: int, batch_size: int, coef: np.ndarray
-):
+    model_name: str, weights: str, pooling: str, precision: str, seed: int, batch_size: int, coef: np.ndarray,
+    view: str, flips: bool,
+):  # fmt: skip
     @F.pandas_udf("features array<float>, map array<float>, map_h int, map_w int")
     def maps(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         explainer = worker_explainer(model_name, weights, pooling, seed, precision)
         for images, names in batches:
-            feats, cams = explainer.explain(images, names, batch_size, coef)
+            feats, cams = explainer.explain(images, names, batch_size, coef, view, flips)
             yield pd.DataFrame(
                 {
                     "features": list(feats),

@@ -6,7 +6,7 @@ A run's fingerprint is the sha256 of a canonical JSON of its components:
   official split list (``covidct.data.manifest.dataset_digest``);
 - ``params``: the DAG params, except those that cannot change a model (``NOT_MODEL_PARAMS``);
 - ``weights``: the weights identity of each chosen backbone (the file's sha256, or ``random-seedN``);
-- ``preprocessing``: ``covidct.data.image.PREPROCESSING_VERSION``;
+- ``preprocessing``: ``covidct.data.image.preprocessing_id`` of the ``view`` and ``flips`` params;
 - ``code``: the sha256 of the ``covidct`` package's files, and the versions of the libraries that
   compute features and fits (Spark, TensorFlow, Keras, scikit-learn, NumPy, Pillow).
 
@@ -33,7 +33,8 @@ from covidct.core.atomic import atomic_dir, write_text_atomic
 from covidct.core.errors import CovidctError
 from covidct.core.locks import locked
 from covidct.core.versions import code_version
-from covidct.data.image import PREPROCESSING_VERSION
+from covidct.data.body import FULL
+from covidct.data.image import preprocessing_id
 from covidct.data.manifest import dataset_digest, load_manifest
 from covidct.features.backbone import get_backbone, weights_identity
 from covidct.reporting.rendering import render
@@ -112,7 +113,7 @@ def compute(data_dir: str | Path, params: Mapping) -> Fingerprint:
         "dataset": dataset_digest(data_dir, manifest),
         "params": model_params(params),
         "weights": weights,
-        "preprocessing": PREPROCESSING_VERSION,
+        "preprocessing": preprocessing_id(params.get("view") or FULL, bool(params.get("flips"))),
         "code": code_version(),
     }
     return Fingerprint.of(components, complete)

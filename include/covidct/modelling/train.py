@@ -10,8 +10,8 @@ same three entries; the features are computed (or read from the cache) once for 
 
 Beside each ``predictions.parquet``, ``oof.parquet`` holds out-of-fold predictions on the
 training images (k-fold LR fits inside the train part, whole patients per fold on
-``official``): what the stacked ensemble (``covidct.modelling.ensemble``) is fitted on, so that it
-never sees a test image. ``--seeds`` repeats the random70 protocol per seed from the same
+``official`` and ``official-clean``): what the stacked ensemble (``covidct.modelling.ensemble``) is
+fitted on, so that it never sees a test image. ``--seeds`` repeats the random70 protocol per seed from the same
 features into ``OUT/random70-seeds/`` (``seeds.json``: metrics per seed; ``predictions.parquet``
 with a ``seed`` column, and ``oof.parquet`` with ``--stack-seeds``; no models).
 """
@@ -41,12 +41,13 @@ from covidct.core.session import get_spark, progress
 from covidct.core.spark_errors import spark_errors
 from covidct.core.versions import library_versions
 from covidct.data import split as splitlib
+from covidct.data.body import FULL, VIEWS
 from covidct.data.dataset import image_path, load_images
 from covidct.data.manifest import MANIFEST_NAME, fresh_manifest
 from covidct.features.backbone import PRECISIONS, get_backbone, is_random, normalize_weights, weights_identity
 from covidct.features.cache import CacheKey, FeatureCache
 from covidct.features.featurizer import DeepImageFeaturizer
-from covidct.modelling import stats
+from covidct.modelling import evidence, stats
 from covidct.modelling.evaluate import confusion, covid_probability, evaluate_collected
 from covidct.modelling.runfolder import SEEDS_DIR, write_predictions
 
@@ -66,6 +67,9 @@ class TrainConfig:
     weights: str = "imagenet"
     pooling: str = "avg"
     precision: str = "float32"
+    view: str = FULL  # what the backbone sees (covidct.data.body.VIEWS)
+    flips: bool = False  # test-time flips: features of the picture and its mirror image, averaged
+    evidence: bool = True  # the evidence-inside-body share of every split's model (avg pooling)
     batch_size: int = 32
     max_iter: int = 20
     reg_param: float = 0.05
@@ -91,6 +95,9 @@ class TrainConfig:
         self.precision = str(self.precision).lower()
         if self.precision not in PRECISIONS:
             raise CovidctError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        self.view = str(self.view).lower()
+        if self.view not in VIEWS:
+            raise CovidctError(f"unknown view {self.view!r}; choose from {', '.join(VIEWS)}")
         if self.batch_size <= 0 or self.max_iter <= 0:
             raise CovidctError("batch size and max iterations must be positive")
         if self.reg_param < 0 or not 0 <= self.elastic_net_param <= 1:
@@ -208,17 +215,19 @@ def train(
         weights=config.weights,
         pooling=config.pooling,
         precision=config.precision,
+        view=config.view,
+        flips=config.flips,
         batchSize=config.batch_size,
         seed=config.seed,
     )
     cache = FeatureCache(config.cache_dir) if config.cache_dir else None
-    key = CacheKey(backbone.name, weights_id, config.pooling, config.precision)
+    key = CacheKey(backbone.name, weights_id, config.pooling, config.precision, featurizer.preprocessing())
     t0 = time.monotonic()
     images, meta, n_images = image_table(spark, config.data_dir, cache, key)
     if n_images == 0:
         raise CovidctError(f"no images found under {config.data_dir}")
-    log.info("%d images in %s; featurizing with %s (%s pooling, %s, weights %s)", n_images, config.data_dir,
-             backbone.name, config.pooling, config.precision, weights_id)  # fmt: skip
+    log.info("%d images in %s; featurizing with %s (%s pooling, %s, weights %s, %s)", n_images, config.data_dir,
+             backbone.name, config.pooling, config.precision, weights_id, featurizer.preprocessing())  # fmt: skip
     with progress(spark, f"featurize {backbone.name}"), spark_errors():
         feats, cache_stats = featurize(spark, images, featurizer, cache, key, known=meta)
     featurize_s = time.monotonic() - t0
@@ -238,6 +247,9 @@ def train(
             "random_weights": is_random(config.weights),
             "pooling": config.pooling,
             "precision": config.precision,
+            "view": config.view,
+            "flips": config.flips,
+            "preprocessing": featurizer.preprocessing(),
             "feature_dim": backbone.feature_dim(config.pooling),
             "n_images": n_images,
             "cache": cache_stats,
@@ -256,6 +268,9 @@ def train(
             metrics.update(shared)
             metrics["timings"] = {"featurize_s": round(featurize_s, 3), **metrics["timings"]}
             results[split] = metrics
+        if config.evidence:
+            with progress(spark, f"{backbone.name}: where the evidence lies"):
+                locate_evidence(spark, config, featurizer, models, targets, results)
         if config.seeds:
             with progress(spark, f"{backbone.name}: random70 over {len(config.seeds)} seeds"):
                 repeat_seeds(config, data, staging / SEEDS_DIR, {**shared, "featurize_s": round(featurize_s, 3)})
@@ -272,6 +287,40 @@ def train(
     return results
 
 
+def locate_evidence(
+    spark: SparkSession,
+    config: TrainConfig,
+    featurizer: DeepImageFeaturizer,
+    models: dict[str, PipelineModel],
+    targets: dict[str, Path],
+    results: dict[str, dict],
+) -> None:
+    """Every split's evidence-inside-body share (``covidct.modelling.evidence``): ``metrics["evidence"]`` and
+    ``evidence.parquet`` (``relpath, evidence_inside_body, body_share``) per split; one pass over their test images."""
+    if config.pooling != "avg":
+        for metrics in results.values():
+            metrics["evidence"] = None  # no exact CAM for this pooling
+        log.info("no evidence-inside-body share for %s pooling (CAM needs avg pooling)", config.pooling)
+        return
+    t0 = time.monotonic()
+    tests = {split: pd.read_parquet(targets[split] / "predictions.parquet", columns=["relpath"]) for split in targets}
+    relpaths = sorted(set().union(*(set(t["relpath"]) for t in tests.values())))
+    lrs = {split: models[split].stages[1] for split in targets}
+    lrs = {split: (lr.coefficients.toArray(), lr.intercept) for split, lr in lrs.items()}
+    images = load_images(spark, config.data_dir, relpaths=relpaths)
+    frame = evidence.evidence_inside_body(images, featurizer, lrs)
+    seconds = round(time.monotonic() - t0, 3)
+    for split, test in tests.items():
+        mine = test.merge(frame[["relpath", split, evidence.BODY_SHARE]], on="relpath", how="left")
+        mine = mine.rename(columns={split: "evidence_inside_body"})
+        mine.to_parquet(targets[split] / "evidence.parquet", index=False)
+        summary = evidence.summarize(mine["evidence_inside_body"], mine[evidence.BODY_SHARE])
+        results[split]["evidence"] = {**summary, "seconds": seconds}
+        log.info("%s %s: %.1f %% of the evidence for the predicted class lies inside the body (%d images, %.1f s)",
+                 config.backbone, split, 100 * (results[split]["evidence"]["inside_body"] or float("nan")),
+                 len(mine), seconds)  # fmt: skip
+
+
 def _lr(config: TrainConfig) -> LogisticRegression:
     return LogisticRegression(
         maxIter=config.max_iter,
@@ -286,10 +335,11 @@ def out_of_fold(config: TrainConfig, split: str, seed: int, train_df: DataFrame)
     """``relpath, label, probability, fold``: each training image predicted by an LR fitted without its fold.
 
     Only training images take part: the stacked ensemble fitted on these never sees a test image.
-    Folds hold whole patients on ``official`` (as its test split does), single images on random70.
+    Folds hold whole patients on ``official`` and ``official-clean`` (as their test splits do), single
+    images on random70.
     """
     relpaths = [r.relpath for r in train_df.select("relpath").collect()]
-    folds = splitlib.kfold(relpaths, config.stack_folds, seed, grouped=split == "official")
+    folds = splitlib.kfold(relpaths, config.stack_folds, seed, grouped=split in splitlib.PATIENT_SPLITS)
     table = train_df.sparkSession.createDataFrame(sorted(folds.items()), "relpath string, fold int")
     # Few partitions: each LR iteration is one Spark job, and these are a few hundred rows.
     df = train_df.join(table, "relpath").coalesce(FIT_PARTITIONS).persist()

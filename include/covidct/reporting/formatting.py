@@ -27,10 +27,15 @@ def fmt(value: float | None, percent: bool) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.3f}"
 
 
-def fmt_ci(interval: Interval | None, percent: bool) -> str:
-    if interval is None or interval.low is None:
+def fmt_ci(interval: Interval | dict | None, percent: bool) -> str:
+    """An Interval, or a metric of summary.json (``{"ci_low": ..., "ci_high": ...}``), as ``[low, high]``."""
+    if isinstance(interval, dict):
+        low, high = interval.get("ci_low"), interval.get("ci_high")
+    else:
+        low, high = (None, None) if interval is None else (interval.low, interval.high)
+    if low is None:
         return "95 % CI n/a"
-    return f"[{fmt(interval.low, percent)}, {fmt(interval.high, percent)}]"
+    return f"[{fmt(low, percent)}, {fmt(high, percent)}]"
 
 
 def fmt_p(p: float) -> str:

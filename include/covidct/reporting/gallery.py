@@ -227,7 +227,7 @@ def _draw(split: str, folders: dict[str, Path], items: list[tuple], out: Path, m
             name,
             title,
             covid,
-            tuple(Panel(b, m[path].method, m[path].probability, m[path].map) for b, m in maps.items()),
+            tuple(Panel(b, m[path].method, m[path].probability, m[path].map, m[path].view) for b, m in maps.items()),
         )
         for path, name, title, covid in items
     ]

@@ -13,7 +13,7 @@
 
 The figures in the tables are metrics.json's (Spark's evaluators); the 95 % intervals
 come from a seeded percentile bootstrap over the test predictions (``covidct.modelling.stats``),
-resampling patients rather than images on the ``official`` split. Backbones that were
+resampling patients rather than images on the ``official`` and ``official-clean`` splits. Backbones that were
 expected but have no results, or whose task failed, are named as failed. Runs with
 random weights are flagged in red, in words, wherever they appear.
 
@@ -22,6 +22,12 @@ like backbones and get the same rows, intervals, McNemar tests and curves. Repea
 splits (``seeds.json`` from ``covidct train --seeds``) get their own table: per model the
 mean ± sd and min–max of accuracy and AUC over the seeds, and where the study's accuracy falls
 in that distribution, with a box/strip plot.
+
+At its end, the "Shortcut baselines" section (``covidct.reporting.shortcuts``,
+``summary.json["shortcuts"]``): per split, models that never see the anatomy (file cues; statistics
+of the decoded pixels per view) on the same test images, with the same metrics and intervals; then
+"Where the evidence lies" (``covidct.reporting.evidence``, ``summary.json["evidence"]``): per split and
+backbone, the share of its evidence for the predicted class inside the body.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 
 from covidct.core.atomic import atomic_dir
 from covidct.core.errors import CovidctError
+from covidct.data.split import CLEANED_FROM
 from covidct.modelling import stats
 from covidct.modelling.runfolder import canonical_backbone, find_metrics, find_seeds
 from covidct.reporting import gallery as gallerylib
@@ -52,10 +59,14 @@ from covidct.reporting.comparison import (
     timing_rows,
     weights_text,
 )
+from covidct.reporting.evidence import KEY as EVIDENCE
+from covidct.reporting.evidence import append_evidence_section
 from covidct.reporting.figures import FIGURE_TITLES, seeds_figure, split_figures
 from covidct.reporting.formatting import jsonable
 from covidct.reporting.rendering import render
 from covidct.reporting.sections import HTML_NAME, MARKDOWN_NAME, SUMMARY_NAME, append_section
+from covidct.reporting.shortcuts import KEY as SHORTCUTS
+from covidct.reporting.shortcuts import append_shortcuts_section
 from covidct.reporting.study import PAPER_CITATION, PAPER_TEST_IMAGES, paper_cell
 from covidct.reporting.summary import repeat_summary, summary
 
@@ -105,9 +116,9 @@ def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int, repeats:
         f"95 % confidence intervals: percentile bootstrap with {n_resamples} resamples (seed {seed}) of the "
         "test predictions in predictions.parquet; each resample's metrics are scikit-learn's definitions. "
         "Resamples with one class only are skipped for sensitivity, specificity and AUC where undefined.",
-        "On the official split whole patients are resampled, not images. The patient is guessed from the "
-        "file name: the class folder plus the name without its extension and without a trailing '%<n>' "
-        "(upstream numbers the slices or sub-figures of one case '%0', '%1', ...), e.g. "
+        "On the official and official-clean splits whole patients are resampled, not images. The patient is "
+        "guessed from the file name: the class folder plus the name without its extension and without a "
+        "trailing '%<n>' (upstream numbers the slices or sub-figures of one case '%0', '%1', ...), e.g. "
         "CT_COVID/2020.02.10.20021584-p6-52%3.png -> CT_COVID/2020.02.10.20021584-p6-52. One patient shown "
         "in several figures still counts as several, so the intervals may be somewhat narrow. random70 "
         "resamples images, as the study's protocol treats them as independent.",
@@ -125,10 +136,10 @@ def _notes(splits: dict[str, SplitResult], n_resamples: int, seed: int, repeats:
             "Ensemble: the mean of the backbones' probabilities of COVID on the same test images, COVID above 0.5; "
             "the product's model (covidct predict --model RUN_DIR/ensemble). Ensemble (stacked): a logistic "
             "regression on the backbones' probabilities, fitted only on out-of-fold predictions of the training "
-            "images (each predicted by an LR fitted without its fold; whole patients per fold on official), never "
-            "on a test image. The product uses the mean: it fits nothing, so it cannot overfit the few hundred "
-            "training images, and the stack did not do better (compare the two rows). The ensembles' figures are "
-            "scikit-learn's on their predictions (the same definitions as Spark's evaluators)."
+            "images (each predicted by an LR fitted without its fold; whole patients per fold on official and "
+            "official-clean), never on a test image. The product uses the mean: it fits nothing, so it cannot "
+            "overfit the few hundred training images, and the stack did not do better (compare the two rows). The "
+            "ensembles' figures are scikit-learn's on their predictions (the same definitions as Spark's evaluators)."
         )
     if repeats:
         notes.append(
@@ -263,6 +274,8 @@ def build_report(
         seeds_image = seeds_figure(repeats, staging)
         if gallery > 0:
             for split in splits.values():
+                if CLEANED_FROM.get(split.split) in splits:  # the same models as that split's: its gallery shows them
+                    continue
                 split.gallery = gallerylib.build(split.split, split.entries, staging / gallerylib.FOLDER, gallery)
             made = [s.gallery for s in splits.values() if s.gallery is not None]
             if made:
@@ -274,6 +287,8 @@ def build_report(
         extra = {"repeats": repeats, "seeds_image": seeds_image}
         (staging / HTML_NAME).write_text(render_html(data, splits, timings, notes, **extra), encoding="utf-8")
         (staging / MARKDOWN_NAME).write_text(render_markdown(data, splits, timings, notes, **extra), encoding="utf-8")
+        data[SHORTCUTS] = append_shortcuts_section(staging, splits, n_resamples, seed)
+        data[EVIDENCE] = append_evidence_section(staging, splits)
     out = out.absolute()
     for split in splits.values():
         split.images = {kind: out / path.name for kind, path in split.images.items()}

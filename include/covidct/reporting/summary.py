@@ -6,9 +6,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from covidct.modelling import stats
-from covidct.reporting.comparison import COLUMNS, RANDOM_WARNING, SPLIT_TITLES, Repeat, SplitResult
+from covidct.reporting.comparison import COLUMNS, RANDOM_WARNING, SPLIT_TITLES, Entry, Repeat, SplitResult
 from covidct.reporting.formatting import jsonable
 from covidct.reporting.study import PAPER, PAPER_CITATION, PAPER_TEST_IMAGES, paper_cell
+
+
+def entry_metrics(e: Entry) -> dict:
+    """A row's ``metrics`` in summary.json: per column, its value and 95 % interval."""
+    metrics = {}
+    for key, _title, _percent in COLUMNS:
+        interval = e.interval(key)
+        metrics[key] = {
+            "value": e.value(key),
+            "ci_low": None if interval is None else interval.low,
+            "ci_high": None if interval is None else interval.high,
+            "ci_resamples": None if interval is None else interval.n_valid,
+        }
+    return metrics
 
 
 def summary(
@@ -25,15 +39,7 @@ def summary(
     for name, split in splits.items():
         rows = []
         for e in split.entries:
-            metrics = {}
-            for key, _title, _percent in COLUMNS:
-                interval = e.interval(key)
-                metrics[key] = {
-                    "value": e.value(key),
-                    "ci_low": None if interval is None else interval.low,
-                    "ci_high": None if interval is None else interval.high,
-                    "ci_resamples": None if interval is None else interval.n_valid,
-                }
+            metrics = entry_metrics(e)
             paper = PAPER.get(e.backbone)
             _figure, remark = paper_cell(e)
             rows.append(

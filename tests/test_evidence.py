@@ -1,0 +1,98 @@
+"""The shortcut audit on a dataset whose classes differ only by a mark on the border: where the evidence lies
+(``covidct.modelling.evidence``), the body views and test-time flips in the featurizer and its saved models."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from pyspark.ml import PipelineModel
+
+from covidct.cli import main
+from covidct.data.body import BODY_BLANK, BODY_VERSION
+from covidct.data.dataset import load_images
+from covidct.features.featurizer import DeepImageFeaturizer
+from covidct.features.workers import WorkerModel
+from covidct.modelling.evidence import shares
+from synthetic import border_mark_dataset
+
+
+@pytest.fixture(scope="module")
+def marks(tmp_path_factory):
+    return border_mark_dataset(tmp_path_factory.mktemp("marks") / "COVID-CT", per_class=12)
+
+
+@pytest.fixture(scope="module")
+def full_view_run(spark, marks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mark-runs") / "vgg16"
+    args = ["train", "--data", str(marks), "--backbone", "VGG16", "--weights", "none", "--split", "official",
+            "--stack-folds", "0", "--no-cache", "--tracking", "off", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+def test_the_mark_gives_the_class_away_and_the_evidence_lies_off_the_body(full_view_run):
+    m = json.loads((full_view_run / "metrics.json").read_text())
+    assert m["accuracy"] == 1.0 and (m["view"], m["flips"]) == ("full", False)
+    ev = m["evidence"]
+    assert ev["method"] == "CAM" and ev["images"] >= 3 and ev["images"] + ev["without_evidence"] == m["n_test"]
+    # The body covers about a third of these pictures; a model that read the lungs would put far more there.
+    assert ev["inside_body"] < ev["body_share"] < 0.6
+    per_image = pd.read_parquet(full_view_run / "evidence.parquet")
+    assert list(per_image.columns) == ["relpath", "evidence_inside_body", "body_share"]
+    assert len(per_image) == m["n_test"]
+    assert per_image["evidence_inside_body"].dropna().between(0, 1).all()
+
+
+def test_shares_follow_the_predicted_class():
+    inside = np.zeros((1, 2, 2))
+    inside[0, 0, :] = 1.0  # the top row is body
+    cams = np.array([[[2.0, 2.0], [-1.0, -1.0]]])[..., None]  # COVID evidence on the body, the rest against
+    assert shares(cams, np.array([0.0]), inside)[0, 0] == 1.0  # predicted COVID: all its evidence inside
+    assert shares(cams, np.array([-5.0]), inside)[0, 0] == 0.0  # predicted non-COVID: its evidence lies outside
+    assert np.isnan(shares(np.zeros((1, 2, 2, 1)), np.array([0.0]), inside)[0, 0])  # no evidence at all
+
+
+def test_body_blank_featurizes_twins_alike_and_saved_models_keep_the_view(spark, marks, full_view_run, tmp_path):
+    twins = ["CT_COVID/mark-000%0.png", "CT_NonCOVID/plain-000%0.png"]
+    images = load_images(spark, marks, relpaths=twins)
+    model = PipelineModel.load((full_view_run / "model").absolute().as_uri())
+    featurizer, lr = model.stages
+    assert featurizer.getView() == "full" and featurizer.getFlips() is False  # saved with the params
+    blank = DeepImageFeaturizer(modelName="VGG16", weights="none", seed=42, view=BODY_BLANK)
+    path = tmp_path / "blank-model"
+    PipelineModel(stages=[blank, lr]).save(path.as_uri())
+    loaded = PipelineModel.load(path.as_uri())
+    assert loaded.stages[0].getView() == BODY_BLANK
+    by_view = {}
+    for name, m in (("full", model), ("blank", loaded)):
+        rows = m.transform(images).select("relpath", "features", "probability").collect()
+        by_view[name] = {r.relpath: (r.features.toArray(), float(r.probability[1])) for r in rows}
+    (f_marked, p_marked), (f_plain, p_plain) = (by_view["full"][t] for t in twins)
+    assert not np.allclose(f_marked, f_plain) and p_marked > 0.5 > p_plain  # the mark decides
+    (b_marked, q_marked), (b_plain, q_plain) = (by_view["blank"][t] for t in twins)
+    assert np.array_equal(b_marked, b_plain) and q_marked == q_plain  # body-blank: the same picture
+
+
+def test_flips_average_the_picture_and_its_mirror_image(marks):
+    data = (marks / "CT_COVID" / "mark-001%0.png").read_bytes()
+    mirrored = Image.open(marks / "CT_COVID" / "mark-001%0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    mirrored.save(buf, format="PNG")
+    model = WorkerModel("VGG16", "none", "avg", 0)
+    names = pd.Series(["a", "b"])
+    plain = model.features([data, buf.getvalue()], names, "bytes", 2)
+    flipped = model.features([data], names[:1], "bytes", 2, flips=True)
+    assert not np.allclose(plain[0], plain[1])
+    assert np.allclose(flipped[0], (plain[0] + plain[1]) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_view_and_flips_reject_unknown_values():
+    with pytest.raises(TypeError, match="view must be one of"):
+        DeepImageFeaturizer(view="lungs")
+    f = DeepImageFeaturizer(view="BODY", flips=True)
+    assert f.getView() == "body" and f.preprocessing().endswith(f"_body-{BODY_VERSION}_hflip-mean")
