@@ -188,6 +188,10 @@ def test_a_picture_under_both_classes_is_a_warning_naming_both_files(data):
     pages = [page.read_text() for page in (result.data_docs.parent / "validations").rglob("*.html")]
     assert any(f"same picture as {twin}: non-COVID, train" in page for page in pages)  # in the Data Docs too
     assert any("a warning, does not fail the gate" in page for page in pages)
+    # The suite's page shows the pair's two pictures side by side under the check's notes.
+    suite = (result.data_docs.parent / "expectations" / "images.html").read_text()
+    assert f"<strong>{covid_test}</strong> and <strong>{twin}</strong>" in suite
+    assert suite.count('<img src="data:image/png;base64,') == 1
 
 
 def test_near_duplicates_fail_the_gate_when_asked(data, capsys):

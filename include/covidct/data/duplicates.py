@@ -14,6 +14,7 @@ neighbouring slices of one patient are 8 to 24 bits apart. Hence 24.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,6 +85,23 @@ def near_duplicates(manifest: pd.DataFrame, max_distance: int = MAX_DISTANCE) ->
                       split_a, split_b))  # fmt: skip
     frame = pd.DataFrame(pairs, columns=list(PAIR_COLUMNS))
     return frame.sort_values(["distance", "relpath_a", "relpath_b"], ignore_index=True)
+
+
+def side_by_side(data_dir: str | Path, a: str, b: str, height: int = 128, gap: int = 6) -> Image.Image:
+    """The pictures ``a`` and ``b`` (relpaths under ``data_dir``) at ``height`` pixels, side by side (RGB).
+
+    Raises OSError or ``ImageDecodeError`` where one cannot be read.
+    """
+    from PIL import Image
+
+    from covidct.data.image import open_image, to_rgb
+
+    pictures = [to_rgb(open_image((Path(data_dir) / rel).read_bytes(), rel)) for rel in (a, b)]
+    pictures = [p.resize((max(1, round(p.width * height / p.height)), height)) for p in pictures]
+    canvas = Image.new("RGB", (pictures[0].width + gap + pictures[1].width, height), "white")
+    canvas.paste(pictures[0], (0, 0))
+    canvas.paste(pictures[1], (pictures[0].width + gap, 0))
+    return canvas
 
 
 def _split(value) -> str | None:

@@ -21,6 +21,8 @@ failed expectation and warning, with the offending files.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import os
@@ -34,9 +36,17 @@ import pandas as pd
 from PIL import Image
 
 from covidct.core.atomic import atomic_dir
-from covidct.core.errors import CovidctError
+from covidct.core.errors import CovidctError, ImageDecodeError
 from covidct.data.dataset import LABEL_NAMES, check_layout
-from covidct.data.duplicates import ACROSS_CLASSES, ACROSS_SPLITS, BITS, MAX_DISTANCE, POLICIES, near_duplicates
+from covidct.data.duplicates import (
+    ACROSS_CLASSES,
+    ACROSS_SPLITS,
+    BITS,
+    MAX_DISTANCE,
+    POLICIES,
+    near_duplicates,
+    side_by_side,
+)
 from covidct.data.manifest import SPLITS, dataset_digest, load_manifest, split_entries
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,8 @@ MIN_SIDE, MAX_SIDE = 32, 10_000  # pixels; the real images are 115..1671 wide, 9
 FORMATS = ("PNG", "JPEG")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 SHOW_FILES = 10  # offending files named per failure in the summary (all are in result.json)
+MAX_NOTED = 20  # near-duplicate pairs shown with their pictures in the Data Docs (all are in result.json)
+THUMB_HEIGHT = 96  # pixels, of those pictures
 # the near-duplicate kinds the gate checks: each image's closest twin of that kind, in a column, and the check
 TWINS = {
     ACROSS_CLASSES: ("twin_other_class", "no picture under both classes"),
@@ -126,6 +138,10 @@ def validate(
     images = _with_derived_columns(manifest, pairs)
     severity = "critical" if near_duplicates == "fail" else "warning"
     checks = _checks(expected_covid, expected_noncovid, entries, severity)
+    for kind in TWINS:  # Data Docs show both files of each pair, side by side
+        notes = pair_notes(root, pairs[pairs["kind"] == kind])
+        if notes:
+            checks[twin_check(kind)].expectation.notes = notes
     log.info("validating %s: %d images, %d split-list entries", root, len(images), len(entries))
     try:
         with atomic_dir(out) as staging:
@@ -218,6 +234,32 @@ def near_duplicates_of(manifest: pd.DataFrame) -> pd.DataFrame:
     log.info("near-duplicate pairs (dhash, <= %d of %d bits apart): %s", MAX_DISTANCE, BITS,
              ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "none")  # fmt: skip
     return pairs
+
+
+def twin_check(kind: str) -> str:
+    """The key of the near-duplicate check of ``kind`` (``no_twin_across_classes``, ``no_twin_across_splits``)."""
+    return f"no_twin_{kind.replace(' ', '_')}"
+
+
+def pair_notes(root: Path, pairs: pd.DataFrame) -> list[str] | None:
+    """Data Docs notes (the expectation's ``notes``, Markdown) naming each pair's files, with both pictures side by side
+    (an inline PNG ``THUMB_HEIGHT`` pixels high; at most ``MAX_NOTED`` pairs)."""
+    if pairs.empty:
+        return None
+    lines = []
+    for pair in pairs.head(MAX_NOTED).itertuples(index=False):
+        text = f"**{pair.relpath_a}** and **{pair.relpath_b}**: {pair.distance} of {BITS} bits apart ({pair.kind})"
+        try:
+            buf = io.BytesIO()
+            side_by_side(root, pair.relpath_a, pair.relpath_b, THUMB_HEIGHT).save(buf, format="PNG")
+            png = base64.b64encode(buf.getvalue()).decode("ascii")
+            text += f"\n\n![{pair.relpath_a} and {pair.relpath_b}](data:image/png;base64,{png})"
+        except (OSError, ImageDecodeError) as exc:
+            log.warning("no thumbnail of %s and %s in the Data Docs: %s", pair.relpath_a, pair.relpath_b, exc)
+        lines.append(text)
+    if len(pairs) > MAX_NOTED:
+        lines.append(f"... and {len(pairs) - MAX_NOTED} more pairs (result.json names them all)")
+    return lines
 
 
 def _with_derived_columns(manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -355,7 +397,7 @@ def _checks(
             value("split", lambda s: f"in {s}"),
         ),
         **{
-            f"no_twin_{kind.replace(' ', '_')}": _Check(
+            twin_check(kind): _Check(
                 "images",
                 gxe.ExpectColumnValuesToBeNull(column=column, description=f"{what} {twins}", severity=near_duplicates),
                 value(column),
@@ -377,7 +419,7 @@ def _checks(
         ),
     }
     for key, check in checks.items():
-        check.expectation.meta = {"covidct_check": key}
+        check.expectation.meta = {"covidct_check": key}  # the twin checks' notes are added by validate
     return checks
 
 

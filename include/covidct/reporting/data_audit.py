@@ -12,12 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from PIL import Image
-
 from covidct.core.atomic import atomic_file
 from covidct.core.errors import ImageDecodeError
-from covidct.data.duplicates import WITHIN_A_SPLIT
-from covidct.data.image import open_image, to_rgb
+from covidct.data.duplicates import WITHIN_A_SPLIT, side_by_side
 from covidct.reporting.sections import append_section
 
 log = logging.getLogger(__name__)
@@ -25,7 +22,6 @@ log = logging.getLogger(__name__)
 RUN_COPY = "validation.json"  # the gate's result.json, copied into the run folder by the validate task
 FOLDER = "near-duplicates"  # the pairs' thumbnails, in the report folder
 THUMB_HEIGHT = 128  # pixels
-GAP = 6  # pixels between the two pictures of a pair
 
 
 def append_data_section(report_dir: str | Path, validation_json: str | Path) -> dict | None:
@@ -60,14 +56,10 @@ def append_data_section(report_dir: str | Path, validation_json: str | Path) -> 
 def _side_by_side(data_dir: Path, a: str, b: str, out: Path) -> Path | None:
     """Both pictures at THUMB_HEIGHT, side by side, as a PNG at ``out`` (atomically); None if one is unreadable."""
     try:
-        pictures = [to_rgb(open_image((data_dir / rel).read_bytes(), rel)) for rel in (a, b)]
+        canvas = side_by_side(data_dir, a, b, THUMB_HEIGHT)
     except (OSError, ImageDecodeError) as exc:
         log.warning("no thumbnail of the near-duplicates %s and %s: %s", a, b, exc)
         return None
-    pictures = [p.resize((max(1, round(p.width * THUMB_HEIGHT / p.height)), THUMB_HEIGHT)) for p in pictures]
-    canvas = Image.new("RGB", (pictures[0].width + GAP + pictures[1].width, THUMB_HEIGHT), "white")
-    canvas.paste(pictures[0], (0, 0))
-    canvas.paste(pictures[1], (pictures[0].width + GAP, 0))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
         canvas.save(tmp, format="PNG")
