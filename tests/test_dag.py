@@ -157,7 +157,9 @@ def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
     # Stand-in ImageNet weights (not random): a gallery of maps per split.
     summary = json.loads((run.run_dir / "report" / "summary.json").read_text())
     assert set(summary["splits"]) == {"official", "official-clean", "random70"}  # the DAG's default splits
-    assert all(split["gallery"] for split in summary["splits"].values()), summary["splits"]
+    galleries = {name: split["gallery"] for name, split in summary["splits"].items()}
+    assert galleries["official"] and galleries["random70"], galleries
+    assert galleries["official-clean"] is None  # the same models as official's: its gallery shows them
     for backbone in ("vgg16", "vgg19", "xception"):
         for split in ("official", "official-clean", "random70"):
             metrics = json.loads((run.run_dir / backbone / split / "metrics.json").read_text())
@@ -169,6 +171,12 @@ def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
     assert json.loads((run.run_dir / "validation.json").read_text())["near_duplicates"]["policy"] == "warn"
     assert "<h2>Data: pictures filed twice</h2>" in html and "found no picture filed twice" in html
     assert summary["data"]["pairs"] == [] and summary["data"]["policy"] == "warn"
+    # The shortcut audit: baselines that never see the anatomy, and where each backbone's evidence lies.
+    assert "<h2>Shortcut baselines: models that never see the anatomy</h2>" in html
+    assert {part["split"] for part in summary["shortcuts"]["splits"]} == {"official", "official-clean", "random70"}
+    assert "<h2>Where the evidence lies</h2>" in html
+    shares = [row["inside_body"] for part in summary["evidence"]["splits"] for row in part["rows"]]
+    assert len(shares) == 9 and all(0 <= s <= 1 for s in shares)
     assert (run.run_dir / "ensemble" / "ensemble.json").is_file()
     # The data were fetched into COVIDCT_HOME and the features cached there.
     assert (run.home / "data" / "COVID-CT" / "CT_COVID").is_dir()
