@@ -93,6 +93,7 @@ def test_params_have_descriptions_defaults_and_validate(dag):
     assert params.validate()["backbones"] == ["VGG16", "VGG19", "Xception"]
     assert params.validate()["seeds"] is None  # default: random70 with `seed` only, as before
     assert params.validate()["splits"] == ["official", "official-clean", "random70"]
+    assert params.validate()["view"] == "body-blank" and params.validate()["flips"] is False  # what one would trust
     for good in ("0-9", "1,5,20-24", "42"):
         candidate = copy.deepcopy(params)
         candidate.update({"seeds": good})
@@ -164,6 +165,7 @@ def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
         for split in ("official", "official-clean", "random70"):
             metrics = json.loads((run.run_dir / backbone / split / "metrics.json").read_text())
             assert metrics["split"] == split and metrics["seed"] == 5 and metrics["random_weights"] is False
+            assert metrics["view"] == "body-blank" and metrics["preprocessing"].endswith("_body-blank-mask2")
     html = (run.run_dir / "report" / "report.html").read_text()
     assert "RANDOM WEIGHTS" not in html
     assert all(name in html for name in ("VGG16", "VGG19", "Xception", "Ensemble (stacked)"))

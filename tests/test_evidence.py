@@ -96,3 +96,16 @@ def test_view_and_flips_reject_unknown_values():
         DeepImageFeaturizer(view="lungs")
     f = DeepImageFeaturizer(view="BODY", flips=True)
     assert f.getView() == "body" and f.preprocessing().endswith(f"_body-{BODY_VERSION}_hflip-mean")
+
+
+def test_the_reports_sentence_names_the_backbones_that_look_off_the_patient():
+    from covidct.reporting.evidence import sentence
+
+    def row(model, inside, view="full"):
+        return {"model": model, "view": view, "inside_body": inside, "body_share": 0.80}
+
+    text = sentence("official", [row("VGG16", 0.787), row("Xception", 0.923)])
+    assert text.startswith("On official the backbones put 79–92 % of the evidence for their predicted class inside")
+    assert "covers 80 % of the picture" in text and ": VGG16 put no more of it on the patient" in text
+    blank = sentence("official", [row("VGG16", 0.88, "body-blank"), row("VGG19", 0.87, "body-blank")])
+    assert "more than evidence spread evenly would" in blank and "black outside the body" in blank

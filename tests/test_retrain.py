@@ -58,6 +58,7 @@ def add_images(data: Path, n: int, seed: int = 99) -> list[str]:
 
 
 def test_the_fingerprint_changes_with_what_determines_a_model_and_only_that(data, monkeypatch):
+    from covidct.data.image import preprocessing_id
     from covidct.lifecycle import fingerprint
 
     base = fingerprint.compute(data, PARAMS)
@@ -80,10 +81,13 @@ def test_the_fingerprint_changes_with_what_determines_a_model_and_only_that(data
         "params (seed: 42 -> 7)",
         "weights (VGG16: 'random-seed42' -> 'random-seed7')",
     ]
-    # The preprocessing version.
+    # The preprocessing: the decoding's version, the view of the picture, flips.
     with monkeypatch.context() as patch:
-        patch.setattr(fingerprint, "PREPROCESSING_VERSION", "pil-rgb-bilinear-v2")
+        patch.setattr(fingerprint, "preprocessing_id", lambda view, flips: "pil-rgb-bilinear-v2")
         assert fingerprint.compute(data, PARAMS).differences(base.components) == ["preprocessing"]
+    viewed = fingerprint.compute(data, {**PARAMS, "view": "body-blank", "flips": True})
+    assert viewed.components["preprocessing"] == preprocessing_id("body-blank", True)
+    assert viewed.differences(base.components)[-1] == "preprocessing" and viewed.digest != base.digest
     # One image's content (same name), then a split list.
     victim = sorted((data / "CT_NonCOVID").iterdir())[0]
     victim.write_bytes(victim.read_bytes() + b"\0")

@@ -46,15 +46,15 @@ def sentence(split: str, rows: list[dict]) -> str:
         return text + "."
     body = sum(bodies) / len(bodies)
     text += f", which covers {100 * body:.0f} % of the picture on average"
-    if all(r["view"] == BODY_BLANK for r in rows):
-        return text + ": outside it the picture is black (body-blank view), so little evidence can lie there."
+    blank = " (black outside the body: what lies there is the body's outline)" if all(
+        r["view"] == BODY_BLANK for r in rows) else ""  # fmt: skip
     lookers = [r["model"] for r in rows if r["body_share"] is not None and r["inside_body"] < r["body_share"] + MARGIN]
     if lookers:
         return text + (
-            f": {', '.join(lookers)} put no more of it on the patient than evidence spread evenly would; what it "
-            "scores may come from the margins, borders and labels of the figure as much as from the lungs."
+            f": {', '.join(lookers)} put no more of it on the patient than evidence spread evenly would{blank}; what "
+            "they score may come from the margins, borders and labels of the figure as much as from the lungs."
         )
-    return text + ": more than evidence spread evenly would, but the rest lies off the patient."
+    return text + f": more than evidence spread evenly would; the rest lies off the patient{blank}."
 
 
 def evidence_summary(splits: dict[str, SplitResult]) -> dict:
