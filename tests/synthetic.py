@@ -75,14 +75,19 @@ def make_dataset(
                 name = f"{i}%{i % 2}.{'jpg' if fmt == 'JPEG' else 'png'}"
             (root / folder / name).write_bytes(encode(img, fmt))
             names.append(name)
-        n_train = round(n * splits[0])
-        n_val = round(n * splits[1])
-        parts = {"train": names[:n_train], "val": names[n_train : n_train + n_val], "test": names[n_train + n_val :]}
-        split_dir = root / "Data-split" / short
-        split_dir.mkdir(parents=True, exist_ok=True)
-        for part, members in parts.items():
-            (split_dir / f"{part}CT_{short}.txt").write_text("".join(m + "\n" for m in members))
+        write_split_lists(root, short, names, splits)
     return root
+
+
+def write_split_lists(root: Path, short: str, names: list[str], splits: tuple[float, float, float]) -> None:
+    """``root/Data-split/<short>/{train,val,test}CT_<short>.txt``: the first ``splits[0]`` of ``names`` train,
+    the next ``splits[1]`` val, the rest test."""
+    n_train, n_val = round(len(names) * splits[0]), round(len(names) * splits[1])
+    parts = {"train": names[:n_train], "val": names[n_train : n_train + n_val], "test": names[n_train + n_val :]}
+    split_dir = root / "Data-split" / short
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for part, members in parts.items():
+        (split_dir / f"{part}CT_{short}.txt").write_text("".join(m + "\n" for m in members))
 
 
 def first_listed(root: str | Path, split_list: str, folder: str) -> str:
@@ -186,10 +191,5 @@ def border_mark_dataset(
             name = f"mark-{i:03d}%0.png" if label else f"plain-{i:03d}%0.png"
             picture.save(root / folder / name, format="PNG")
             names.append(name)
-        n_train, n_val = round(per_class * splits[0]), round(per_class * splits[1])
-        parts = {"train": names[:n_train], "val": names[n_train : n_train + n_val], "test": names[n_train + n_val :]}
-        split_dir = root / "Data-split" / short
-        split_dir.mkdir(parents=True, exist_ok=True)
-        for part, members in parts.items():
-            (split_dir / f"{part}CT_{short}.txt").write_text("".join(m + "\n" for m in members))
+        write_split_lists(root, short, names, splits)
     return root

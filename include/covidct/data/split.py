@@ -165,14 +165,15 @@ def official_clean(relpaths: list[str], data_dir, manifest=None) -> dict[str, st
     return {p: s for p, s in mapping.items() if p not in left_out}
 
 
-def split_mapping(split: str, relpaths: list[str], seed: int, data_dir) -> dict[str, str]:
-    """relpath -> 'train' / 'test' of ``split`` (images outside it absent)."""
+def split_mapping(split: str, relpaths: list[str], seed: int, data_dir, manifest=None) -> dict[str, str]:
+    """relpath -> 'train' / 'test' of ``split`` (images outside it absent); ``manifest``: the dataset's, where
+    the caller has it (``official-clean`` reads it otherwise)."""
     if split == "random70":
         return random70(relpaths, seed)
     if split == "official":
         return official(relpaths, data_dir)
     if split == "official-clean":
-        return official_clean(relpaths, data_dir)
+        return official_clean(relpaths, data_dir, manifest)
     raise CovidctError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
 
 

@@ -29,7 +29,7 @@ from covidct.core.errors import CovidctError
 from covidct.data import cues as cuelib
 from covidct.data.body import BODY, BODY_BLANK, FULL, VIEWS
 from covidct.data.manifest import load_manifest
-from covidct.data.split import official_clean, split_mapping
+from covidct.data.split import split_mapping
 from covidct.modelling import stats
 from covidct.reporting.comparison import COLUMNS, SPLIT_TITLES, Entry, SplitResult, bootstrap_entry
 from covidct.reporting.formatting import fmt, jsonable
@@ -157,10 +157,7 @@ def _training_images(
     candidates = [sorted(manifest["relpath"]), sorted(table["relpath"])]  # as trained: every file, or those that decode
     mappings = []
     for relpaths in candidates:
-        if split == "official-clean":  # with the manifest at hand, not read again
-            mapping = official_clean(relpaths, data_dir, manifest)
-        else:
-            mapping = split_mapping(split, relpaths, int(seed) if seed is not None else 0, data_dir)
+        mapping = split_mapping(split, relpaths, int(seed) if seed is not None else 0, data_dir, manifest)
         mappings.append(mapping)
         if {r for r, side in mapping.items() if side == "test"} == test:
             break
