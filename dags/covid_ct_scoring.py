@@ -14,9 +14,15 @@ model's `champion` alias; an Airflow Asset event), and on demand with a `folder`
    the reason (the rest are scored); an image (by sha256) this model version already scored is not
    scored again (the ledger `$COVIDCT_HOME/scores/_ledger/`).
 
+DICOM CT files are scored slice by slice (Hounsfield units through the `window` param, the lung
+window by default; multi-frame files frame by frame), and each series gets one result (the mean of
+its top 10 % slice probabilities). Outputs carry keyed hashes of the DICOM UIDs, never patient
+data. Research use only, not for diagnosis: the models learned from figures in papers.
+
 Outputs: `$COVIDCT_HOME/scores/<run id>/`: `predictions.parquet` and `.csv` (path, sha256, model
-name and version, probability of COVID, label, new, scored_run, scored_at), `unreadable.csv`,
-`summary.json`.
+name and version, probability of COVID, label, new, scored_run, scored_at; DICOM slices: frame,
+hashed UIDs, modality, slice thickness, kernel, window), `series.parquet` and `.csv`,
+`unreadable.csv`, `summary.json`.
 """
 
 from __future__ import annotations
@@ -59,6 +65,13 @@ CHAMPION = "{{ ti.xcom_pull(task_ids='champion')"
             description="Empty: the incoming folder ($COVIDCT_INCOMING_DIR, else $COVIDCT_HOME/incoming). Or the "
             "absolute path of a folder of scans inside one the operator allows ($COVIDCT_ALLOWED_SCORING_DIRS).",
         ),
+        "window": Param(
+            "-600,1500",
+            type="string",
+            pattern=r"^-?\d{1,4}(\.\d+)?,\d{1,5}(\.\d+)?$",
+            description="DICOM CT slices: the display window LEVEL,WIDTH in Hounsfield units that maps them to 8 "
+            "bits (-600,1500: the lung window); recorded with every DICOM result. Images (PNG, JPEG) ignore it.",
+        ),
     },
 )
 def covid_ct_scoring():
@@ -86,6 +99,7 @@ def covid_ct_scoring():
             CHAMPION + "['name'] }}",
             "--model-version",
             CHAMPION + "['version'] }}",
+            "--window={{ params.window }}",  # one argument: a level like -600 would read as an option
             "--out",
             "{{ scores_dir(run_id) }}",
         ],

@@ -11,6 +11,8 @@ each file readable by its owner only:
     api_secret_key       [api] secret_key
     fernet_key           [core] fernet_key: encrypts connections/variables kept in the database
     simple_auth_manager_passwords.json   {"<user>": "<password>"} for the simple auth manager
+    uid_salt             the key of the hashes that replace DICOM UIDs in every output
+                         (covidct.core.secrets; COVIDCT_UID_SALT_FILE points at it)
 
 The services read the first three with ``AIRFLOW__<SECTION>__<KEY>_CMD: cat <file>`` (Airflow
 runs ``_CMD`` for sensitive options). Users come from ``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS``
@@ -36,6 +38,8 @@ KEYS = {
     # A Fernet key is 32 random bytes, URL-safe base64 encoded.
     "fernet_key": lambda: base64.urlsafe_b64encode(os.urandom(32)).decode(),
 }
+#: The pipeline's own (not Airflow options).
+COVIDCT_KEYS = {"uid_salt": lambda: secrets.token_hex(32)}
 
 
 def write_private(path: Path, text: str) -> None:
@@ -61,7 +65,7 @@ def parse_users(value: str) -> list[tuple[str, str]]:
 def ensure_secrets(folder: Path, users_value: str = "", admin_password: str | None = None) -> list[str]:
     """Create what is missing under ``folder``; returns the lines to print (new passwords)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, make in KEYS.items():
+    for name, make in (KEYS | COVIDCT_KEYS).items():
         if not (folder / name).is_file() or not (folder / name).read_text().strip():
             write_private(folder / name, make())
     path = folder / PASSWORDS_FILE

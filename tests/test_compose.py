@@ -45,6 +45,7 @@ QUICK_CONF = {"backbones": ["VGG16"], "splits": ["random70"], "weights": "none"}
 SUBSET = {"train": 30, "val": 5, "test": 10}
 N_PER_CLASS = sum(SUBSET.values())
 N_INCOMING = 6  # real test images for the scoring DAG, half of each class (none in the subset)
+N_SLICES = 3  # ... and a DICOM CT series beside them
 CLASSES = {"CT_COVID": "COVID", "CT_NonCOVID": "NonCOVID"}
 INPUT_MOUNT = "/opt/covidct/input"
 ADMIN_PASSWORD = "compose-test-" + uuid.uuid4().hex[:8]
@@ -91,8 +92,12 @@ def make_subset(real: Path, dest: Path) -> Path:
 
 def make_incoming(real: Path, dest: Path) -> Path:
     """New scans for the scoring DAG (the host folder bind-mounted as the stack's incoming folder):
-    the last few test images of each class, none of them in the subset, and one file that is no image."""
+    the last few test images of each class, none of them in the subset, one file that is no image, and a
+    DICOM export: a CT series of ``N_SLICES`` slices and an MR slice, patient data planted in both."""
+    import numpy as np
+
     from covidct.data.dataset import split_lists
+    from dicom_files import series_folder, uid, write_ct
 
     dest.mkdir(parents=True)
     test = split_lists(real)["test"]  # relpaths, CT_COVID/... then CT_NonCOVID/...
@@ -100,6 +105,8 @@ def make_incoming(real: Path, dest: Path) -> Path:
         for relpath in [r for r in test if r.startswith(f"{folder}/")][-N_INCOMING // 2 :]:
             shutil.copyfile(real / relpath, dest / Path(relpath).name)
     (dest / "notes.txt").write_text("not a scan\n")
+    series_folder(dest / "export" / "series1", N_SLICES)
+    write_ct(dest / "export" / "mr.dcm", np.zeros((8, 8)), series=uid(), study=uid(), modality="MR")
     return readable_by_the_image_user(dest)
 
 
@@ -586,15 +593,20 @@ def scoring_outputs(stack: Stack, run_id: str) -> dict:
     script = (
         "import csv, json, sys; from covidct.core import paths; d = paths.run_scores_dir(sys.argv[1]); "
         "print(json.dumps({'summary': json.loads((d / 'summary.json').read_text()), "
-        "'rows': list(csv.DictReader(open(d / 'predictions.csv')))}))"
+        "'rows': list(csv.DictReader(open(d / 'predictions.csv'))), "
+        "'series': list(csv.DictReader(open(d / 'series.csv')))}))"
     )
     return json.loads(stack.exec("scheduler", "python", "-c", script, run_id).strip().splitlines()[-1])
 
 
 def test_scoring_dag_scores_the_incoming_folder_with_the_champion(stack):
     """The scoring DAG on the stack: the champion (made by the test above) downloaded through the MLflow
-    server, the incoming folder (a host folder, read-only) scored on the Spark cluster, the file that is
-    no image listed, not fatal; a second run scores nothing again (the ledger) and gives the same rows."""
+    server, the incoming folder (a host folder, read-only: images and a DICOM export) scored on the Spark
+    cluster, the file that is no image and the MR slice listed, not fatal; a DICOM series scored slice by slice
+    and as a series, no patient data in any output; a second run scores nothing again (the ledger) and gives
+    the same rows."""
+    from test_dicom import assert_no_patient_data
+
     alias = stack.mlflow_api("GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"})
     version = alias["model_version"]["version"]
     stack.unpause(SCORING_DAG_ID)
@@ -611,15 +623,22 @@ def test_scoring_dag_scores_the_incoming_folder_with_the_champion(stack):
         stack.save()
     first, second = found["first"], found["second"]
     assert first["summary"]["folder"] == "/opt/covidct/var/incoming", first["summary"]
-    assert first["summary"]["files"] == N_INCOMING + 1 and first["summary"]["scored_new"] == N_INCOMING
-    [unreadable] = first["summary"]["unreadable_files"]
-    assert unreadable["path"].endswith("notes.txt") and unreadable["reason"], unreadable
+    assert first["summary"]["files"] == N_INCOMING + 1 + N_SLICES + 1, first["summary"]
+    assert first["summary"]["scored_new"] == N_INCOMING + N_SLICES, first["summary"]
+    reasons = {Path(u["path"]).name: u["reason"] for u in first["summary"]["unreadable_files"]}
+    assert reasons.keys() == {"notes.txt", "mr.dcm"} and reasons["mr.dcm"].startswith("DICOM modality MR"), reasons
     rows = first["rows"]
-    assert len(rows) == N_INCOMING and {r["model_version"] for r in rows} == {version}, rows
+    assert len(rows) == N_INCOMING + N_SLICES and {r["model_version"] for r in rows} == {version}, rows
+    [series] = first["series"]
+    assert series["slices"] == str(N_SLICES) and series["window"] == "L-600_W1500", series
+    assert sum(r["series_uid_hash"] == series["series_uid_hash"] for r in rows) == N_SLICES
+    assert first["summary"]["dicom"]["notice"].startswith("Research use only"), first["summary"]
+    assert_no_patient_data(stack.out / "compose-measurements.json", text=json.dumps(found))  # outputs and summaries
     assert {r["model_name"] for r in rows} == {REGISTERED_MODEL} and {r["new"] for r in rows} == {"True"}, rows
     assert all(0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("COVID", "non-COVID") for r in rows), rows
     # Scored once per model version: the second run takes every row from the ledger.
-    assert second["summary"]["scored_new"] == 0 and second["summary"]["already_scored"] == N_INCOMING, second
+    assert second["summary"]["scored_new"] == 0, second
+    assert second["summary"]["already_scored"] == N_INCOMING + N_SLICES, second
     assert {r["new"] for r in second["rows"]} == {"False"}
     key = ("path", "sha256", "probability", "label", "scored_run")
     assert [tuple(r[k] for k in key) for r in second["rows"]] == [tuple(r[k] for k in key) for r in rows]

@@ -383,6 +383,8 @@ def test_runtime_secrets_match_what_airflow_init_writes(services):
     assert {p.name for p in cmd_files} == set(init_secrets.KEYS)
     passwords = PurePosixPath(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
     assert passwords == secrets_mount / init_secrets.PASSWORDS_FILE
+    assert PurePosixPath(env["COVIDCT_UID_SALT_FILE"]) == secrets_mount / "uid_salt"
+    assert set(init_secrets.COVIDCT_KEYS) == {"uid_salt"}
     for name in AIRFLOW_SERVICES:
         assert mounts(services[name])[str(secrets_mount)]["source"] == "airflow-secrets", name
     assert services["airflow-init"]["command"] == ["bash", "/opt/covidct/docker/airflow-init.sh"]
@@ -611,7 +613,7 @@ def test_init_secrets_creates_private_files_once(tmp_path):
     folder = tmp_path / "secrets"
     messages = init_secrets.ensure_secrets(folder, "admin:admin,viewer1:viewer")
     files = {p.name: p for p in folder.iterdir()}
-    assert set(files) == {*init_secrets.KEYS, init_secrets.PASSWORDS_FILE}
+    assert set(files) == {*init_secrets.KEYS, *init_secrets.COVIDCT_KEYS, init_secrets.PASSWORDS_FILE}
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in files.values())
     passwords = json.loads(files[init_secrets.PASSWORDS_FILE].read_text())
     assert set(passwords) == {"admin", "viewer1"} and len(messages) == 2

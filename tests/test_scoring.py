@@ -40,7 +40,7 @@ def test_scoring_scores_each_image_once_per_model_version(spark, small_model, sm
     assert first["unreadable_files"][0]["reason"] == "not a recognised image format"
     out = tmp_path / "scores" / "run1"
     assert sorted(p.name for p in out.iterdir()) == [
-        "predictions.csv", "predictions.parquet", "summary.json", "unreadable.csv",
+        "predictions.csv", "predictions.parquet", "series.csv", "series.parquet", "summary.json", "unreadable.csv",
     ]  # fmt: skip
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert list(predictions.columns) == COLUMNS and len(predictions) == 4

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -60,6 +61,22 @@ def test_the_folder_param_schema_refuses_what_is_not_a_plain_absolute_path(dag):
             candidate.validate()
 
 
+def test_the_window_param_is_level_comma_width_and_reaches_the_job_as_one_argument(dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    assert dag.params.validate()["window"] == "-600,1500" and dag.params.get_param("window").description
+    for good in ("40,400", "-550.5,1400"):
+        candidate = copy.deepcopy(dag.params)
+        candidate.update({"window": good})
+        assert candidate.validate()["window"] == good
+    for bad in ("-600", "-600,1500 --strict", "a,b", "-600;1500", "", 5):
+        with pytest.raises(ParamValidationError):
+            candidate = copy.deepcopy(dag.params)
+            candidate.update({"window": bad})
+            candidate.validate()
+    assert "--window={{ params.window }}" in dag.get_task("score").application_args
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -99,8 +116,10 @@ def states_of(dagrun) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_scores_the_incoming_folder_with_the_champion(airflow_db, dag, home, spark, small_model, small_dataset,
-                                                      tmp_path):  # fmt: skip
+                                                      tmp_path, capfd):  # fmt: skip
     from covidct.core import paths
+    from dicom_files import series_folder, write_ct
+    from test_dicom import assert_no_patient_data
 
     version = register_champion(small_model, tmp_path)
     incoming = home / "incoming"  # the operator's default folder: an empty param scores it
@@ -109,15 +128,23 @@ def test_scores_the_incoming_folder_with_the_champion(airflow_db, dag, home, spa
         for source in sorted((small_dataset / folder).iterdir())[:2]:
             shutil.copy(source, incoming / source.name)
     (incoming / "notes.txt").write_text("not a scan")
-    dagrun = dag.test(run_conf={})
+    series_folder(incoming / "dicom" / "series", 3)  # a DICOM series beside the pictures, and an MR slice
+    mr = write_ct(incoming / "dicom" / "mr.dcm", np.zeros((8, 8)), series="1.2.3", study="1.2.3", modality="MR")
+    capfd.readouterr()
+    dagrun = dag.test(run_conf={"window": "-550,1400"})
     assert states_of(dagrun) == {"check_folder": "success", "champion": "success", "score": "success"}
     out = paths.run_scores_dir(dagrun.run_id)
     predictions = pd.read_parquet(out / "predictions.parquet")
-    assert len(predictions) == 4 and predictions.new.all()
+    assert len(predictions) == 4 + 3 and predictions.new.all()
     assert set(predictions.model_name) == {"covid-ct"} and set(predictions.model_version) == {version}
+    assert predictions.window.dropna().tolist() == ["L-550_W1400"] * 3  # the param reached the job
+    (series,) = pd.read_parquet(out / "series.parquet").to_dict("records")
+    assert series["slices"] == 3 and series["window"] == "L-550_W1400"
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["files"], summary["scored_new"], summary["unreadable"]) == (5, 4, 1)
-    assert summary["unreadable_files"][0]["reason"] == "not a recognised image format"
+    assert (summary["files"], summary["scored_new"], summary["unreadable"]) == (5 + 4, 4 + 3, 2)
+    reasons = {Path(u["path"]).name: u["reason"] for u in summary["unreadable_files"]}
+    assert reasons == {"notes.txt": "not a recognised image format", mr.name: "DICOM modality MR, not CT: not scored"}
+    assert_no_patient_data(out, text="".join(capfd.readouterr()))  # the outputs, and the tasks' logs
     assert (home / "scores" / "_champions" / f"covid-ct-v{version}").is_dir()  # downloaded once, reused
 
 

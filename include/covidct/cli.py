@@ -164,8 +164,19 @@ def _add_predict(sub) -> None:
         type=Path,
         help="a model/ folder written by `covidct train`, or RUN_DIR/ensemble written by `covidct ensemble`",
     )
-    p.add_argument("--images", required=True, type=Path, help="an image file or a folder of images (recursive)")
-    p.add_argument("--out", type=Path, help="write a CSV here (default: print)")
+    p.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        help="an image file or a folder of images (recursive): PNG, JPEG, ... and DICOM CT (scored slice by slice, "
+        "one result per series beside them)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="write a CSV here (default: print); with DICOM slices also OUT.series.csv and both as Parquet",
+    )
+    _add_window(p)
     p.add_argument(
         "--strict",
         action="store_true",
@@ -199,8 +210,9 @@ def _cmd_predict(args) -> int:
     logging.getLogger().addHandler(handler)
     try:
         rows = predict(
-            args.model, args.images, args.out, strict=args.strict, spark_log=log_path, explain_dir=args.explain
-        )
+            args.model, args.images, args.out, strict=args.strict, spark_log=log_path, explain_dir=args.explain,
+            window=args.window,
+        )  # fmt: skip
     except CovidctError as exc:  # the terminal gets it from main(); the log gets it here
         handler.stream.write(f"error: {exc}\n")
         raise
@@ -219,8 +231,17 @@ def _cmd_predict(args) -> int:
             print(line)
         for u in rows.unreadable:
             print(f"     -\tunreadable\t{u.path}\t({u.reason})")
+        for s in rows.series.itertuples():
+            print(f"{s.probability:.4f}\t{s.label}\tDICOM series {s.series_uid_hash[:16]} ({s.slices} slices, "
+                  f"window {s.window}; {s.rule})")  # fmt: skip
     else:
         print(f"wrote {len(rows)} predictions to {args.out}")
+        if not rows.series.empty:
+            print(f"wrote {len(rows.series)} DICOM series to {args.out.with_suffix('')}.series.csv (and .parquet)")
+    if not rows.series.empty:
+        from covidct.data.dicom import NOTICE
+
+        print(NOTICE, file=sys.stderr)
     if args.explain is not None:
         print(f"wrote {len(rows)} explanations (PNG + .npy) to {args.explain}")
     if rows.unreadable:
@@ -244,6 +265,7 @@ def _add_score(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="the run's output folder (written atomically)")
     p.add_argument("--ledger", type=Path, help="what was scored (default: $COVIDCT_HOME/scores/_ledger)")
     p.add_argument("--strict", action="store_true", help="fail (nothing scored) if any file cannot be scored")
+    _add_window(p)
     p.add_argument(
         "--lock-wait",
         type=float,
@@ -271,6 +293,7 @@ def _cmd_score(args) -> int:
         ledger=args.ledger,
         strict=args.strict,
         lock_wait=args.lock_wait,
+        window=args.window,
     )
     s = score_folder(config)
     print(
@@ -280,8 +303,31 @@ def _cmd_score(args) -> int:
     )
     for u in s["unreadable_files"]:
         print(f"  unreadable, not scored: {u['path']}: {u['reason']}")
+    if s["dicom"]["series"]:
+        print(f"{s['dicom']['slices']} DICOM slices in {s['dicom']['series']} series (window {s['dicom']['window']})")
+        print(s["dicom"]["notice"], file=sys.stderr)
     print(f"wrote {s['out']}")
     return 0
+
+
+def _add_window(p) -> None:
+    p.add_argument(
+        "--window",
+        type=_window,
+        default=None,
+        metavar="LEVEL,WIDTH",
+        help="DICOM slices: the display window in Hounsfield units that maps them to 8 bits, recorded with every "
+        "result (default: the lung window, --window=-600,1500; write it with '=': a negative level reads as an option)",
+    )
+
+
+def _window(text: str):
+    from covidct.data.dicom import Window
+
+    try:
+        return Window.parse(text)
+    except CovidctError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_ensemble(sub) -> None:

@@ -4,14 +4,16 @@ A folder of new scans often holds files that are not images the model can take: 
 truncated copy, an empty file, one this process may not read. ``read_images`` reads and checks
 every file in the Spark workers (one pass: the bytes, a full decode, the sha256) and lists those
 that cannot be scored with the reason (``Unreadable``). ``covidct predict`` and the scoring job
-score the rest.
+score the rest. DICOM CT files are read as their slices (``covidct.data.dicom``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -20,9 +22,12 @@ import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
+from covidct.core.errors import ImageDecodeError
+from covidct.core.secrets import uid_salt
+from covidct.data import dicom
 from covidct.data import image as imagelib
+from covidct.data.dicom import Window
 
 #: Larger files are not read (a CT slice is well under 10 MB; this is a guard, not a limit in practice).
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -42,15 +47,14 @@ class Unreadable:
 
 @dataclass
 class ImageFiles:
-    """What ``read_images`` found: the readable images (``path, image, sha256``, persisted) and the rest."""
+    """What ``read_images`` found: the readable images and slices (``path, image, sha256`` and
+    ``DICOM_COLUMNS``, persisted), the files that are not, and the slices' DICOM columns (no pixels)."""
 
     frame: DataFrame
     unreadable: list[Unreadable]
     n_files: int
-
-    @property
-    def n_readable(self) -> int:
-        return self.n_files - len(self.unreadable)
+    n_readable: int  # rows to score: images, and a DICOM file's slices
+    dicom: pd.DataFrame  # path + DICOM_COLUMNS of every readable slice (empty: no DICOM)
 
     def unpersist(self) -> None:
         self.frame.unpersist()
@@ -85,25 +89,63 @@ def _as_path(uri: str) -> str:
     return f"{parts.scheme}:{unquote(parts.path)}" if parts.scheme == "file" else unquote(uri)
 
 
-def _check_udf():
-    schema = StructType([StructField("content", BinaryType()), StructField("problem", StringType())])
-
-    @F.pandas_udf(schema)
-    def read_and_check(paths: pd.Series) -> pd.DataFrame:
-        contents, problems = [], []
-        for path in paths:
-            data, why = _read_file(path)
-            if why is None:
-                why = imagelib.problem(data)
-            contents.append(data if why is None else None)
-            problems.append(why)
-        return pd.DataFrame({"content": contents, "problem": problems})
-
-    return read_and_check
+#: What a DICOM slice's row carries besides ``path, image, sha256`` (``covidct.data.dicom.Slice``; None for images).
+DICOM_COLUMNS = ("frame", "sop_uid_hash", "series_uid_hash", "study_uid_hash", "modality", "instance_number",
+                 "slice_thickness", "kernel", "window")  # fmt: skip
+#: The numeric ones' pandas types (nullable: an image's are null, never NaN; the others are text).
+DICOM_DTYPES = {"frame": "Int32", "instance_number": "Int32", "slice_thickness": "Float64"}
+_SCHEMA = (
+    "path string, image binary, problem string, sha256 string, frame int, sop_uid_hash string, "
+    "series_uid_hash string, study_uid_hash string, modality string, instance_number int, slice_thickness double, "
+    "kernel string, window string"
+)
 
 
-def read_images(spark, images: Path) -> ImageFiles:
+def frame_path(path: str, frame: int | None) -> str:
+    """A multi-frame DICOM file's frame as a row's ``path``: ``file:/a/ct.dcm[3]`` (frames count from 1)."""
+    return path if frame is None else f"{path}[{frame}]"
+
+
+def _check_files(salt: bytes, window: Window):
+    """``mapInPandas``: each file read once, checked; a DICOM file becomes one row per slice (windowed PNG)."""
+
+    def rows_of(path: str) -> list[dict]:
+        data, why = _read_file(path)
+        if why is None and dicom.is_dicom(data):
+            try:
+                slices = dicom.read_slices(data, salt, window)
+            except ImageDecodeError as exc:
+                return [{"path": path, "problem": str(exc)}]
+            return [
+                {"path": frame_path(path, s.frame), "image": s.png(), "sha256": s.key, "frame": s.frame,
+                 "sop_uid_hash": s.sop, "series_uid_hash": s.series, "study_uid_hash": s.study,
+                 "modality": s.modality, "instance_number": s.instance_number,
+                 "slice_thickness": s.slice_thickness, "kernel": s.kernel, "window": s.window}
+                for s in slices
+            ]  # fmt: skip
+        if why is None:
+            why = imagelib.problem(data)
+        if why is not None:
+            return [{"path": path, "problem": why}]
+        return [{"path": path, "image": data, "sha256": hashlib.sha256(data).hexdigest()}]
+
+    columns = [f.split()[0] for f in _SCHEMA.split(", ")]
+
+    def check(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            rows = [row for path in batch["path"] for row in rows_of(path)]
+            # object columns: Arrow reads each one's values (None: null); Spark's schema gives the types
+            yield pd.DataFrame([[row.get(c) for c in columns] for row in rows], columns=columns, dtype=object)
+
+    return check
+
+
+def read_images(spark, images: Path, window: Window = dicom.LUNG) -> ImageFiles:
     """Every file under ``images`` (recursive; hidden files skipped, as Spark does), read and checked in the workers.
+
+    DICOM files become one row per CT slice (``covidct.data.dicom``: Hounsfield units, ``window``, keyed
+    hashes instead of UIDs, with the deployment's salt), carrying ``DICOM_COLUMNS``; their ``sha256`` is
+    the slice's key (its SOP instance, frame and window), so a re-export of a slice is the same slice.
 
     The files are listed with Spark's file index (the ``binaryFile`` source, which reads nothing
     to list them), then read by the check itself: Spark's own scan would silently skip empty
@@ -115,13 +157,13 @@ def read_images(spark, images: Path) -> ImageFiles:
     files = sorted(_as_path(uri) for uri in listed.inputFiles())
     slices = max(spark.sparkContext.defaultParallelism, math.ceil(len(files) / FILES_PER_TASK))
     paths = spark.sparkContext.parallelize([(f,) for f in files], slices).toDF("path string")
-    checked = (
-        paths.select("path", _check_udf()("path").alias("file"))
-        .select("path", F.col("file.content").alias("image"), F.col("file.problem").alias("problem"))
-        .withColumn("sha256", F.sha2("image", 256))
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
-    status = checked.select("path", "problem").collect()
-    unreadable = sorted((Unreadable(r.path, r.problem) for r in status if r.problem is not None), key=lambda u: u.path)
-    frame = checked.filter(F.col("problem").isNull()).select("path", "image", "sha256")
-    return ImageFiles(frame=frame, unreadable=unreadable, n_files=len(status))
+    checked = paths.mapInPandas(_check_files(uid_salt(), window), _SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    status = checked.drop("image").toPandas()  # small: no pixels
+    problems = status[status["problem"].notna()]
+    unreadable = sorted((Unreadable(p, r) for p, r in zip(problems["path"], problems["problem"], strict=True)),
+                        key=lambda u: u.path)  # fmt: skip
+    readable = status[status["problem"].isna()]
+    slices = readable[readable["window"].notna()][["path", *DICOM_COLUMNS]].reset_index(drop=True)
+    slices = slices.astype(DICOM_DTYPES)  # toPandas gives floats for nullable integers
+    frame = checked.filter(F.col("problem").isNull()).drop("problem")
+    return ImageFiles(frame=frame, unreadable=unreadable, n_files=len(files), n_readable=len(readable), dicom=slices)

@@ -13,19 +13,24 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from pyspark.ml import PipelineModel
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 
-from covidct.core.atomic import write_text_atomic
+from covidct.core.atomic import atomic_file, write_text_atomic
 from covidct.core.errors import CovidctError
 from covidct.core.session import get_spark
 from covidct.core.spark_errors import spark_errors
 from covidct.data.dataset import LABEL_NAMES
+from covidct.data.dicom import NOTICE, Window
 from covidct.inference.explanations import check_out_dir, explain_rows
-from covidct.inference.files import Unreadable, listing, read_images
+from covidct.inference.files import DICOM_COLUMNS, Unreadable, listing, read_images
 from covidct.inference.maps import explain_model
+from covidct.inference.series import COLUMNS as SERIES_COLUMNS
+from covidct.inference.series import RULE, series_table
 from covidct.modelling.ensemble_format import MEAN, STACKED, Stacker, read_model
+from covidct.modelling.evaluate import THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +39,13 @@ EXPLAIN_COLUMNS = ("explain_method", "explanation_png", "explanation_npy")
 
 
 class Predictions(list):
-    """The scored images' rows (a list, as ``predict`` always returned), plus ``unreadable``: the files it skipped."""
+    """The scored images' rows (a list, as ``predict`` always returned), plus ``unreadable``: the files it skipped,
+    and ``series``: one row per DICOM series (``covidct.inference.series``; empty without DICOM)."""
 
-    def __init__(self, rows=(), unreadable=()):
+    def __init__(self, rows=(), unreadable=(), series: pd.DataFrame | None = None):
         super().__init__(rows)
         self.unreadable: list[Unreadable] = list(unreadable)
+        self.series: pd.DataFrame = series if series is not None else pd.DataFrame(columns=SERIES_COLUMNS)
 
 
 def _probabilities(model_dir: Path, df) -> dict[str, float]:
@@ -72,6 +79,7 @@ def predict(
     strict: bool = False,
     spark_log: str | Path | None = None,
     explain_dir: str | Path | None = None,
+    window: Window | str | None = None,
 ) -> Predictions:
     """``path, probability (of COVID), prediction`` for every image file under ``images`` that can be scored.
 
@@ -83,12 +91,19 @@ def predict(
     ``covidct.inference.explanations``) there; the rows gain ``explanation_png``, ``explanation_npy`` and
     ``explain_method``. The maps come from the same forward pass as the probabilities.
 
+    DICOM CT files are scored slice by slice (``covidct.data.dicom``: Hounsfield units through ``window``,
+    ``"LEVEL,WIDTH"``, default the lung window -600,1500): their rows gain ``DICOM_COLUMNS`` (keyed hashes,
+    never UIDs or patient data), and ``.series`` holds one row per series (``covidct.inference.series``).
+    With ``out_csv`` and DICOM slices, ``<out>.series.csv`` and both tables as Parquet (``<out>.parquet``,
+    ``<out>.series.parquet``) are written beside it.
+
     Files that cannot be scored are logged and returned in ``.unreadable`` (and are rows of the
     CSV with their reason in ``error``); CovidctError when no file could be scored, or with
     ``strict`` when any could not (then nothing is scored or written). ``spark_log``: where the
     Spark JVM's (and its Python workers') output goes if this call starts it.
     """
     model_dir, images = Path(model_dir).expanduser(), Path(images).expanduser()
+    window = window if isinstance(window, Window) else Window.parse(window)
     manifest = read_model(model_dir)
     if not images.exists():
         raise CovidctError(f"{images} does not exist")
@@ -96,7 +111,7 @@ def predict(
         explain_dir = Path(explain_dir).expanduser().absolute()
         check_out_dir(explain_dir)  # before any Spark work
     spark = get_spark("covidct-predict", jvm_output=spark_log)
-    files = read_images(spark, images)
+    files = read_images(spark, images, window)
     try:
         if files.n_files == 0:
             raise CovidctError(f"no image files under {images}")
@@ -111,17 +126,45 @@ def predict(
             raise CovidctError(
                 f"none of the {files.n_files} files under {images} could be scored: {listing(files.unreadable)}"
             )
-        log.info("scoring %d images (%d unreadable files skipped)", files.n_readable, len(files.unreadable))
+        log.info("scoring %d images (%d of them DICOM slices, window %s; %d unreadable files skipped)",
+                 files.n_readable, len(files.dicom), window.id, len(files.unreadable))  # fmt: skip
         if explain_dir is not None:
             rows = _predict_explained(model_dir, manifest, files.frame, images, explain_dir)
         else:
             rows = score(model_dir, files.frame, manifest)
-        result = Predictions(rows, files.unreadable)
+        attach_dicom(rows, files.dicom)
+        threshold = float((manifest or {}).get("threshold", THRESHOLD))
+        result = Predictions(rows, files.unreadable, series_table(pd.DataFrame(rows), threshold) if rows else None)
     finally:
         files.unpersist()
+    if not result.series.empty:
+        log.info("%d DICOM series (%s). %s", len(result.series), RULE, NOTICE)
     if out_csv is not None:
-        write_text_atomic(out_csv, _csv(result, manifest))
+        write_outputs(Path(out_csv), result, manifest)
     return result
+
+
+def attach_dicom(rows: list[dict], slices: pd.DataFrame) -> None:
+    """The DICOM columns (``read_images``'s ``dicom`` table) added to the rows of DICOM slices, in place."""
+    if slices.empty:
+        return
+    records = slices.astype(object).where(slices.notna(), None).to_dict("records")  # null, not NaN / <NA>
+    found = {r.pop("path"): r for r in records}
+    for row in rows:
+        row.update(found.get(row["path"], {}))
+
+
+def write_outputs(out_csv: Path, rows: Predictions, manifest: dict | None) -> None:
+    """The CSV; with DICOM slices also ``.series.csv`` and both as Parquet, beside it (each written whole)."""
+    write_text_atomic(out_csv, _csv(rows, manifest))
+    if rows.series.empty:
+        return
+    stem = out_csv.with_suffix("")
+    write_text_atomic(stem.with_name(stem.name + ".series.csv"), rows.series.to_csv(index=False, float_format="%.6f"))
+    slices = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
+    for table, name in ((slices, stem.name + ".parquet"), (rows.series, stem.name + ".series.parquet")):
+        with atomic_file(stem.with_name(name)) as tmp:
+            table.to_parquet(tmp, index=False)
 
 
 def _predict_explained(model_dir: Path, manifest: dict | None, df, images: Path, out: Path) -> list[dict]:
@@ -174,9 +217,10 @@ def _csv(rows: Predictions, manifest: dict | None) -> str:
             line += [f"{r['members'][b]:.6f}" for b in names] + [f"{r['mean']:.6f}"]
             lines.append(line + ([f"{r['stacked']:.6f}"] if stacked else []))
     explained = [k for k in EXPLAIN_COLUMNS if rows and k in rows[0]]  # predict --explain
-    lines[0] += explained
+    dicom = list(DICOM_COLUMNS) if any("series_uid_hash" in r for r in rows) else []  # DICOM slices among them
+    lines[0] += explained + dicom
     for line, r in zip(lines[1:], rows, strict=True):
-        line += [r[k] for k in explained]
+        line += [r[k] for k in explained] + ["" if r.get(k) is None else r[k] for k in dicom]
     width = len(lines[0])
     lines = [lines[0] + ["error"]] + [line + [""] for line in lines[1:]]
     lines += [[u.path] + [""] * (width - 1) + [u.reason] for u in getattr(rows, "unreadable", ())]

@@ -2,12 +2,17 @@
 
     $COVIDCT_HOME/scores/<run id>/predictions.parquet   path, sha256, model_name, model_version, probability,
                                   predictions.csv       label, new, scored_run, scored_at (every readable file)
+                                  series.parquet, .csv  one row per DICOM series (covidct.inference.series)
                                   unreadable.csv        path, reason (files that could not be scored)
-                                  summary.json          counts, model, folder, timings
+                                  summary.json          counts, model, folder, timings, DICOM window and notice
     $COVIDCT_HOME/scores/_ledger/<model name>/<model version>/part-*.parquet   what that version scored
 
-The ledger makes scoring idempotent: an image (by the sha256 of its bytes, whatever its name)
-already scored by the same model version is not scored again; its row in the run's output
+DICOM CT files are scored slice by slice (``covidct.data.dicom``); their rows add the DICOM columns
+(keyed hashes of the UIDs, technical tags, the window; never patient data).
+
+The ledger makes scoring idempotent: an image (by the sha256 of its bytes, whatever its name), or a
+DICOM slice (by the keyed hash of its SOP instance UID, frame and window: a re-export is the same
+slice), already scored by the same model version is not scored again; its row in the run's output
 comes from the ledger (``new`` false, ``scored_run`` the run that scored it). A new model
 version scores everything again. Writers of one version's ledger take turns (``covidct.core.locks``,
 held from reading the ledger to the last write), so two runs never score an image twice; each
@@ -39,13 +44,17 @@ from covidct.core.errors import CovidctError
 from covidct.core.locks import DEFAULT_WAIT, locked
 from covidct.core.session import get_spark
 from covidct.data.dataset import LABEL_NAMES
+from covidct.data.dicom import DICOM_PREPROCESSING, NOTICE, Window
 from covidct.inference import predict
-from covidct.inference.files import listing, read_images
+from covidct.inference.files import DICOM_COLUMNS, DICOM_DTYPES, listing, read_images
+from covidct.inference.series import RULE, series_table
 from covidct.modelling.ensemble_format import read_model
+from covidct.modelling.evaluate import THRESHOLD
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["path", "sha256", "model_name", "model_version", "probability", "label", "new", "scored_run", "scored_at"]
+COLUMNS = ["path", "sha256", "model_name", "model_version", "probability", "label", "new", "scored_run", "scored_at",
+           *DICOM_COLUMNS]  # fmt: skip
 LEDGER_COLUMNS = ["sha256", "probability", "label", "model_name", "model_version", "path", "scored_run", "scored_at"]
 
 
@@ -59,8 +68,10 @@ class ScoreConfig:
     ledger: Path | None = None  # None: $COVIDCT_HOME/scores/_ledger
     strict: bool = False
     lock_wait: float = DEFAULT_WAIT
+    window: Window | str | None = None  # DICOM slices: "LEVEL,WIDTH" in HU (default: the lung window)
 
     def __post_init__(self) -> None:
+        self.window = self.window if isinstance(self.window, Window) else Window.parse(self.window)
         self.images = Path(self.images).expanduser()
         self.model_dir = Path(self.model_dir).expanduser()
         self.out = Path(self.out).expanduser()
@@ -109,7 +120,7 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
     run = config.out.name
     with locked(ledger.folder, what="scoring job", wait=config.lock_wait):
         spark = spark or get_spark("covidct-score")
-        files = read_images(spark, config.images)
+        files = read_images(spark, config.images, config.window)
         try:
             for u in files.unreadable:
                 log.warning("unreadable, not scored: %s: %s", u.path, u.reason)
@@ -157,6 +168,7 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
         frames = [f for f in (known, scored) if not f.empty] or [known]
         by_sha = pd.concat(frames, ignore_index=True).drop_duplicates("sha256").set_index("sha256")
         newly = set(scored["sha256"])
+        dicom = files.dicom.set_index("path") if not files.dicom.empty else None
         predictions = pd.DataFrame(
             [
                 {
@@ -169,11 +181,13 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
                     "new": sha in newly,
                     "scored_run": by_sha.at[sha, "scored_run"],
                     "scored_at": by_sha.at[sha, "scored_at"],
+                    **(dicom.loc[path].to_dict() if dicom is not None and path in dicom.index else {}),
                 }
                 for path, sha in sorted(found.items())
             ],
             columns=COLUMNS,
-        )
+        ).astype(DICOM_DTYPES)
+        series = series_table(predictions, float((manifest or {}).get("threshold", THRESHOLD)))
         summary = {
             "folder": str(config.images),
             "model": {"name": config.model_name, "version": config.model_version, "dir": str(config.model_dir)},
@@ -183,6 +197,14 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
             "already_scored": len(known),  # images this model version had scored before
             "unreadable": len(files.unreadable),
             "unreadable_files": [{"path": u.path, "reason": u.reason} for u in files.unreadable],
+            "dicom": {
+                "slices": int(predictions["series_uid_hash"].notna().sum()),
+                "series": len(series),
+                "window": config.window.id,
+                "preprocessing": DICOM_PREPROCESSING,
+                "series_rule": RULE,
+                "notice": NOTICE,
+            },
             "out": str(config.out),
             "timings": {"score_s": round(score_s, 3), "total_s": round(time.monotonic() - started, 3)},
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -190,9 +212,14 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
         with atomic_dir(config.out, what="scoring job") as staging:
             pq.write_table(pa.Table.from_pandas(predictions, preserve_index=False), staging / "predictions.parquet")
             predictions.to_csv(staging / "predictions.csv", index=False, float_format="%.6f")
+            pq.write_table(pa.Table.from_pandas(series, preserve_index=False), staging / "series.parquet")
+            series.to_csv(staging / "series.csv", index=False, float_format="%.6f")
             unreadable = pd.DataFrame(summary["unreadable_files"], columns=["path", "reason"])
             unreadable.to_csv(staging / "unreadable.csv", index=False)
             (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info("scored %d new images, %d already scored, %d unreadable: %s", summary["scored_new"],
              summary["already_scored"], summary["unreadable"], config.out)  # fmt: skip
+    if len(series):
+        log.info("%d DICOM slices in %d series (window %s; series: %s). %s", summary["dicom"]["slices"], len(series),
+                 config.window.id, RULE, NOTICE)  # fmt: skip
     return summary
