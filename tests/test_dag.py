@@ -71,6 +71,7 @@ def test_unpausing_schedules_no_past_week(dag):
 
 def test_train_tasks_are_spark_submits_of_the_job_through_spark_default(dag):
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+    from jinja2 import Template
 
     for task_id in TRAIN_TASKS:
         task = dag.task_dict[task_id]
@@ -83,6 +84,9 @@ def test_train_tasks_are_spark_submits_of_the_job_through_spark_default(dag):
         for param in ("splits", "seed", "seeds", "weights", "pooling", "precision", "view", "flips", "stacked",
                       "feature_cache"):  # fmt: skip
             assert any(f"params.{param}" in str(a) for a in args), param
+        # stacked: the out-of-fold fits only when asked for (the whole-DAG run takes the default, off)
+        folds = Template(args[args.index("--stack-folds") + 1])
+        assert (folds.render(params={"stacked": False}), folds.render(params={"stacked": True})) == ("0", "5")
 
 
 def test_params_have_descriptions_defaults_and_validate(dag):
@@ -168,7 +172,10 @@ def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
             assert metrics["view"] == "body-blank" and metrics["preprocessing"].endswith("_body-blank-mask2")
     html = (run.run_dir / "report" / "report.html").read_text()
     assert "RANDOM WEIGHTS" not in html
-    assert all(name in html for name in ("VGG16", "VGG19", "Xception", "Ensemble (stacked)"))
+    assert all(name in html for name in ("VGG16", "VGG19", "Xception", "Ensemble"))
+    # stacked off (the default): no out-of-fold fits in the jobs, no stacker in the product's ensemble
+    assert json.loads((run.run_dir / "vgg16" / "official" / "metrics.json").read_text())["out_of_fold"] is None
+    assert json.loads((run.run_dir / "ensemble" / "ensemble.json").read_text())["stacker"] is None
     # The validate task kept the gate's result in the run folder; the report says what it found in the data.
     assert json.loads((run.run_dir / "validation.json").read_text())["near_duplicates"]["policy"] == "warn"
     assert "<h2>Data: pictures filed twice</h2>" in html and "found no picture filed twice" in html
