@@ -93,11 +93,13 @@ def make_subset(real: Path, dest: Path) -> Path:
 def make_incoming(real: Path, dest: Path) -> Path:
     """New scans for the scoring DAG (the host folder bind-mounted as the stack's incoming folder):
     the last few test images of each class, none of them in the subset, one file that is no image, and a
-    DICOM export: a CT series of ``N_SLICES`` slices and an MR slice, patient data planted in both."""
+    DICOM export: a CT series of ``N_SLICES`` slices, a JPEG 2000 CT, an MR slice and a broken slice, patient
+    data planted in the synthetic ones."""
     import numpy as np
 
     from covidct.data.dataset import split_lists
     from dicom_files import series_folder, uid, write_ct
+    from test_dicom import shipped
 
     dest.mkdir(parents=True)
     test = split_lists(real)["test"]  # relpaths, CT_COVID/... then CT_NonCOVID/...
@@ -105,8 +107,10 @@ def make_incoming(real: Path, dest: Path) -> Path:
         for relpath in [r for r in test if r.startswith(f"{folder}/")][-N_INCOMING // 2 :]:
             shutil.copyfile(real / relpath, dest / Path(relpath).name)
     (dest / "notes.txt").write_text("not a scan\n")
-    series_folder(dest / "export" / "series1", N_SLICES)
+    slices = series_folder(dest / "export" / "series1", N_SLICES)
     write_ct(dest / "export" / "mr.dcm", np.zeros((8, 8)), series=uid(), study=uid(), modality="MR")
+    (dest / "export" / "broken.dcm").write_bytes(slices[0].read_bytes()[:2000])
+    shutil.copyfile(shipped("693_J2KI.dcm"), dest / "export" / "j2k.dcm")  # JPEG 2000, decoded by GDCM
     return readable_by_the_image_user(dest)
 
 
@@ -623,22 +627,23 @@ def test_scoring_dag_scores_the_incoming_folder_with_the_champion(stack):
         stack.save()
     first, second = found["first"], found["second"]
     assert first["summary"]["folder"] == "/opt/covidct/var/incoming", first["summary"]
-    assert first["summary"]["files"] == N_INCOMING + 1 + N_SLICES + 1, first["summary"]
-    assert first["summary"]["scored_new"] == N_INCOMING + N_SLICES, first["summary"]
+    assert first["summary"]["files"] == N_INCOMING + 1 + N_SLICES + 3, first["summary"]
+    assert first["summary"]["scored_new"] == N_INCOMING + N_SLICES + 1, first["summary"]
     reasons = {Path(u["path"]).name: u["reason"] for u in first["summary"]["unreadable_files"]}
-    assert reasons.keys() == {"notes.txt", "mr.dcm"} and reasons["mr.dcm"].startswith("DICOM modality MR"), reasons
+    assert reasons.keys() == {"notes.txt", "mr.dcm", "broken.dcm"}, reasons
+    assert reasons["mr.dcm"].startswith("DICOM modality MR") and "cannot be decoded" in reasons["broken.dcm"], reasons
     rows = first["rows"]
-    assert len(rows) == N_INCOMING + N_SLICES and {r["model_version"] for r in rows} == {version}, rows
-    [series] = first["series"]
-    assert series["slices"] == str(N_SLICES) and series["window"] == "L-600_W1500", series
-    assert sum(r["series_uid_hash"] == series["series_uid_hash"] for r in rows) == N_SLICES
+    assert len(rows) == N_INCOMING + N_SLICES + 1 and {r["model_version"] for r in rows} == {version}, rows
+    series = {s["slices"]: s for s in first["series"]}
+    assert series.keys() == {str(N_SLICES), "1"} and {s["window"] for s in series.values()} == {"L-600_W1500"}
+    assert sum(r["series_uid_hash"] == series[str(N_SLICES)]["series_uid_hash"] for r in rows) == N_SLICES
     assert first["summary"]["dicom"]["notice"].startswith("Research use only"), first["summary"]
     assert_no_patient_data(stack.out / "compose-measurements.json", text=json.dumps(found))  # outputs and summaries
     assert {r["model_name"] for r in rows} == {REGISTERED_MODEL} and {r["new"] for r in rows} == {"True"}, rows
     assert all(0.0 <= float(r["probability"]) <= 1.0 and r["label"] in ("COVID", "non-COVID") for r in rows), rows
     # Scored once per model version: the second run takes every row from the ledger.
     assert second["summary"]["scored_new"] == 0, second
-    assert second["summary"]["already_scored"] == N_INCOMING + N_SLICES, second
+    assert second["summary"]["already_scored"] == N_INCOMING + N_SLICES + 1, second
     assert {r["new"] for r in second["rows"]} == {"False"}
     key = ("path", "sha256", "probability", "label", "scored_run")
     assert [tuple(r[k] for k in key) for r in second["rows"]] == [tuple(r[k] for k in key) for r in rows]

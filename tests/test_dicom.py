@@ -121,6 +121,9 @@ def test_what_cannot_or_must_not_be_scored_is_refused_with_its_reason(tmp_path):
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     cases[truncated] = r"its pixel data \(Explicit VR Little Endian\) cannot be decoded: The number of bytes"
+    cut_in_header = tmp_path / "header.dcm"
+    cut_in_header.write_bytes(good.read_bytes()[:200])
+    cases[cut_in_header] = r"no DICOM modality \(not an image, or a truncated file\)"
     burned = write_ct(tmp_path / "burned.dcm", chest(), series=uid(), study=uid(), extra={"BurnedInAnnotation": "YES"})
     cases[burned] = "BurnedInAnnotation YES: its pixels may show patient data"
     colour = tmp_path / "colour.dcm"

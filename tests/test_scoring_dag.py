@@ -119,7 +119,7 @@ def test_scores_the_incoming_folder_with_the_champion(airflow_db, dag, home, spa
                                                       tmp_path, capfd):  # fmt: skip
     from covidct.core import paths
     from dicom_files import series_folder, write_ct
-    from test_dicom import assert_no_patient_data
+    from test_dicom import assert_no_patient_data, shipped
 
     version = register_champion(small_model, tmp_path)
     incoming = home / "incoming"  # the operator's default folder: an empty param scores it
@@ -128,22 +128,28 @@ def test_scores_the_incoming_folder_with_the_champion(airflow_db, dag, home, spa
         for source in sorted((small_dataset / folder).iterdir())[:2]:
             shutil.copy(source, incoming / source.name)
     (incoming / "notes.txt").write_text("not a scan")
-    series_folder(incoming / "dicom" / "series", 3)  # a DICOM series beside the pictures, and an MR slice
+    # A DICOM export beside the pictures: a CT series, a JPEG 2000 CT (pydicom's), an MR slice, a broken slice.
+    slices = series_folder(incoming / "dicom" / "series", 3)
+    shutil.copy(shipped("693_J2KI.dcm"), incoming / "dicom" / "j2k.dcm")
     mr = write_ct(incoming / "dicom" / "mr.dcm", np.zeros((8, 8)), series="1.2.3", study="1.2.3", modality="MR")
+    (incoming / "dicom" / "broken.dcm").write_bytes(slices[0].read_bytes()[:2000])
     capfd.readouterr()
     dagrun = dag.test(run_conf={"window": "-550,1400"})
     assert states_of(dagrun) == {"check_folder": "success", "champion": "success", "score": "success"}
     out = paths.run_scores_dir(dagrun.run_id)
     predictions = pd.read_parquet(out / "predictions.parquet")
-    assert len(predictions) == 4 + 3 and predictions.new.all()
+    assert len(predictions) == 4 + 3 + 1 and predictions.new.all()
     assert set(predictions.model_name) == {"covid-ct"} and set(predictions.model_version) == {version}
-    assert predictions.window.dropna().tolist() == ["L-550_W1400"] * 3  # the param reached the job
-    (series,) = pd.read_parquet(out / "series.parquet").to_dict("records")
-    assert series["slices"] == 3 and series["window"] == "L-550_W1400"
+    assert predictions.window.dropna().tolist() == ["L-550_W1400"] * 4  # the param reached the job
+    series = pd.read_parquet(out / "series.parquet")
+    assert sorted(series.slices) == [1, 3] and set(series.window) == {"L-550_W1400"}
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["files"], summary["scored_new"], summary["unreadable"]) == (5 + 4, 4 + 3, 2)
+    assert (summary["files"], summary["scored_new"], summary["unreadable"]) == (5 + 6, 4 + 4, 3)
     reasons = {Path(u["path"]).name: u["reason"] for u in summary["unreadable_files"]}
-    assert reasons == {"notes.txt": "not a recognised image format", mr.name: "DICOM modality MR, not CT: not scored"}
+    assert reasons.pop("notes.txt") == "not a recognised image format"
+    assert reasons.pop(mr.name) == "DICOM modality MR, not CT: not scored"
+    assert "its pixel data (Explicit VR Little Endian) cannot be decoded" in reasons.pop("broken.dcm")
+    assert not reasons
     assert_no_patient_data(out, text="".join(capfd.readouterr()))  # the outputs, and the tasks' logs
     assert (home / "scores" / "_champions" / f"covid-ct-v{version}").is_dir()  # downloaded once, reused
 

@@ -149,8 +149,10 @@ def read_slices(data: bytes, salt: bytes, window: Window = LUNG) -> list[Slice]:
         if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
             raise _refused("a DICOMDIR (the export's index, no pixels: its slices are scored from their own files)")
         modality = str(ds.get("Modality", "") or "").strip().upper()
+        if not modality:
+            raise _refused("no DICOM modality (not an image, or a truncated file): not scored")
         if modality != "CT":
-            raise _refused(f"DICOM modality {modality or 'missing'}, not CT: not scored")
+            raise _refused(f"DICOM modality {modality}, not CT: not scored")
         if "PixelData" not in ds:
             raise _refused("a DICOM CT file without pixel data")
         if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
