@@ -17,6 +17,7 @@ import pytest
 from covidct.cli import main
 from covidct.core.errors import CovidctError
 from covidct.modelling import ensemble as ens
+from dicom_files import series_folder
 
 BACKBONES = ("VGG16", "VGG19")
 SEEDS = [0, 1]  # two seeds and two stacking folds: every repeat and stacking path, with the fewest LR fits
@@ -146,21 +147,29 @@ def test_saved_ensemble_classifies_new_images_with_each_backbone_beside_it(run, 
         sorted((small_dataset / "CT_COVID").iterdir())[:2] + sorted((small_dataset / "CT_NonCOVID").iterdir())[:1]
     ):
         shutil.copy(source, new / source.name)
+    series_folder(new / "dicom", 2)  # and a DICOM series of two slices
     out_csv = tmp_path / "predictions.csv"
     model = run / "ensemble"
     assert main(["predict", "--model", str(model), "--images", str(new), "--out", str(out_csv)]) == 0
     rows = pd.read_csv(out_csv)
-    assert len(rows) == 3
+    assert len(rows) == 3 + 2
     members = rows[["probability_VGG16", "probability_VGG19"]].mean(axis=1)
     assert rows.probability_covid.to_numpy() == pytest.approx(members, abs=1e-6)  # the CSV has 6 decimals
+    slices = pd.read_parquet(tmp_path / "predictions.parquet")  # with DICOM: the same rows as Parquet
+    assert slices[["probability_VGG16", "probability_VGG19"]].mean(axis=1).to_numpy() == pytest.approx(
+        slices.probability.to_numpy()
+    )
+    (series,) = pd.read_csv(tmp_path / "predictions.series.csv").to_dict("records")
+    dicom = rows[rows.path.str.contains("/dicom/")].probability_covid
+    assert series["slices"] == 2 and series["probability"] == pytest.approx(dicom.max(), abs=1e-6)
     # Each member's probability is what its own saved model says.
     capsys.readouterr()
     assert main(["predict", "--model", str(run / "vgg16" / "official" / "model"), "--images", str(new)]) == 0
-    alone = [float(line.split("\t")[0]) for line in capsys.readouterr().out.splitlines()]
+    alone = [float(line.split("\t")[0]) for line in capsys.readouterr().out.splitlines() if "\tfile:" in line]
     assert rows.probability_VGG16.round(4).tolist() == pytest.approx(alone, abs=1e-4)
     assert main(["predict", "--model", str(model), "--images", str(new)]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 3 and all("VGG16 " in line and "VGG19 " in line and "stacked " in line for line in printed)
+    printed = [line for line in capsys.readouterr().out.splitlines() if "\tfile:" in line]
+    assert len(printed) == 5 and all("VGG16 " in line and "VGG19 " in line and "stacked " in line for line in printed)
 
 
 @pytest.mark.slow

@@ -161,10 +161,15 @@ def write_outputs(out_csv: Path, rows: Predictions, manifest: dict | None) -> No
         return
     stem = out_csv.with_suffix("")
     write_text_atomic(stem.with_name(stem.name + ".series.csv"), rows.series.to_csv(index=False, float_format="%.6f"))
-    slices = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
+    flat = [{k: v for k, v in r.items() if k != "members"} | _members(r) for r in rows]  # an ensemble's members
+    slices = pd.DataFrame(flat)
     for table, name in ((slices, stem.name + ".parquet"), (rows.series, stem.name + ".series.parquet")):
         with atomic_file(stem.with_name(name)) as tmp:
             table.to_parquet(tmp, index=False)
+
+
+def _members(row: dict) -> dict[str, float]:
+    return {f"probability_{b}": p for b, p in row.get("members", {}).items()}
 
 
 def _predict_explained(model_dir: Path, manifest: dict | None, df, images: Path, out: Path) -> list[dict]:
