@@ -83,7 +83,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
         "on_failure_callback": alerts.task_failed,
     },
     dagrun_timeout=bounds.timeout("run"),
-    on_failure_callback=alerts.run_failed,
+    on_failure_callback=[alerts.run_failed, pipeline.close_failed_run],  # and no MLflow run left open
     deadline=alerts.overdue_alerts(bounds.overdue_after()),  # opt-in: COVIDCT_RUN_DEADLINE_S
     tags=["covid-ct", "spark", "transfer-learning"],
     user_defined_macros={"run_dir": lambda run_id: str(paths.run_dir(run_id))},

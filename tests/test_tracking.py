@@ -350,6 +350,35 @@ def test_dag_runs_log_nested_mlflow_runs_and_promote_a_champion_with_an_asset_ev
     assert os.environ.get("COVIDCT_TRACKING") == "on"
 
 
+@pytest.mark.slow
+def test_a_failed_dag_run_leaves_no_mlflow_run_open(airflow_db, small_dataset, tmp_path, monkeypatch):
+    """The run's only backbone fails (its weights are missing), so ensemble and report fail and promote never
+    runs: the parent run select_backbones opened ends FAILED, naming a failed task (it stayed RUNNING)."""
+    from airflow.utils.state import DagRunState
+
+    from covidct.lifecycle import runs, store
+    from support.dags import fresh
+
+    for var, value in (("COVIDCT_HOME", tmp_path / "home"), ("COVIDCT_TRACKING", "on"),
+                       ("COVIDCT_ALLOWED_SOURCES", small_dataset), ("COVIDCT_WEIGHTS_DIR", tmp_path / "no-weights"),
+                       ("KERAS_HOME", tmp_path / "keras"), ("COVIDCT_WEIGHTS_URL", "http://127.0.0.1:9/")):  # fmt: skip
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "no-weights").mkdir()
+    conf = {"data_source": str(small_dataset), "backbones": ["VGG16"], "splits": ["official"], "weights": "imagenet",
+            "expect_covid": 12, "expect_noncovid": 12}  # fmt: skip
+    dagrun = fresh(DAG_ID).test(run_conf=conf)
+    states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
+    assert dagrun.state == DagRunState.FAILED and states["promote"] == "upstream_failed", states
+    client = store.client()
+    [parent] = client.search_runs([store.experiment_id(client)], f"tags.`{runs.TAG_KIND}` = 'dag_run'")
+    assert parent.info.status == "FAILED" and parent.data.tags[runs.TAG_RUN_ID] == dagrun.run_id
+    named = parent.data.tags[runs.TAG_FAILED_TASKS]
+    assert states[named] == "failed", (named, states)  # Airflow's last failed task instance
+    running = client.search_runs([store.experiment_id(client)], "attributes.status = 'RUNNING'")
+    assert running == []
+
+
 # --------------------------------------------------------------------------- make mlflow-ui
 
 

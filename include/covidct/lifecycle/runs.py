@@ -109,6 +109,31 @@ def finish_dag_run(status: str = "FINISHED") -> None:
         client().set_terminated(run, status)
 
 
+#: On a failed DAG run's parent run (and its children left running): the failed task(s) it ended on.
+TAG_FAILED_TASKS = "covidct.failed_tasks"
+
+
+def fail_dag_run(dag_id: str, run_id: str, failed_tasks: list[str], mlflow_client: MlflowClient | None = None) -> list:
+    """A failed DAG run leaves no MLflow run open: its parent run ends FAILED (also when ``promote`` had
+    finished it: the DAG run failed after), and every child still RUNNING ends FAILED; each is tagged with
+    the failed tasks. Returns the run ids ended (empty when tracking is off or the run made no parent)."""
+    if not enabled():
+        return []
+    mlflow_client = mlflow_client or client()
+    exp = experiment_id(mlflow_client)
+    named = ", ".join(failed_tasks) or "unknown (the run failed or timed out)"
+    ended = []
+    for parent in _parents(mlflow_client, exp, dag_id, run_id):
+        query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'RUNNING'"
+        for run in [*mlflow_client.search_runs([exp], filter_string=query, max_results=100), parent]:
+            mlflow_client.set_tag(run.info.run_id, TAG_FAILED_TASKS, named)
+            mlflow_client.set_terminated(run.info.run_id, "FAILED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.info("MLflow runs %s ended FAILED: %s %s failed in %s", ", ".join(ended), dag_id, run_id, named)
+    return ended
+
+
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:6000]  # MLflow's limit on a param value

@@ -235,6 +235,23 @@ def start_tracking(params: Mapping) -> str | None:
     return run
 
 
+def close_failed_run(context: dict) -> None:
+    """``on_failure_callback`` of the DAG (beside the alert): the failed run's MLflow runs end FAILED, naming
+    the failed task the callback is about (Airflow's last failed task instance: the DAG-level context has one
+    task instance, and no access to the others) (``covidct.lifecycle.runs.fail_dag_run``). Never raises: a
+    callback's error would hide the run's own."""
+    from covidct.lifecycle import runs
+
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    try:
+        dag_id = getattr(dag_run, "dag_id", None) or context["dag"].dag_id
+        run_id = getattr(dag_run, "run_id", None) or context["run_id"]
+        runs.fail_dag_run(dag_id, run_id, [ti.task_id] if ti is not None else [])
+    except Exception as exc:  # noqa: BLE001 - MLflow unreachable, a detail of the context
+        log.warning("could not end the failed run's MLflow runs: %s", exc)
+
+
 def promote_run(run_dir: str, outlet_events=None) -> dict:
     """The promotion gate (``covidct.lifecycle.promotion``): on promotion, the champion asset's event gets the
     new version as its extra; otherwise the task is skipped, so that no asset event is emitted.
