@@ -56,6 +56,32 @@ def test_cached_hashes_are_read_without_spark_and_skip_an_unreadable_file(spark,
     assert cache.shas(CacheKey("VGG19", "none", "avg")) == set()
 
 
+def test_an_altered_or_truncated_cache_file_is_named_set_aside_and_its_images_featurized_again(
+    spark, images, tmp_path, caplog
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = FeatureCache(tmp_path / "cache")
+    run(spark, images.limit(2), cache)
+    clean, _, key = run(spark, images.limit(5), cache)  # a second write: more than one file
+    altered, truncated = cache.files(key)[0], cache.files(key)[-1]
+    assert altered != truncated and all(cachelib._checksum_file(f).is_file() for f in (altered, truncated))
+    lost = {f: set(pq.read_table(f).column("sha256").to_pylist()) for f in (altered, truncated)}
+    table = pq.read_table(altered)  # a valid Parquet file with other values: only the checksum can tell
+    features = [[v + 1.0 for v in row] for row in table.column("features").to_pylist()]
+    pq.write_table(table.set_column(1, "features", pa.array(features, pa.list_(pa.float32()))), altered)
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with caplog.at_level("WARNING", logger="covidct.features.cache"):
+        again, stats, _ = run(spark, images.limit(5), cache)
+    assert stats["misses"] == len(lost[altered] | lost[truncated]) and stats["misses"] + stats["hits"] == 5
+    for sha, vector in clean.items():
+        np.testing.assert_array_equal(again[sha], vector)  # equal to the clean run's
+    for file in (altered, truncated):
+        assert f"{file} " in caplog.text and (file.parent / f".corrupt-{file.name}").is_file() and not file.exists()
+    assert "does not match its checksum" in caplog.text
+
+
 @pytest.mark.slow
 def test_other_pooling_or_weights_never_reuse_stale_features(spark, images, tmp_path):
     cache = FeatureCache(tmp_path / "cache")

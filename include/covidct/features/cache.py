@@ -12,10 +12,16 @@ version, the view of the picture and flips). New features are written by Spark i
 folder and then renamed into place file by file; Spark's readers skip hidden files and
 ``.tmp`` names, so a crash mid-write leaves only complete files visible. Two runs
 writing the same images at once just leave duplicates, which readers drop.
+
+Each file has its checksum beside it (``<file>.sha256``, written before the file is published). A
+file that no longer matches it (altered, truncated: a disk error, a copy cut short), or an older
+file without one that does not read whole, is logged by name and set aside (renamed hidden,
+``.corrupt-<name>``): its images count as missing and are featurized again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -27,11 +33,13 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession
 
 from covidct.core import paths
+from covidct.core.atomic import write_text_atomic
 from covidct.data.image import PREPROCESSING_VERSION
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "COVIDCT_CACHE_DIR"
+CHECKSUM_SUFFIX = ".sha256"
 SCHEMA = "sha256 string, features array<float>"
 STALE_STAGING_S = 24 * 3600
 
@@ -63,8 +71,10 @@ class FeatureCache:
         return self.root.joinpath(*key.parts())
 
     def files(self, key: CacheKey) -> list[Path]:
+        """The key's files that are intact (their checksum matches); the others are set aside (module doc)."""
         folder = self.folder(key)
-        return sorted(folder.glob("[!._]*.parquet")) if folder.is_dir() else []
+        found = sorted(folder.glob("[!._]*.parquet")) if folder.is_dir() else []
+        return [file for file in found if _intact(file)]
 
     def read(self, spark: SparkSession, key: CacheKey) -> DataFrame | None:
         """Cached ``sha256, features`` under ``key`` (one row per sha256), or None if empty."""
@@ -100,7 +110,9 @@ class FeatureCache:
             run = uuid.uuid4().hex[:12]
             published = 0
             for part in sorted(staging.glob("part-*.parquet")):
-                os.rename(part, folder / f"{run}-{part.name}")  # atomic: readers see whole files only
+                dest = folder / f"{run}-{part.name}"
+                write_text_atomic(_checksum_file(dest), _digest(part) + "\n")  # before the file is visible
+                os.rename(part, dest)  # atomic: readers see whole files only
                 published += 1
             return published
         finally:
@@ -140,3 +152,47 @@ class FeatureCache:
                     }
                 )
         return rows
+
+
+def _checksum_file(file: Path) -> Path:
+    return file.with_name(file.name + CHECKSUM_SUFFIX)
+
+
+def _digest(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _intact(file: Path) -> bool:
+    """True when ``file`` matches its checksum; an older file without one is checked by reading it whole (and
+    then given one). A file that fails is logged by name and set aside; False."""
+    import pyarrow.parquet as pq
+
+    checksum = _checksum_file(file)
+    try:
+        expected = checksum.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        expected = None
+    try:
+        if expected is None:
+            pq.read_table(file)  # written before checksums: trusted if it reads whole
+            write_text_atomic(checksum, _digest(file) + "\n")
+            return True
+        if _digest(file) == expected:
+            return True
+        why = "does not match its checksum (altered or truncated)"
+    except FileNotFoundError:
+        return False  # set aside meanwhile by another run
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        why = f"cannot be read ({exc})"
+    aside = file.with_name(f".corrupt-{file.name}")
+    log.warning("feature cache: %s %s: set aside as %s; its images are featurized again", file, why, aside.name)
+    try:
+        os.replace(file, aside)
+        checksum.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    return False
