@@ -430,6 +430,27 @@ def test_fetch_from_local_dataset_folder(small_dataset, tmp_path):
     assert not again.changed and snapshot(dest) == before
 
 
+def test_a_symbolic_link_out_of_the_source_folder_is_refused_and_nothing_published(small_dataset, dest, tmp_path):
+    """The operator allows a folder, not what its links lead to: a class folder or a split list linked from
+    elsewhere is refused (image files that are links already were)."""
+
+    elsewhere = shutil.copytree(small_dataset, tmp_path / "elsewhere")
+    linked_folder = shutil.copytree(small_dataset, tmp_path / "linked-folder")
+    shutil.rmtree(linked_folder / "CT_COVID")
+    (linked_folder / "CT_COVID").symlink_to(elsewhere / "CT_COVID", target_is_directory=True)
+    fails(dest, str(linked_folder), "CT_COVID/", "is a symbolic link that leads outside the source folder")
+    linked_list = shutil.copytree(small_dataset, tmp_path / "linked-list")
+    listed = next(p for p in linked_list.rglob("*.txt") if p.is_file())
+    listed.unlink()
+    listed.symlink_to(elsewhere / listed.relative_to(linked_list))
+    fails(dest, str(linked_list), "is a symbolic link that leads outside the source folder")
+    inner = shutil.copytree(small_dataset, tmp_path / "inner-link")  # a link that stays inside is fine
+    alias = next(p for p in inner.rglob("*.txt") if p.is_file())
+    shutil.move(alias, inner / "lists.txt")
+    alias.symlink_to(inner / "lists.txt")
+    assert fetch(tmp_path / "ok", inner, **SMALL).changed
+
+
 def test_local_dataset_folder_with_a_bad_image_is_not_published(small_dataset, dest, tmp_path):
     broken = shutil.copytree(small_dataset, tmp_path / "broken")
     fragments = DEFECTS["extra truncated image"](broken)

@@ -12,6 +12,7 @@ import pytest
 
 from covidct.cli import main
 from covidct.core.errors import CovidctError
+from covidct.inference import files
 from covidct.lifecycle.scoring import COLUMNS, Ledger, ScoreConfig, score_folder
 from covidct.orchestration import policy
 
@@ -161,3 +162,32 @@ def test_the_job_refuses_a_folder_outside_the_allowlist(small_model, tmp_path, m
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "scores").exists()
+
+
+def test_the_job_does_not_follow_a_symbolic_link_out_of_the_allowed_folders(spark, small_model, small_dataset,
+                                                                            tmp_path, monkeypatch, capsys):  # fmt: skip
+    """A link inside the incoming folder to a file or a folder elsewhere is not read (the folder itself was
+    allowed; what it links to is held to the allowlist too); a link that stays inside is."""
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(policy.SCORING_DIRS_ENV, raising=False)
+    folder = incoming(small_dataset, tmp_path / "incoming", n=2)
+    monkeypatch.setenv("COVIDCT_INCOMING_DIR", str(folder))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = sorted((small_dataset / "CT_NonCOVID").iterdir())[-1]
+    shutil.copy(secret, outside / "secret.png")
+    (folder / "link-to-file.png").symlink_to(outside / "secret.png")
+    (folder / "link-to-folder").symlink_to(outside, target_is_directory=True)
+    inside = next(p for p in folder.iterdir() if p.suffix == ".png" and not p.is_symlink())
+    (folder / "link-inside.png").symlink_to(inside)
+    out = tmp_path / "home" / "scores" / "run1"
+    args = ["score", "--images", str(folder), "--model", str(small_model), "--model-name", "m",
+            "--model-version", "1", "--out", str(out)]  # fmt: skip
+    assert main(args, confined=True) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    refused = {Path(u["path"]).name: u["reason"] for u in summary["unreadable_files"]}
+    assert refused.pop("link-to-file.png") == refused.pop("secret.png") == files.OUTSIDE, summary
+    assert refused == {"notes.txt": "not a recognised image format"}
+    scored = {Path(p).name for p in pd.read_csv(out / "predictions.csv").path}
+    assert scored == {p.name for p in folder.iterdir() if p.suffix == ".png"} - {"link-to-file.png"}
+    assert "link-inside.png" in scored

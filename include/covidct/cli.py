@@ -279,11 +279,14 @@ def _add_score(sub) -> None:
 def _cmd_score(args) -> int:
     from covidct.lifecycle.scoring import ScoreConfig, score_folder
 
+    confine_to = None
     if args.confined:  # the scoring DAG's job: the folder came from a trigger param
         from covidct.orchestration.policy import FOLDER_PATTERN, Policy, check_pattern
 
         check_pattern(str(args.images), FOLDER_PATTERN, "--images")
-        args.images = Path(Policy.from_env().check_folder(str(args.images)))
+        policy = Policy.from_env()
+        args.images = Path(policy.check_folder(str(args.images)))
+        confine_to = policy.scoring_roots()  # and every file in it, symbolic links followed
     config = ScoreConfig(
         images=args.images,
         model_dir=args.model,
@@ -294,6 +297,7 @@ def _cmd_score(args) -> int:
         strict=args.strict,
         lock_wait=args.lock_wait,
         window=args.window,
+        confine_to=confine_to,
     )
     s = score_folder(config)
     print(

@@ -99,11 +99,22 @@ class ZipFolderSource(Source):
             path = self.archives / Path(name).name if name in ARCHIVES.values() else self.root / name
             if not path.is_file():
                 raise CovidctError(f"source {self.location} has no {path.relative_to(self.root)}")
-            files[name] = hashed(name, path)
+            files[name] = hashed(name, inside(self.root, path))
         return files
 
     def unpack(self, files: dict[str, SourceFile], staging: Path) -> None:
         unpack_upstream(files, staging, self.limits)
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` when it really lies inside ``root`` (every symbolic link followed): the operator allowed the
+    folder, not what a link in it leads to. CovidctError otherwise."""
+    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
+        raise CovidctError(
+            f"source {root}: {path.relative_to(root)} is a symbolic link that leads outside the source folder "
+            "(the operator allows the folder, not what its links lead to); copy the file into it instead"
+        )
+    return path
 
 
 @dataclass
@@ -118,7 +129,7 @@ class FolderSource(Source):
 
     def gather(self, work: Path, previous: dict | None, only: Iterable[str] | None = None) -> dict[str, SourceFile]:
         names = list(only) if only else self._names()
-        return {name: hashed(name, self.root / name) for name in names}
+        return {name: hashed(name, inside(self.root, self.root / name)) for name in names}
 
     def _names(self) -> list[str]:
         names = []

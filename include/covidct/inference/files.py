@@ -66,11 +66,20 @@ def listing(unreadable: list[Unreadable], limit: int = LISTED) -> str:
     return shown + (f", and {len(unreadable) - limit} more" if len(unreadable) > limit else "")
 
 
-def _read_file(path: str) -> tuple[bytes | None, str | None]:
-    """The bytes of a file Spark listed (``file:/...``), or None and why they cannot be had."""
+#: Why a file reached through a symbolic link that leads outside ``confine_to`` is not read.
+OUTSIDE = "a symbolic link that leads outside the folders the operator allows for scoring: not read"
+
+
+def _read_file(path: str, confine_to: tuple[Path, ...] | None = None) -> tuple[bytes | None, str | None]:
+    """The bytes of a file Spark listed (``file:/...``), or None and why they cannot be had. ``confine_to``:
+    the file's real path (every symbolic link followed) must lie inside one of these folders."""
     if not path.startswith("file:"):
         return None, "only local files (file:) can be read"
     local = path.removeprefix("file:")
+    if confine_to is not None:
+        real = Path(os.path.realpath(local))
+        if not any(real.is_relative_to(root) for root in confine_to):
+            return None, OUTSIDE
     try:
         info = os.stat(local)
         if not stat.S_ISREG(info.st_mode):
@@ -106,11 +115,11 @@ def frame_path(path: str, frame: int | None) -> str:
     return path if frame is None else f"{path}[{frame}]"
 
 
-def _check_files(salt: bytes, window: Window):
+def _check_files(salt: bytes, window: Window, confine_to: tuple[Path, ...] | None = None):
     """``mapInPandas``: each file read once, checked; a DICOM file becomes one row per slice (windowed PNG)."""
 
     def rows_of(path: str) -> list[dict]:
-        data, why = _read_file(path)
+        data, why = _read_file(path, confine_to)
         if why is None and dicom.is_dicom(data):
             try:
                 slices = dicom.read_slices(data, salt, window)
@@ -140,8 +149,13 @@ def _check_files(salt: bytes, window: Window):
     return check
 
 
-def read_images(spark, images: Path, window: Window = dicom.LUNG) -> ImageFiles:
+def read_images(
+    spark, images: Path, window: Window = dicom.LUNG, confine_to: tuple[Path, ...] | None = None
+) -> ImageFiles:
     """Every file under ``images`` (recursive; hidden files skipped, as Spark does), read and checked in the workers.
+
+    ``confine_to`` (the scoring DAG's job): a file whose real path lies outside these folders (reached
+    through a symbolic link inside the scanned folder) is not read, and is listed with ``OUTSIDE``.
 
     DICOM files become one row per CT slice (``covidct.data.dicom``: Hounsfield units, ``window``, keyed
     hashes instead of UIDs, with the deployment's salt), carrying ``DICOM_COLUMNS``; their ``sha256`` is
@@ -157,7 +171,8 @@ def read_images(spark, images: Path, window: Window = dicom.LUNG) -> ImageFiles:
     files = sorted(_as_path(uri) for uri in listed.inputFiles())
     slices = max(spark.sparkContext.defaultParallelism, math.ceil(len(files) / FILES_PER_TASK))
     paths = spark.sparkContext.parallelize([(f,) for f in files], slices).toDF("path string")
-    checked = paths.mapInPandas(_check_files(uid_salt(), window), _SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    checked = paths.mapInPandas(_check_files(uid_salt(), window, confine_to), _SCHEMA)
+    checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
     status = checked.drop("image").toPandas()  # small: no pixels
     problems = status[status["problem"].notna()]
     unreadable = sorted((Unreadable(p, r) for p, r in zip(problems["path"], problems["problem"], strict=True)),

@@ -69,6 +69,7 @@ class ScoreConfig:
     strict: bool = False
     lock_wait: float = DEFAULT_WAIT
     window: Window | str | None = None  # DICOM slices: "LEVEL,WIDTH" in HU (default: the lung window)
+    confine_to: tuple[Path, ...] | None = None  # files must really lie in these (symbolic links re-checked)
 
     def __post_init__(self) -> None:
         self.window = self.window if isinstance(self.window, Window) else Window.parse(self.window)
@@ -120,7 +121,7 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
     run = config.out.name
     with locked(ledger.folder, what="scoring job", wait=config.lock_wait):
         spark = spark or get_spark("covidct-score")
-        files = read_images(spark, config.images, config.window)
+        files = read_images(spark, config.images, config.window, config.confine_to)
         try:
             for u in files.unreadable:
                 log.warning("unreadable, not scored: %s: %s", u.path, u.reason)

@@ -288,6 +288,11 @@ class Policy:
             f"$COVIDCT_INCOMING_DIR) on the workers"
         )
 
+    def scoring_roots(self) -> tuple[Path, ...] | None:
+        """The folders every file a confined scoring job reads must really lie in (a symbolic link inside an
+        allowed folder is followed, then held to these); None when any folder is allowed (``*``)."""
+        return None if self.any_scoring else tuple(self.scoring_dirs)
+
     def check_params(self, params: Mapping) -> None:
         """Every trigger param that names a source or a file; PolicyError for the first one refused."""
         self.check_source(params.get("data_source"))
