@@ -135,6 +135,17 @@ def test_what_cannot_or_must_not_be_scored_is_refused_with_its_reason(tmp_path):
     assert not dicom.is_dicom(b"\x89PNG\r\n\x1a\n" + b"\0" * 200) and dicom.is_dicom(good.read_bytes())
 
 
+def test_an_unexpected_error_in_a_header_is_a_reason_without_its_message(tmp_path, monkeypatch):
+    path = write_ct(tmp_path / "a.dcm", chest(), series=uid(), study=uid())
+
+    def malformed(*_):
+        raise ValueError(f"invalid literal for int(): {PHI['PatientName']!r}")  # messages can quote values
+
+    monkeypatch.setattr(dicom, "_read_slices", malformed)
+    with pytest.raises(ImageDecodeError, match=r"^its header cannot be read \(ValueError\)$"):
+        dicom.read_slices(path.read_bytes(), SALT)
+
+
 def test_reasons_never_quote_a_header_value(tmp_path):
     path = write_ct(tmp_path / "mr.dcm", chest(), series=uid(), study=uid(), modality="MR")
     with pytest.raises(ImageDecodeError) as refused:

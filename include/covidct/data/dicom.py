@@ -134,6 +134,15 @@ def pseudonym(salt: bytes, value: str) -> str:
 def read_slices(data: bytes, salt: bytes, window: Window = LUNG) -> list[Slice]:
     """Every slice of one DICOM file, windowed; ``ImageDecodeError`` (with a reason, never a header value)
     when it cannot or must not be scored."""
+    try:
+        return _read_slices(data, salt, window)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed element (e.g. text where a number belongs)
+        raise _refused(f"its header cannot be read ({type(exc).__name__})") from None
+
+
+def _read_slices(data: bytes, salt: bytes, window: Window) -> list[Slice]:
     import pydicom
     from pydicom import config as dicom_config
 
