@@ -92,6 +92,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             list(pipeline.DAG_BACKBONES),
             type="array",
             items={"type": "string", "enum": list(pipeline.DAG_BACKBONES)},
+            examples=list(pipeline.DAG_BACKBONES),  # the trigger form's multi-select (items.enum validates)
             minItems=1,
             uniqueItems=True,
             description="ImageNet backbones to compare (one Spark job each).",
@@ -100,6 +101,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             ["official", "official-clean", "random70"],
             type="array",
             items={"type": "string", "enum": list(SPLITS)},
+            examples=list(SPLITS),  # a multi-select, not free text
             minItems=1,
             uniqueItems=True,
             description="official: the published patient-level lists; official-clean: official without the test "
@@ -120,6 +122,7 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
             type="string",
             pattern=policy.WEIGHTS_PATTERN,
             maxLength=policy.MAX_LENGTH,
+            examples=["imagenet", "none"],  # offered in the form; a weights file's path can still be typed
             description="imagenet (from $COVIDCT_WEIGHTS_DIR, else Keras' cache/download), "
             "none (random weights: mechanics only, flagged in the report) or the absolute path of a weights "
             "file inside a folder the operator allows ($COVIDCT_ALLOWED_WEIGHTS_DIRS, $COVIDCT_WEIGHTS_DIR).",

@@ -21,7 +21,6 @@ in the test's output folder, and the screenshots beside it; the path is printed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -33,6 +32,7 @@ import pytest
 import requests
 
 from conftest import PREBUILD, ROOT
+from support.browser import IN_CI, chromium, log_in, open_trigger_form
 from support.compose import compose_bin, compose_env, engine_available
 from support.net import free_port
 
@@ -56,12 +56,6 @@ RUN_TIMEOUT_S = 1200
 # good fails the run quickly, yet long enough that a worker back after 20 s (plus its start-up and
 # the executor's, slow on a loaded host) lets the job go on.
 EXECUTOR_WAIT_S = 90
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's, never a download
-BROWSER_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-)  # fmt: skip
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def non_loopback_address() -> str | None:
@@ -667,48 +661,19 @@ def test_bad_param_is_refused_and_creates_no_run(stack):
 
 @pytest.fixture
 def browser(stack):
-    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
-        if IN_CI:
-            pytest.fail(f"CI=true but {CHROMIUM} / {CHROMEDRIVER} are missing (.ci/run installs them)")
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in BROWSER_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    driver.implicitly_wait(30)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_trigger_form_in_a_real_browser(stack, browser, dag):
     """Log in, open the DAG's trigger form, see every param with its description, submit a run."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     params = dag.params
     wait = WebDriverWait(browser, 60)
     ui = f"http://localhost:{stack.airflow_port}"  # the api-server's base_url host
-    browser.get(f"{ui}/dags/{DAG_ID}")
-    wait.until(expected_conditions.url_contains("/auth/login"))
-    browser.find_element(By.NAME, "username").send_keys("admin")
-    browser.find_element(By.NAME, "password").send_keys(ADMIN_PASSWORD)
-    next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Sign in").click()
-    wait.until(expected_conditions.url_contains(f"/dags/{DAG_ID}"))
-    wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]")))
-    browser.find_element(By.CSS_SELECTOR, "[data-testid=trigger-dag-button]").click()
-    submit = wait.until(
-        expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-submit]"))
-    )
-    form = next(d for d in browser.find_elements(By.CSS_SELECTOR, "[role=dialog]") if "Run Parameters" in d.text)
-    wait.until(lambda _: "feature_cache" in form.text)
+    log_in(browser, f"{ui}/dags/{DAG_ID}", "admin", ADMIN_PASSWORD, wait)
+    form, submit = open_trigger_form(browser, wait)
     browser.save_screenshot(str(stack.out / "trigger-form.png"))
     shown = form.text
     for name in params:

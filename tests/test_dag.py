@@ -98,6 +98,11 @@ def test_params_have_descriptions_defaults_and_validate(dag):
     assert params.validate()["seeds"] is None  # default: random70 with `seed` only, as before
     assert params.validate()["splits"] == ["official", "official-clean", "random70"]
     assert params.validate()["view"] == "body-blank" and params.validate()["flips"] is False  # what one would trust
+    # The trigger form offers lists as multi-selects (Airflow's form: an array with examples), never free text.
+    for name, choices in (("backbones", ["VGG16", "VGG19", "Xception"]),
+                          ("splits", ["random70", "official", "official-clean"])):  # fmt: skip
+        schema = params.get_param(name).schema
+        assert schema["examples"] == choices and schema["items"]["enum"] == choices, name
     for good in ("0-9", "1,5,20-24", "42"):
         candidate = copy.deepcopy(params)
         candidate.update({"seeds": good})

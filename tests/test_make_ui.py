@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from support.airflow import processes_of_airflow_home
+from support.browser import chromium, log_in, open_trigger_form
 from support.net import free_port
 from upstream import Upstream, upstream_files
 
@@ -206,6 +207,34 @@ REFUSED_BY_ALLOWLIST = {
         ["resolved: {outside}/secret.h5", "COVIDCT_ALLOWED_WEIGHTS_DIRS"],
     ),
 }
+
+
+def test_the_trigger_form_offers_the_lists_as_multi_selects(airflow, tmp_path):
+    """In a real browser: backbones and splits are multi-selects of their allowed values (with the defaults
+    chosen), not free-text arrays; weights offers its two words. Screenshot: the test's tmp_path."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    passwords = airflow["airflow_home"] / "simple_auth_manager_passwords.json.generated"
+    with chromium() as browser:
+        wait = WebDriverWait(browser, 60)
+        log_in(browser, f"{airflow['base']}/dags/{DAG_ID}", "admin", json.loads(passwords.read_text())["admin"], wait)
+        form, _ = open_trigger_form(browser, wait)
+        browser.save_screenshot(str(tmp_path / "trigger-form.png"))
+
+        def chosen(name: str) -> list[str]:  # the multi-select keeps one hidden input per chosen value
+            assert not form.find_elements(By.CSS_SELECTOR, f"textarea[name=element_{name}]"), f"{name}: free text"
+            inputs = form.find_elements(By.CSS_SELECTOR, f"input[name=element_{name}]")
+            return [e.get_attribute("value") for e in inputs]
+
+        assert chosen("backbones") == ["VGG16", "VGG19", "Xception"]
+        assert chosen("splits") == ["official", "official-clean", "random70"]
+        form.find_element(By.CSS_SELECTOR, "[aria-label='Remove VGG19']").click()  # unticked, not mistyped
+        assert chosen("backbones") == ["VGG16", "Xception"]
+        browser.save_screenshot(str(tmp_path / "trigger-form-vgg19-removed.png"))
+        weights = form.find_element(By.CSS_SELECTOR, "input[name=element_weights]")
+        options = form.find_elements(By.CSS_SELECTOR, f"datalist#{weights.get_attribute('list')} option")
+        assert [o.get_attribute("value") for o in options] == ["imagenet", "none"]
 
 
 def test_bad_params_are_refused_through_the_rest_api(airflow, site, evil):

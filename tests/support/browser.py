@@ -1,0 +1,71 @@
+"""A real browser for the UI tests: Debian's headless Chromium and its driver (never a download).
+
+``chromium()`` yields a Selenium driver; without Chromium the test skips, except under ``CI=true``
+(``.ci/run`` installs it), where it fails. ``log_in`` signs in on Airflow's simple auth manager page.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BROWSER_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+)  # fmt: skip
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@contextmanager
+def chromium() -> Iterator:
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        if IN_CI:
+            pytest.fail(f"CI=true but {CHROMIUM} / {CHROMEDRIVER} are missing (.ci/run installs them)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in BROWSER_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.implicitly_wait(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def log_in(browser, url: str, user: str, password: str, wait) -> None:
+    """Open ``url``, sign in on the login page it redirects to, and wait until back at ``url``'s path."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    browser.get(url)
+    wait.until(expected_conditions.url_contains("/auth/login"))
+    browser.find_element(By.NAME, "username").send_keys(user)
+    browser.find_element(By.NAME, "password").send_keys(password)
+    next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Sign in").click()
+    wait.until(expected_conditions.url_contains(url.split("://", 1)[1].split("/", 1)[1]))
+
+
+def open_trigger_form(browser, wait):
+    """Click the DAG page's trigger button; returns the form's dialog and its submit button."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-button]")))
+    browser.find_element(By.CSS_SELECTOR, "[data-testid=trigger-dag-button]").click()
+    submit = wait.until(
+        expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=trigger-dag-submit]"))
+    )
+    form = next(d for d in browser.find_elements(By.CSS_SELECTOR, "[role=dialog]") if "Run Parameters" in d.text)
+    wait.until(lambda _: "feature_cache" in form.text)
+    return form, submit
