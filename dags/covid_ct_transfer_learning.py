@@ -211,24 +211,24 @@ def covid_ct_transfer_learning():
     def check_changes(data_dir: str, params=None, run_id=None) -> bool:
         return pipeline.check_changes(data_dir, params, run_id)
 
+    # Also followed, whatever was chosen: record_success, downstream of this task too (below).
     @task.branch
     def select_backbones(params=None) -> list[str]:
         chosen = pipeline.select_backbones(params["backbones"], params["pooling"])
         pipeline.start_tracking(params)  # the DAG run's MLflow parent run, before the train jobs
-        return chosen
+        return [*chosen, "record_success"]
 
     # all_done, not all_done_min_one_success: the latter skips when a backbone was not chosen.
-    # The task itself fails when no chosen backbone succeeded.
+    # The report fails when no chosen backbone succeeded; both skip when none was trained because a
+    # task before them failed (that task is then the run's one failure).
     @task(trigger_rule="all_done")
     def ensemble(params=None, run_id=None, ti=None) -> str:
-        train_ids = [pipeline.train_task_id(b) for b in params["backbones"]]
-        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id], task_ids=train_ids)[run_id]
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id])[run_id]
         return pipeline.build_run_ensemble(str(paths.run_dir(run_id)), params["backbones"], states)
 
     @task(trigger_rule="all_done")
     def report(params=None, run_id=None, ti=None) -> str:
-        train_ids = [pipeline.train_task_id(b) for b in params["backbones"]]
-        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id], task_ids=train_ids)[run_id]
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id])[run_id]
         return pipeline.build_run_report(str(paths.run_dir(run_id)), params["backbones"], states, params["weights"])
 
     # Emits the champion asset's event only when it promotes (otherwise it skips itself).
@@ -239,6 +239,8 @@ def covid_ct_transfer_learning():
     # The run's last task: only a run whose every task succeeded (or was not chosen) becomes the
     # "last successful run" that later runs compare their fingerprint with.
     # none_failed: it runs after a promote that skipped itself (not promoted), not after a failure.
+    # Its upstream includes select_backbones: when it or a task before it fails (and so the tasks after
+    # training skip, naming it), this one is upstream_failed, and so is the run (its leaf decides).
     @task(trigger_rule="none_failed")
     def record_success(run_id=None, ti=None) -> str:
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id])[run_id]
@@ -284,9 +286,10 @@ def covid_ct_transfer_learning():
         )
         for backbone in pipeline.DAG_BACKBONES
     ]
-    checked = check_changes(data_dir)
-    chain(data_dir, validate_dataset(data_dir), checked, select_backbones(), trains, ensemble(), report(),
-          promote(), record_success())  # fmt: skip
+    selected, recorded = select_backbones(), record_success()
+    chain(data_dir, validate_dataset(data_dir), check_changes(data_dir), selected, trains, ensemble(), report(),
+          promote(), recorded)  # fmt: skip
+    selected >> recorded
 
 
 bounds.apply(covid_ct_transfer_learning())

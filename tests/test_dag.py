@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def test_tasks_and_dependencies(dag):
         "fetch_dataset": {"validate_dataset", "check_changes"},
         "validate_dataset": {"check_changes"},
         "check_changes": {"select_backbones"},
-        "select_backbones": TRAIN_TASKS,
+        # record_success too: a failure before training makes the run's leaf (and so the run) fail.
+        "select_backbones": TRAIN_TASKS | {"record_success"},
         **{t: {"ensemble"} for t in TRAIN_TASKS},
         "ensemble": {"report"},
         "report": {"promote"},
@@ -307,6 +309,33 @@ def test_scheduled_dag_does_not_retry_a_fetch_no_retry_can_fix(airflow_db, tmp_p
     assert not ok and states["fetch_dataset"] == "failed" and states["validate_dataset"] == "upstream_failed"
     assert "Failed to resolve 'covidct.invalid'" in cause_of(progress.errors["fetch_dataset"])
     assert task_instance(dagrun, "fetch_dataset").try_number == 1
+    # One failure, one cause: the fetch is the only failed task; what comes after training skips,
+    # naming it, instead of failing a second time ("nothing to compare"); the run still fails.
+    assert [t for t, s in states.items() if s == "failed"] == ["fetch_dataset"], states
+    assert {states[t] for t in ("ensemble", "report", "promote")} == {"skipped"}, states
+    assert states["record_success"] == "upstream_failed" and dagrun.state == "failed"
+    assert set(progress.errors) == {"fetch_dataset"}
+
+
+def test_after_a_failure_before_training_the_ensemble_and_report_skip_naming_it():
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from covidct.orchestration import pipeline
+
+    states = {"fetch_dataset": "success", "validate_dataset": "failed", "check_changes": "upstream_failed",
+              "select_backbones": "upstream_failed", "train_vgg16": "upstream_failed", "train_vgg19": "upstream_failed",
+              "train_xception": "upstream_failed", "ensemble": "running", "report": None}  # fmt: skip
+    backbones = ["VGG16", "VGG19"]
+    with pytest.raises(AirflowSkipException, match=r"^nothing was trained: validate_dataset failed; that is the run"):
+        pipeline.build_run_report("/nonexistent", backbones, states)
+    with pytest.raises(AirflowSkipException, match=r"^nothing was trained: validate_dataset failed"):
+        pipeline.build_run_ensemble("/nonexistent", backbones, states)
+    # Trained but every chosen backbone failed: the report fails (its own finding), naming the train tasks.
+    states |= {"validate_dataset": "success", "train_vgg16": "failed", "train_vgg19": "failed"}
+    with pytest.raises(Exception, match=r"no backbone succeeded \(train task states: \{'train_vgg16': 'failed', "
+                       r"'train_vgg19': 'failed'\}\); nothing to compare") as failed:  # fmt: skip
+        pipeline.build_run_report("/nonexistent", backbones, states)
+    assert not isinstance(failed.value, AirflowSkipException)
 
 
 def test_data_that_fail_validation_fail_the_task_without_retries(small_dataset, tmp_path):
@@ -436,6 +465,9 @@ def test_make_run_without_network_fails_fast_and_says_why(source, tmp_path):
     assert result.returncode == 1, screen
     assert took <= NO_NETWORK_BOUND_S, f"took {took:.0f} s\n{screen}"
     assert "fetch_dataset      failed" in screen and "validate_dataset   upstream_failed" in screen
+    # One failure, one cause: the only failed task is the fetch; the report skips, the run fails.
+    assert re.findall(r"^  (\S+) +failed$", screen, re.M) == ["fetch_dataset"], screen
+    assert "report             skipped" in screen and "record_success     upstream_failed" in screen
     assert f"error: cannot download {url}Images-processed/CT_COVID.zip: " in screen and cause in screen
     assert "next:  this machine cannot get the dataset from its source" in screen and "COVIDCT_DATA_SOURCE" in screen
     assert "Traceback" not in screen

@@ -174,6 +174,21 @@ def failures_from_states(states: dict[str, str | None], backbones: list[str]) ->
     return failures
 
 
+def skip_unless_trained(backbones: list[str], states: dict[str, str | None]) -> None:
+    """Skip a task after the train tasks when none of them ran because a task before them failed.
+
+    One failure, one cause: when ``fetch_dataset`` (or validation, or the backbone choice) fails,
+    every chosen train task is upstream_failed; the ensemble and the report then skip, naming the
+    failed task, instead of failing a second time with "nothing to compare". ``states``: the run's
+    task states (every task's, so that the failed one can be named).
+    """
+    chosen = [states.get(train_task_id(b)) for b in backbones]
+    if chosen and all(state == "upstream_failed" for state in chosen):
+        failed = sorted(task for task, state in states.items() if state == "failed")
+        cause = f"{', '.join(failed)} failed" if failed else "a task before the train tasks did not succeed"
+        raise skip(f"nothing was trained: {cause}; that is the run's failure (see its log)")
+
+
 def build_run_ensemble(run_dir: str, backbones: list[str], states: dict[str, str | None]) -> str:
     """Combine the run's successful backbones into ``RUN_DIR/ensemble`` (mean + stacked); returns its path.
 
@@ -181,6 +196,7 @@ def build_run_ensemble(run_dir: str, backbones: list[str], states: dict[str, str
     """
     from covidct.modelling.ensemble import build_ensemble
 
+    skip_unless_trained(backbones, states)
     done = [b for b in backbones if states.get(train_task_id(b)) == "success"]
     if len(done) < 2:
         raise skip(f"an ensemble needs two or more backbones; succeeded: {done or 'none'}")
@@ -204,8 +220,10 @@ def build_run_report(
     random weights (``weights=none``: mechanics only) gets no gallery: the maps of an untrained
     backbone show nothing, and making them would cost a Spark pass per split.
     """
+    skip_unless_trained(backbones, states)
     if not any(states.get(train_task_id(b)) == "success" for b in backbones):
-        raise fail_now(f"no backbone succeeded (train task states: {states}); nothing to compare")
+        trains = {train_task_id(b): states.get(train_task_id(b)) for b in backbones}
+        raise fail_now(f"no backbone succeeded (train task states: {trains}); nothing to compare")
     from covidct.reporting import gallery
     from covidct.reporting.report import build_report  # after the check: a failed run fails in a second
 
