@@ -53,18 +53,22 @@ RUN pip install -c constraints.txt /opt/covidct \
     && pip check
 
 # A non-root user (uid 50000, group 0, as in the official Airflow image). The folders that
-# named volumes mount over are created here, owned by it, so new volumes inherit that owner.
+# named volumes mount over are created here, owned by it, so new volumes inherit that owner; the
+# secrets' folders are its alone. MLflow clients read their login from ~/.mlflow/credentials: a link
+# into the airflow-secrets volume (the service account's, in the Airflow services; absent elsewhere).
 ARG AIRFLOW_UID=50000
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /home/airflow --create-home --shell /bin/bash airflow \
-    && mkdir -p /opt/airflow/logs /opt/airflow/secrets \
+    && mkdir -p /opt/airflow/logs /opt/airflow/secrets /opt/mlflow/secrets /opt/postgres/secrets \
         /opt/covidct/var/data /opt/covidct/var/runs /opt/covidct/var/feature-cache /opt/covidct/var/scores \
         /opt/covidct/var/incoming /opt/covidct/weights \
         /opt/spark/work /opt/spark/logs /opt/mlflow/artifacts \
-    && chown -R airflow:0 /opt/airflow /opt/covidct/var /opt/covidct/weights /opt/spark /opt/mlflow \
-    && chmod 700 /opt/airflow/secrets
+    && chown -R airflow:0 /opt/airflow /opt/covidct/var /opt/covidct/weights /opt/spark /opt/mlflow /opt/postgres \
+    && chmod 700 /opt/airflow/secrets /opt/mlflow/secrets /opt/postgres/secrets \
+    && install -d -o airflow -g 0 -m 700 /home/airflow/.mlflow \
+    && ln -s /opt/airflow/secrets/mlflow_credentials /home/airflow/.mlflow/credentials
 
 # Runtime settings shared by every service (docker-compose.yml repeats the ones it relies on).
-# No secrets here: airflow-init creates them at run time (docker/init_secrets.py).
+# No secrets here: init-secrets creates them at run time (docker/init_secrets.py).
 ENV AIRFLOW_HOME=/opt/airflow \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/covidct/dags \
     AIRFLOW__CORE__LOAD_EXAMPLES=False \

@@ -24,10 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import init_secrets as names  # beside this file (/opt/covidct/docker)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-
-import init_secrets as names  # beside this file (/opt/covidct/docker)
 
 MAINTENANCE_DB = "postgres"
 
@@ -109,7 +108,9 @@ def has_mlflow_schema(url: URL) -> bool:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
-        print(f"usage: {Path(__file__).name} AIRFLOW_SECRETS_DIR MLFLOW_SECRETS_DIR POSTGRES_SECRETS_DIR", file=sys.stderr)
+        print(
+            f"usage: {Path(__file__).name} AIRFLOW_SECRETS_DIR MLFLOW_SECRETS_DIR POSTGRES_SECRETS_DIR", file=sys.stderr
+        )
         return 2
     airflow, mlflow, postgres = map(Path, argv)
     superuser_password = names.read(postgres / names.SUPERUSER_FILE)

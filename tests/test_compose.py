@@ -20,6 +20,7 @@ in the test's output folder, and the screenshots beside it; the path is printed.
 
 from __future__ import annotations
 
+import configparser
 import json
 import shutil
 import socket
@@ -175,6 +176,7 @@ class Stack:
         (out / "weights").mkdir()
         self.figures: dict = {"project": self.project}
         self._token = None
+        self._mlflow_logins: dict[str, tuple[str, str]] = {}
         self.quick_run_id: str | None = None
 
     # ---------------------------------------------------------------- compose
@@ -284,9 +286,29 @@ class Stack:
 
     # ---------------------------------------------------------------- MLflow REST API
 
+    def mlflow_login(self, who: str = "service") -> tuple[str, str]:
+        """The MLflow login of the pipeline's service account (``service``: as the tasks read it, from
+        the credentials file in the scheduler) or of the admin (``admin``: the server's auth config)."""
+        if who not in self._mlflow_logins:
+            parser = configparser.ConfigParser(interpolation=None)
+            if who == "service":
+                parser.read_string(self.exec("scheduler", "cat", "/home/airflow/.mlflow/credentials"))
+                login = parser["mlflow"]["mlflow_tracking_username"], parser["mlflow"]["mlflow_tracking_password"]
+            else:
+                parser.read_string(self.exec("mlflow", "cat", "/opt/mlflow/secrets/basic_auth.ini"))
+                login = parser["mlflow"]["admin_username"], parser["mlflow"]["admin_password"]
+            self._mlflow_logins[who] = login
+        return self._mlflow_logins[who]
+
+    def mlflow_request(self, method: str, path: str, login: tuple[str, str] | None = None, **kwargs):
+        """One call to the MLflow server's REST API (``/api/2.0/mlflow...``) through its published port,
+        as ``login`` (default: the service account)."""
+        return requests.request(
+            method, f"{self.mlflow}/api/2.0/mlflow{path}", auth=login or self.mlflow_login(), timeout=30, **kwargs
+        )
+
     def mlflow_api(self, method: str, path: str, **kwargs) -> dict:
-        """One call to the MLflow server's REST API (``/api/2.0/mlflow...``) through its published port."""
-        response = requests.request(method, f"{self.mlflow}/api/2.0/mlflow{path}", timeout=30, **kwargs)
+        response = self.mlflow_request(method, path, **kwargs)
         assert response.status_code == 200, (path, response.status_code, response.text[:2000])
         return response.json()
 
@@ -387,6 +409,7 @@ def stack(request, tmp_path_factory, real_data_dir):
 def test_every_service_is_healthy(stack):
     ps = [json.loads(line) for line in stack.compose("ps", "-a", "--format", "json").stdout.splitlines() if line]
     states = {p["Service"]: (p["State"], p.get("Health", ""), p.get("ExitCode")) for p in ps}
+    assert states.pop("init-secrets") == ("exited", "", 0)
     assert states.pop("airflow-init") == ("exited", "", 0)
     assert set(states) == {
         "postgres",
@@ -467,33 +490,82 @@ def quick_run(stack: Stack) -> str:
 
 
 def test_mlflow_server(stack):
-    """The tracking server: healthy, its UI on 127.0.0.1, Host headers checked, its store in Postgres."""
-    health = requests.get(f"{stack.mlflow}/health", timeout=10)
+    """The tracking server: healthy, its UI on 127.0.0.1, Host headers checked, a login required, its
+    stores in Postgres as a role that owns them and nothing else."""
+    health = requests.get(f"{stack.mlflow}/health", timeout=10)  # the healthcheck needs no login
     assert health.status_code == 200 and health.text.strip() == "OK", health.text
+    service = stack.mlflow_login()
     for base in (stack.mlflow, f"http://localhost:{stack.mlflow_port}"):  # the UI, as a browser opens it
-        ui = requests.get(f"{base}/", timeout=30)
+        anonymous = requests.get(f"{base}/", timeout=30)
+        # Refused, with the challenge that makes a browser ask for a login.
+        assert anonymous.status_code == 401, (base, anonymous.status_code, anonymous.text[:300])
+        assert anonymous.headers.get("WWW-Authenticate", "").lower().startswith("basic"), anonymous.headers
+        ui = requests.get(f"{base}/", auth=service, timeout=30)
         assert ui.status_code == 200 and "text/html" in ui.headers["content-type"], (base, ui.status_code)
         assert "mlflow" in ui.text.lower(), ui.text[:500]
+    search = {"max_results": 1}
+    for login in (None, ("covidct", "not-its-password"), ("admin", "")):
+        refused = requests.get(
+            f"{stack.mlflow}/api/2.0/mlflow/experiments/search", params=search, auth=login, timeout=30
+        )
+        assert refused.status_code == 401, (login and login[0], refused.status_code, refused.text[:300])
     # DNS-rebinding protection is on: a Host header that is not ours is refused.
     foreign = requests.get(
-        f"{stack.mlflow}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+        f"{stack.mlflow}/api/2.0/mlflow/experiments/search", params=search, auth=service,
         headers={"Host": f"attacker.example:{stack.mlflow_port}"}, timeout=30,
     )  # fmt: skip
     assert foreign.status_code == 403, (foreign.status_code, foreign.text[:300])
-    # Inside the stack, the services reach it by its name (the URI every task and driver has).
-    code = stack.exec(
-        "scheduler", "sh", "-c",
-        'curl -s -o /dev/null -w "%{http_code}" "$MLFLOW_TRACKING_URI/api/2.0/mlflow/experiments/search?max_results=1"',
-    )  # fmt: skip
-    assert code.strip() == "200", code
-    # Its backend store is the database airflow-init created in the stack's Postgres.
+    # Inside the stack, the services reach it by its name (the URI every task and driver has), logged in
+    # by MLflow's own client from the credentials file; without it, refused.
+    script = (
+        "import mlflow, requests, os\n"
+        "uri = os.environ['MLFLOW_TRACKING_URI'] + '/api/2.0/mlflow/experiments/search?max_results=1'\n"
+        "print(requests.get(uri).status_code)\n"
+        "print(len(mlflow.MlflowClient().search_experiments()) >= 1)"
+    )
+    assert stack.exec("scheduler", "python", "-c", script).split()[-2:] == ["401", "True"]
+    assert stack.mlflow_login()[0] == "covidct"
+    # Its stores are the databases airflow-init created in the stack's Postgres, owned by the role mlflow;
+    # Airflow's by the role airflow; neither role is a superuser, nor may create roles or databases, nor
+    # connect to the other's databases. No service but Postgres and airflow-init holds the superuser's password.
     init_log = stack.compose("logs", "--no-color", "airflow-init").stdout
-    assert "MLflow database 'mlflow' created" in init_log, init_log[-2000:]
-    count = stack.exec("postgres", "psql", "-U", "airflow", "-d", "mlflow", "-tAc", "SELECT count(*) FROM experiments")
+    assert "database 'mlflow' created, owned by 'mlflow'" in init_log, init_log[-2000:]
+    psql = ("postgres", "psql", "-U", "postgres", "-d", "postgres", "-tA", "-F", "|", "-c")
+    owners = stack.exec(
+        *psql, "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname NOT LIKE 'template%'"
+    )
+    assert dict(line.split("|") for line in owners.split()) == {
+        "postgres": "postgres", "airflow": "airflow", "mlflow": "mlflow", "mlflow_auth": "mlflow",
+    }, owners  # fmt: skip
+    roles = stack.exec(
+        *psql,
+        "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname IN ('airflow', 'mlflow')",
+    )
+    assert sorted(roles.split()) == ["airflow|f|f|f", "mlflow|f|f|f"], roles
+    for role, database in (("airflow", "mlflow"), ("airflow", "mlflow_auth"), ("mlflow", "airflow")):
+        denied = stack.compose(
+            "exec", "-T", "postgres", "psql", "-U", role, "-d", database, "-c", "SELECT 1", check=False
+        )
+        assert denied.returncode != 0 and "permission denied for database" in denied.stderr, (
+            role,
+            database,
+            denied.stderr,
+        )
+    count = stack.exec("postgres", "psql", "-U", "mlflow", "-d", "mlflow", "-tAc", "SELECT count(*) FROM experiments")
     assert int(count.strip()) >= 1  # at least MLflow's Default experiment
-    # airflow-init's step is safe to run again: the database exists, the schema is up to date.
-    again = stack.exec("mlflow", "python", "/opt/covidct/docker/init_mlflow_db.py")
-    assert "exists: upgrading its schema if needed" in again, again
+    # Each service sees only its own secrets' volume (the image has the three folders, empty).
+    holds = 'for d in airflow mlflow postgres; do [ -n "$(ls -A /opt/$d/secrets 2>/dev/null)" ] && echo $d; done; true'
+    seen = {
+        name: stack.exec(name, "sh", "-c", holds).split()
+        for name in ("api-server", "scheduler", "mlflow", "spark-worker")
+    }
+    assert seen == {"api-server": ["airflow"], "scheduler": ["airflow"], "mlflow": ["mlflow"], "spark-worker": []}, seen
+    # airflow-init's step is safe to run again: the roles and databases exist, the schema is up to date.
+    dirs = ("/opt/airflow/secrets", "/opt/mlflow/secrets", "/opt/postgres/secrets")
+    again = stack.compose(
+        "run", "--rm", "--no-deps", "airflow-init", "python", "/opt/covidct/docker/init_databases.py", *dirs
+    ).stdout
+    assert "upgrading its schema if needed" in again and "created" not in again, again
 
 
 def tags_of(run: dict) -> dict[str, str]:
@@ -543,12 +615,16 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     report = stack.exec("scheduler", "sh", "-c", f"cat {stack.outputs(run_id)['dir']}/report/report.md")
     link = f"(http://localhost:{stack.mlflow_port}/#/experiments/{experiment['experiment_id']}/runs/{parent_id})"
     assert link in report, report[-3000:]
-    # No champion on this stack yet.
-    alias = requests.get(
-        f"{stack.mlflow}/api/2.0/mlflow/registered-models/alias",
-        params={"name": REGISTERED_MODEL, "alias": "champion"}, timeout=30,
-    )  # fmt: skip
-    assert alias.status_code == 404, (alias.status_code, alias.text[:500])
+    # No champion on this stack yet: no registered model. To the service account, MLflow's login answers
+    # 403 (not 404) for a model that does not exist; the pipeline's lookup reads that as "no champion".
+    alias = stack.mlflow_request(
+        "GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"}
+    )
+    assert alias.status_code == 403, (alias.status_code, alias.text[:500])
+    search = stack.mlflow_api("GET", "/registered-models/search", params={"filter": f"name = '{REGISTERED_MODEL}'"})
+    assert not search.get("registered_models"), search
+    lookup = "from covidct.lifecycle.registry import champion_version as c; print('champion:', c())"
+    assert stack.exec("scheduler", "python", "-c", lookup).strip().splitlines()[-1] == "champion: None"
     # The Spark model's files are in the server's volume, nowhere in the scheduler (clients upload).
     stored = stack.exec("mlflow", "find", "/opt/mlflow/artifacts", "-path", "*sparkml*", "-name", "*.parquet")
     assert stored.split(), "no Spark model data in the mlflow-artifacts volume"
@@ -581,9 +657,27 @@ def test_quick_run_is_tracked_on_the_mlflow_server(stack):
     assert any(f.startswith("metadata/part-00000") for f in files), files  # a PipelineModel folder
     # Its stages' data, written by the executors on the worker, came through whole.
     assert any(f.startswith("stages/") and "/data/" in f and f.endswith(".parquet") for f in files), files
-    alias = stack.mlflow_api("GET", "/registered-models/alias", params={"name": REGISTERED_MODEL, "alias": "champion"})
+    champion = {"name": REGISTERED_MODEL, "alias": "champion"}
+    alias = stack.mlflow_api("GET", "/registered-models/alias", params=champion)
     assert alias["model_version"]["version"] == result["version"], alias
     assert alias["model_version"]["run_id"] == train["info"]["run_id"], alias
+    # Only the service account (which created the model) and the admin move the champion: another
+    # user, added by the admin, reads it but can neither move nor delete the alias.
+    reader = ("reader", "reader-" + uuid.uuid4().hex)
+    created = stack.mlflow_request("POST", "/users/create", login=stack.mlflow_login("admin"),
+                                   json={"username": reader[0], "password": reader[1]})  # fmt: skip
+    assert created.status_code == 200, created.text[:500]
+    assert (
+        stack.mlflow_request(
+            "POST", "/users/create", login=reader, json={"username": "x", "password": "y" * 12}
+        ).status_code
+        == 403
+    )
+    assert stack.mlflow_api("GET", "/registered-models/alias", params=champion, login=reader) == alias
+    moved = stack.mlflow_request("POST", "/registered-models/alias", login=reader, json=champion | {"version": "1"})
+    deleted = stack.mlflow_request("DELETE", "/registered-models/alias", login=reader, json=champion)
+    assert (moved.status_code, deleted.status_code) == (403, 403), (moved.text[:300], deleted.text[:300])
+    assert stack.mlflow_api("GET", "/registered-models/alias", params=champion) == alias  # unchanged
 
 
 def scoring_outputs(stack: Stack, run_id: str) -> dict:

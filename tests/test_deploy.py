@@ -202,7 +202,7 @@ def test_compose_binary_exit_status_is_real(tmp_path):
 
 
 def test_services_and_images(services):
-    assert set(services) == AIRFLOW_SERVICES | SPARK_SERVICES | {"postgres", "mlflow"}
+    assert set(services) == AIRFLOW_SERVICES | SPARK_SERVICES | {"init-secrets", "postgres", "mlflow"}
     ours = {name: s for name, s in services.items() if name != "postgres"}
     images = {s["image"] for s in ours.values()}
     assert len(images) == 1, f"one image for Airflow and Spark, so driver and executors match: {images}"
@@ -282,7 +282,7 @@ def test_healthchecks_and_start_order(services):
     for name, service in services.items():
         for dep, spec in service.get("depends_on", {}).items():
             condition = spec["condition"]
-            if dep == "airflow-init":
+            if dep in ("init-secrets", "airflow-init"):  # one-shot
                 assert condition == "service_completed_successfully", (name, dep)
             else:
                 assert condition == "service_healthy", (name, dep)
@@ -292,6 +292,13 @@ def test_healthchecks_and_start_order(services):
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "spark-master" in services["scheduler"]["depends_on"]
     assert services["spark-worker"]["depends_on"]["spark-master"]["condition"] == "service_healthy"
+    # The secrets exist before anything reads them: Postgres (its superuser's password) starts after
+    # init-secrets, and every other service after Postgres.
+    assert {dep: spec["condition"] for dep, spec in services["postgres"]["depends_on"].items()} == {
+        "init-secrets": "service_completed_successfully"
+    }
+    assert services["init-secrets"].get("depends_on", {}) == {}
+    assert services["init-secrets"]["restart"] == "no"
 
 
 def test_spark_cluster_services(services):
@@ -320,7 +327,9 @@ def test_driver_and_executors_share_paths_and_environment(services):
             assert target in mounts(services[name]), f"{name} lacks a mount at {target}"
         assert mounts(scheduler)[target]["source"] == mounts(worker)[target]["source"], target
         assert mounts(scheduler)[target]["type"] == mounts(worker)[target]["type"], target
-    for name in AIRFLOW_SERVICES:  # every Airflow service sees the same work area
+    # Every Airflow service that runs tasks or parses DAGs sees the same work area (airflow-init,
+    # which only prepares the databases, mounts the secrets alone).
+    for name in AIRFLOW_SERVICES - {"airflow-init"}:
         assert set(mounts(services[name])) >= {*SHARED_MOUNTS, WEIGHTS_MOUNT}, name
     for key in SHARED_ENV:
         assert scheduler["environment"][key] == worker["environment"][key], key
@@ -348,25 +357,35 @@ def test_airflow_endpoints_point_at_services(services):
     api = re.fullmatch(r"http://([\w-]+):(\d+)/execution/", env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"])
     assert api and api.group(1) in services and services[api.group(1)]["command"][:2] == ["airflow", "api-server"]
     assert api.group(2) == "8080"
-    url = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-    db = re.fullmatch(r"postgresql\+psycopg2://(\w+):([^@]*)@([\w-]+):5432/(\w+)", url)
-    assert db, url
-    postgres = services[db.group(3)]["environment"]
-    assert (db.group(1), db.group(2), db.group(4)) == (
-        postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"],
-    )  # fmt: skip
+    # The metadata database: the URI init-secrets writes (read through _CMD) names the postgres service.
+    init_secrets = load_init_secrets()
+    assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in env
+    url = init_secrets.database_uri(init_secrets.AIRFLOW_ROLE, "pw", init_secrets.AIRFLOW_DATABASE)
+    db = re.fullmatch(r"postgresql\+psycopg2://(\w+):pw@([\w-]+):5432/(\w+)", url)
+    assert db and db.groups() == ("airflow", "postgres", "airflow"), url
+    assert services[db.group(2)]["image"].startswith("postgres:")
     requirements = (ROOT / "docker" / "requirements.txt").read_text()
     assert re.search(r"^psycopg2-binary==[\d.]+$", requirements, re.M), "the image needs the psycopg2 driver"
     # Airflow 3.3 also opens an async engine on postgresql+asyncpg:// (`airflow db migrate` needs it).
     assert re.search(r"^asyncpg==[\d.]+$", requirements, re.M), "the image needs the asyncpg driver"
 
 
-def test_no_secret_values_in_compose_or_image(services):
-    secretish = re.compile(r"SECRET|FERNET|PASSWORD|TOKEN|PRIVATE_KEY")
-    for name in AIRFLOW_SERVICES:
-        for key, value in services[name]["environment"].items():
-            if secretish.search(key) and key.startswith("AIRFLOW__") and not key.endswith("_FILE"):
-                assert key.endswith("_CMD") and value.startswith("cat /opt/airflow/secrets/"), (name, key)
+def test_no_secret_values_in_compose_or_image(compose, services):
+    """No password, key or URI with credentials in the compose model (with nothing set in the
+    environment: nothing usable by default) nor in the image: the services read theirs from files."""
+    secretish = re.compile(r"SECRET|FERNET|PASSWORD|TOKEN|PRIVATE_KEY|SQL_ALCHEMY_CONN|STORE_URI")
+    for name, service in services.items():
+        for key, value in (service.get("environment") or {}).items():
+            if not secretish.search(key) or key.endswith("_FILE"):
+                continue
+            if key.endswith("_CMD"):
+                assert value.startswith("cat /opt/airflow/secrets/"), (name, key, value)
+            else:  # only the one a user may choose, empty unless they do
+                assert (key, value) == ("AIRFLOW_ADMIN_PASSWORD", ""), (name, key)
+    # Nowhere in the whole model (commands, entrypoints, healthchecks): a URI with a password, a default one.
+    text = json.dumps(compose)
+    assert not re.search(r"://[^/\s:@\"]+:[^/\s@\"]+@", text), re.search(r"://[^/\s:@\"]+:[^/\s@\"]+@", text)
+    assert not services["postgres"].get("environment"), "Postgres's password comes from its secrets volume"
     for key, value in dockerfile_env().items():
         assert not (secretish.search(key) and value), f"Dockerfile ENV {key} looks like a secret"
     for keyword, rest in dockerfile_instructions():
@@ -374,24 +393,69 @@ def test_no_secret_values_in_compose_or_image(services):
             assert not secretish.search(rest), f"Dockerfile ARG {rest}"
 
 
-def test_runtime_secrets_match_what_airflow_init_writes(services):
+SECRET_MOUNTS = {"airflow-secrets": "/opt/airflow/secrets", "mlflow-secrets": "/opt/mlflow/secrets",
+                 "postgres-secrets": "/opt/postgres/secrets"}  # fmt: skip
+
+
+def secret_volumes(service: dict) -> dict[str, tuple[str, bool]]:
+    """``{volume: (target, read_only)}`` of the secrets' volumes a service mounts."""
+    return {
+        m["source"]: (t, bool(m.get("read_only"))) for t, m in mounts(service).items() if m["source"] in SECRET_MOUNTS
+    }
+
+
+def test_each_service_mounts_only_the_secrets_it_needs(services):
+    init_secrets = load_init_secrets()
+    rw = {volume: (target, False) for volume, target in SECRET_MOUNTS.items()}
+    assert secret_volumes(services["init-secrets"]) == rw  # the only writer
+    assert services["init-secrets"]["command"] == [
+        "python",
+        "/opt/covidct/docker/init_secrets.py",
+        *SECRET_MOUNTS.values(),
+    ]
+    assert secret_volumes(services["airflow-init"]) == {
+        "airflow-secrets": ("/opt/airflow/secrets", False),  # shared with the other Airflow services
+        "mlflow-secrets": ("/opt/mlflow/secrets", True), "postgres-secrets": ("/opt/postgres/secrets", True),
+    }  # fmt: skip
+    for name in AIRFLOW_SERVICES - {"airflow-init"}:
+        assert secret_volumes(services[name]) == {"airflow-secrets": ("/opt/airflow/secrets", False)}, name
+    assert secret_volumes(services["mlflow"]) == {"mlflow-secrets": ("/opt/mlflow/secrets", True)}
+    assert secret_volumes(services["postgres"]) == {"postgres-secrets": ("/run/covidct-secrets", True)}
+    for name in SPARK_SERVICES:
+        assert secret_volumes(services[name]) == {}, name
+    # Postgres reads its superuser's password from that volume before the image's own entrypoint runs.
+    entrypoint = services["postgres"]["entrypoint"]
+    assert entrypoint[:2] == ["bash", "-c"] and f"/run/covidct-secrets/{init_secrets.SUPERUSER_FILE}" in entrypoint[2]
+    assert entrypoint[2].rstrip().endswith('exec docker-entrypoint.sh "$$@"')  # $$: compose's escaped $
+    assert "environment" not in services["postgres"] or not services["postgres"]["environment"]
+    assert services["postgres"]["healthcheck"]["test"][1:] == ["pg_isready", "-U", "postgres", "-d", "postgres"]
+
+
+def test_runtime_secrets_match_what_init_secrets_writes(services):
     init_secrets = load_init_secrets()
     secrets_mount = PurePosixPath("/opt/airflow/secrets")
     env = services["scheduler"]["environment"]
     cmd_files = {PurePosixPath(v.split()[1]) for k, v in env.items() if k.endswith("_CMD")}
     assert {p.parent for p in cmd_files} == {secrets_mount}
-    assert {p.name for p in cmd_files} == set(init_secrets.KEYS)
+    assert {p.name for p in cmd_files} == {*init_secrets.KEYS, init_secrets.AIRFLOW_DB_FILE}
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"] == f"cat {secrets_mount / init_secrets.AIRFLOW_DB_FILE}"
     passwords = PurePosixPath(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
     assert passwords == secrets_mount / init_secrets.PASSWORDS_FILE
     assert PurePosixPath(env["COVIDCT_UID_SALT_FILE"]) == secrets_mount / "uid_salt"
     assert set(init_secrets.COVIDCT_KEYS) == {"uid_salt"}
+    # MLflow's client reads ~/.mlflow/credentials: in the image, a link to the service account's file.
+    link = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN" and "ln -s" in rest]
+    assert (
+        link and f"ln -s {secrets_mount / init_secrets.CREDENTIALS_FILE} /home/airflow/.mlflow/credentials" in link[0]
+    )
     for name in AIRFLOW_SERVICES:
         assert mounts(services[name])[str(secrets_mount)]["source"] == "airflow-secrets", name
     assert services["airflow-init"]["command"] == ["bash", "/opt/covidct/docker/airflow-init.sh"]
     script = repo_path_of("/opt/covidct/docker/airflow-init.sh")
     assert script and script.is_file()
-    assert "/opt/covidct/docker/init_secrets.py" in script.read_text()
+    assert f"python /opt/covidct/docker/init_databases.py {' '.join(SECRET_MOUNTS.values())}" in script.read_text()
     assert repo_path_of("/opt/covidct/docker/init_secrets.py") == ROOT / "docker" / "init_secrets.py"
+    assert repo_path_of("/opt/covidct/docker/init_databases.py") == ROOT / "docker" / "init_databases.py"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
 
 
@@ -403,14 +467,26 @@ def option(command: list[str], name: str) -> str:
 
 
 def test_mlflow_server_service(services):
-    """The tracking server: its own database in the stack's Postgres, artifacts in a volume it serves."""
-    from sqlalchemy.engine import make_url
-
+    """The tracking server behind MLflow's login, its own databases in the stack's Postgres, artifacts
+    in a volume it serves."""
     from covidct.orchestration.local.launchers import MLFLOW_SERVER_ENV as SERVER_ENV
 
+    init_secrets = load_init_secrets()
     mlflow = services["mlflow"]
     command = mlflow["command"]
-    assert command[:2] == ["mlflow", "server"] and "--serve-artifacts" in command
+    assert command[:2] == ["bash", "/opt/covidct/docker/mlflow-server.sh"] and "--serve-artifacts" in command
+    script = repo_path_of(command[1]).read_text()
+    assert repo_path_of(command[1]) == ROOT / "docker" / "mlflow-server.sh"
+    # The basic-auth app, its config, store URI and Flask key from the mlflow-secrets volume; its users first.
+    assert 'exec mlflow server --app-name basic-auth "$@"' in script
+    secrets_dir = secret_volumes(mlflow)["mlflow-secrets"][0]
+    assert f"secrets=${{COVIDCT_MLFLOW_SECRETS_DIR:-{secrets_dir}}}" in script
+    for name in (init_secrets.MLFLOW_DB_FILE, init_secrets.FLASK_KEY_FILE, init_secrets.AUTH_CONFIG_FILE):
+        assert f"$secrets/{name}" in script, name
+    assert 'python /opt/covidct/docker/init_mlflow_auth.py "$secrets"' in script
+    assert (
+        subprocess.run(["bash", "-n", str(ROOT / "docker" / "mlflow-server.sh")], capture_output=True).returncode == 0
+    )
     assert option(command, "--host") == "0.0.0.0"  # inside its container; published on 127.0.0.1 only
     destination = option(command, "--artifacts-destination")
     assert mounts(mlflow)[destination]["type"] == "volume", "artifacts must outlive the container"
@@ -420,19 +496,8 @@ def test_mlflow_server_service(services):
         if name != "mlflow":
             assert volume not in {m["source"] for m in service.get("volumes", [])}, name
     assert SERVER_ENV.items() <= mlflow["environment"].items()  # no idle job runner, as `make mlflow-ui`
-    store = make_url(mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"])
-    assert store.drivername == "postgresql+psycopg2" and store.port == 5432
-    postgres = services[store.host]["environment"]
-    assert (store.username, store.password) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
-    assert store.database == "mlflow" != postgres["POSTGRES_DB"]  # its own database, not Airflow's
-    # airflow-init creates that database (idempotently) before the server starts.
-    init_env = services["airflow-init"]["environment"]
-    assert init_env["MLFLOW_BACKEND_STORE_URI"] == mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert mlflow["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
-    script = repo_path_of("/opt/covidct/docker/airflow-init.sh").read_text()
-    assert "python /opt/covidct/docker/init_mlflow_db.py" in script
-    assert repo_path_of("/opt/covidct/docker/init_mlflow_db.py") == ROOT / "docker" / "init_mlflow_db.py"
     # Every Airflow service (its tasks, and the Spark drivers in the scheduler) tracks on it by name.
     port = option(command, "--port")
     published = mlflow["ports"][0]["published"]
@@ -442,17 +507,19 @@ def test_mlflow_server_service(services):
         assert services[name]["environment"]["COVIDCT_MLFLOW_UI_URL"] == f"http://localhost:{published}", name
     assert services["scheduler"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert [p["target"] for p in mlflow["ports"]] == [int(port)]
-    assert mlflow["healthcheck"]["test"][-1] == f"http://localhost:{port}/health"
+    assert mlflow["healthcheck"]["test"][-1] == f"http://localhost:{port}/health"  # MLflow's auth leaves it open
     # Host headers it accepts: its service name (the tasks) and loopback names on any port (a browser
     # on the published port), nothing else (DNS-rebinding protection stays on).
     allowed = option(command, "--allowed-hosts").split(",")
     assert set(allowed) == {f"mlflow:{port}", "localhost:*", "127.0.0.1:*"}, allowed
     assert "--disable-security-middleware" not in command
-    # The image has the server (the full mlflow package, not only mlflow-skinny) and the driver.
+    # The image has the server (the full mlflow package, not only mlflow-skinny), its auth app's
+    # dependency (Flask-WTF, mlflow[auth]) and the driver.
     import tomllib
 
     installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     installed += (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+    assert any(line.startswith("mlflow[auth]==") for line in installed), installed
     names = {re.split(r"[<>=!\[; ]", line.strip(), maxsplit=1)[0].lower() for line in installed if line.strip()}
     assert {"mlflow", "psycopg2-binary"} <= names, names
 
@@ -479,15 +546,40 @@ def test_named_volumes_mount_over_folders_the_image_owns(services):
                 assert any(o == path or o in path.parents for o in owned), f"{name}: {target} not chowned"
 
 
-def test_init_mlflow_db_refuses_a_wrong_uri(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("init_mlflow_db", ROOT / "docker" / "init_mlflow_db.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for value in ("", "sqlite:////tmp/mlflow.db", "postgresql+psycopg2://airflow@postgres:5432", "not a uri"):
-        monkeypatch.setenv(module.URI_ENV, value)
-        assert module.main() == 2, value
+def load_docker_script(name: str):
+    """A docker/ script as a module (they import init_secrets from beside them, as in the image)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "docker"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "docker" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "docker"))
+
+
+def test_init_databases_refuses_wrong_uris_and_missing_secrets(tmp_path, capsys):
+    module = load_docker_script("init_databases")
+    names = load_init_secrets()
+    folders = [tmp_path / "airflow", tmp_path / "mlflow", tmp_path / "postgres"]
+    assert module.main([str(f) for f in folders]) == 2  # init_secrets.py has not run
+    assert "postgres_password is missing or empty: run init_secrets.py first" in capsys.readouterr().err
+    names.ensure_database_secrets(*folders)
+    urls = module.service_uris(folders[0], folders[1])
+    assert [(u.username, u.database, u.host, u.port) for u in urls] == [
+        ("airflow", "airflow", "postgres", 5432), ("mlflow", "mlflow", "postgres", 5432),
+        ("mlflow", "mlflow_auth", "postgres", 5432),
+    ]  # fmt: skip
+    uri_file = folders[0] / names.AIRFLOW_DB_FILE
+    for value in ("", "sqlite:////tmp/airflow.db", "postgresql+psycopg2://airflow@postgres:5432", "not a uri",
+                  "postgresql+psycopg2://postgres:x@postgres:5432/airflow"):  # fmt: skip
+        uri_file.write_text(value)
+        assert module.main([str(f) for f in folders]) == 2, value
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert "x@" not in err, err
 
 
 # --------------------------------------------------------------------------- compose <-> DAG
@@ -623,6 +715,57 @@ def test_init_secrets_creates_private_files_once(tmp_path):
     init_secrets.ensure_secrets(folder, "admin:admin,viewer1:viewer", admin_password="chosen")
     passwords = json.loads(files[init_secrets.PASSWORDS_FILE].read_text())
     assert passwords == {"admin": "chosen", "viewer1": json.loads(before[init_secrets.PASSWORDS_FILE])["viewer1"]}
+
+
+def test_database_and_mlflow_secrets_are_made_once_and_agree(tmp_path):
+    import configparser
+    from urllib.parse import urlsplit
+
+    init_secrets = load_init_secrets()
+    airflow, mlflow, postgres = tmp_path / "airflow", tmp_path / "mlflow", tmp_path / "postgres"
+    init_secrets.ensure_database_secrets(airflow, mlflow, postgres)
+    files = {p: p.read_text() for folder in (airflow, mlflow, postgres) for p in folder.iterdir()}
+    assert {p.name for p in files} == {
+        init_secrets.SUPERUSER_FILE, init_secrets.AIRFLOW_DB_FILE, init_secrets.CREDENTIALS_FILE,
+        init_secrets.MLFLOW_DB_FILE, init_secrets.AUTH_CONFIG_FILE, init_secrets.SERVICE_ACCOUNT_FILE,
+        init_secrets.FLASK_KEY_FILE,
+    }  # fmt: skip
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+    airflow_db = urlsplit(files[airflow / init_secrets.AIRFLOW_DB_FILE])
+    mlflow_db = urlsplit(files[mlflow / init_secrets.MLFLOW_DB_FILE])
+    assert (airflow_db.username, airflow_db.path) == ("airflow", "/airflow")
+    assert (mlflow_db.username, mlflow_db.path) == ("mlflow", "/mlflow")
+    superuser = files[postgres / init_secrets.SUPERUSER_FILE]
+    auth = configparser.ConfigParser(interpolation=None)
+    auth.read_string(files[mlflow / init_secrets.AUTH_CONFIG_FILE])
+    auth_db = urlsplit(auth["mlflow"]["database_uri"])
+    # The auth store is the mlflow role's too (its second database); every password differs.
+    assert (auth_db.username, auth_db.password, auth_db.path) == ("mlflow", mlflow_db.password, "/mlflow_auth")
+    assert auth["mlflow"]["default_permission"] == "READ" and auth["mlflow"]["admin_username"] == "admin"
+    account = json.loads(files[mlflow / init_secrets.SERVICE_ACCOUNT_FILE])
+    credentials = configparser.ConfigParser(interpolation=None)
+    credentials.read_string(files[airflow / init_secrets.CREDENTIALS_FILE])
+    assert dict(credentials["mlflow"]) == {
+        "mlflow_tracking_username": account["username"], "mlflow_tracking_password": account["password"],
+    }  # fmt: skip
+    passwords = [
+        superuser,
+        airflow_db.password,
+        mlflow_db.password,
+        auth["mlflow"]["admin_password"],
+        account["password"],
+    ]
+    assert len(set(passwords)) == 5 and all(len(p) >= 32 for p in passwords)
+    # Again: nothing changes. A derived file lost (the credentials) comes back with the same password.
+    init_secrets.ensure_database_secrets(airflow, mlflow, postgres)
+    assert {p: p.read_text() for p in files} == files
+    (airflow / init_secrets.CREDENTIALS_FILE).unlink()
+    init_secrets.ensure_database_secrets(airflow, mlflow, postgres)
+    assert {p: p.read_text() for p in files} == files
+    # The CLI writes all three folders, and refuses another number of them.
+    assert init_secrets.main([str(tmp_path / "a")]) == 2
+    assert init_secrets.main([str(tmp_path / "a"), str(tmp_path / "m"), str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / init_secrets.SUPERUSER_FILE).is_file() and (tmp_path / "a" / "fernet_key").is_file()
 
 
 def test_airflow_reads_the_secrets_through_cmd(tmp_path, monkeypatch):

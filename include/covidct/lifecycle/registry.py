@@ -53,6 +53,12 @@ def champion_version(mlflow_client=None):
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
+        # A server with MLflow's login (the compose stack) answers 403, not 404, for a model that does
+        # not exist, to users other than its admin: no champion when a search does not find the model.
+        if exc.error_code == "PERMISSION_DENIED" and not mlflow_client.search_registered_models(
+            filter_string=f"name = '{REGISTERED_MODEL}'"
+        ):
+            return None
         raise
 
 
