@@ -3,7 +3,8 @@
 A failure at any point leaves the destination as it was (absent, or the previous
 good copy). Only the swap of an existing destination takes two renames; a crash
 between them leaves the previous copy beside it as ``.NAME.old-*``. Writers of one
-destination take turns (``covidct.core.locks``): each publishes a complete folder.
+destination take turns (``covidct.core.locks``): each publishes a complete folder. A full disk
+ends the block with one ``NoSpaceError`` naming the filesystem (``covidct.core.diskspace``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from covidct.core.diskspace import reported
 from covidct.core.locks import DEFAULT_WAIT, locked
 
 
@@ -50,32 +52,34 @@ def atomic_dir(
     (``lock=False``: the caller holds it already).
     """
     dest = Path(dest).expanduser().absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with locked(dest, what=what, wait=wait) if lock else contextlib.nullcontext():
-        staging = sibling(dest, "tmp")
-        staging.mkdir()
-        try:
-            yield staging
-            replace_dir(staging, dest)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+    with reported(dest, what):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with locked(dest, what=what, wait=wait) if lock else contextlib.nullcontext():
+            staging = sibling(dest, "tmp")
+            staging.mkdir()
+            try:
+                yield staging
+                replace_dir(staging, dest)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, *, what: str = "writer") -> Iterator[Path]:
     """A temporary path beside ``path`` to write the whole file to; renamed to ``path`` when the block
     ends without an error. Readers see the old or the new content, never a part."""
     path = Path(path)
     tmp = sibling(path, "tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure: no temporary file left behind
+    with reported(path, what):
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failure: no temporary file left behind
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, *, what: str = "writer") -> None:
     """Write a file so readers see the old or the new content, never a part."""
-    with atomic_file(path) as tmp:
+    with atomic_file(path, what=what) as tmp:
         tmp.write_text(text, encoding="utf-8")

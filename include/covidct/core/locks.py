@@ -90,8 +90,9 @@ def locked(dest: str | Path, *, what: str, wait: float = DEFAULT_WAIT, poll: flo
         break
     try:
         started = datetime.now(UTC).isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{what}: pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
+        with suppress(OSError):  # only a note for the messages: a full disk must not stop the writer here
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{what}: pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
         if announced:
             log.info("got the lock on %s", dest)
         yield path

@@ -34,6 +34,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from covidct.core import paths
 from covidct.core.atomic import write_text_atomic
+from covidct.core.diskspace import reported
 from covidct.data.image import PREPROCESSING_VERSION
 
 log = logging.getLogger(__name__)
@@ -100,23 +101,28 @@ class FeatureCache:
         return found
 
     def write(self, features: DataFrame, key: CacheKey) -> int:
-        """Add ``sha256, features`` rows under ``key``; returns the number of files published."""
+        """Add ``sha256, features`` rows under ``key``; returns the number of files published.
+
+        On a full disk: a ``NoSpaceError`` naming the filesystem; the files published before stay whole.
+        """
         folder = self.folder(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_staging(folder)
-        staging = folder / f".staging-{uuid.uuid4().hex}"
-        try:
-            features.select("sha256", "features").write.parquet(staging.as_uri())
-            run = uuid.uuid4().hex[:12]
-            published = 0
-            for part in sorted(staging.glob("part-*.parquet")):
-                dest = folder / f"{run}-{part.name}"
-                write_text_atomic(_checksum_file(dest), _digest(part) + "\n")  # before the file is visible
-                os.rename(part, dest)  # atomic: readers see whole files only
-                published += 1
-            return published
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with reported(folder, "feature cache"):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_staging(folder)
+            staging = folder / f".staging-{uuid.uuid4().hex}"
+            try:
+                features.select("sha256", "features").write.parquet(staging.as_uri())
+                run = uuid.uuid4().hex[:12]
+                published = 0
+                for part in sorted(staging.glob("part-*.parquet")):
+                    dest = folder / f"{run}-{part.name}"
+                    # Before the file is visible:
+                    write_text_atomic(_checksum_file(dest), _digest(part) + "\n", what="feature cache")
+                    os.rename(part, dest)  # atomic: readers see whole files only
+                    published += 1
+                return published
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def clear(self, key: CacheKey | None = None) -> None:
         target = self.folder(key) if key else self.root

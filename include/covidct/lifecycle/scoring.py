@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from covidct.core import paths
-from covidct.core.atomic import atomic_dir, sibling
+from covidct.core.atomic import atomic_dir, atomic_file
 from covidct.core.errors import CovidctError
 from covidct.core.locks import DEFAULT_WAIT, locked
 from covidct.core.session import get_spark
@@ -105,9 +104,8 @@ class Ledger:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         part = self.folder / f"part-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = sibling(part, "tmp")
-        pq.write_table(pa.Table.from_pandas(rows[LEDGER_COLUMNS], preserve_index=False), tmp)
-        os.replace(tmp, part)
+        with atomic_file(part, what="scoring job") as tmp:
+            pq.write_table(pa.Table.from_pandas(rows[LEDGER_COLUMNS], preserve_index=False), tmp)
         return part
 
 
