@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from covidct.cli import main
@@ -191,3 +197,86 @@ def test_the_job_does_not_follow_a_symbolic_link_out_of_the_allowed_folders(spar
     scored = {Path(p).name for p in pd.read_csv(out / "predictions.csv").path}
     assert scored == {p.name for p in folder.iterdir() if p.suffix == ".png"} - {"link-to-file.png"}
     assert "link-inside.png" in scored
+
+
+# --------------------------------------------------------------------------- under load
+
+
+def reencoded(source: Path, dest: Path, copies: int) -> list[Path]:
+    """Every image of ``source`` ``copies`` times, each copy re-encoded (same pixels, other bytes: another
+    image for the ledger)."""
+    from PIL import Image, PngImagePlugin
+
+    dest.mkdir()
+    made = []
+    for image in sorted(source.rglob("*.png")):
+        for copy in range(copies):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("covidct-test-copy", str(copy))
+            target = dest / f"{image.stem}-{copy}.png"
+            Image.open(image).save(target, pnginfo=info)
+            made.append(target)
+    return made
+
+
+def peak_rss(process: psutil.Process, peaks: dict[int, int]) -> None:
+    """Add the RSS of ``process`` and its descendants (Spark's JVM, its Python workers) to ``peaks``."""
+    try:
+        tree = [process, *process.children(recursive=True)]
+        rss = sum(p.memory_info().rss for p in tree if p.is_running())
+    except psutil.Error:
+        return
+    peaks[process.pid] = max(peaks.get(process.pid, 0), rss)
+
+
+def test_five_scoring_jobs_at_once_over_overlapping_folders_score_each_image_once(small_model, small_dataset, tmp_path):
+    """Five ``covidct score`` processes (the scoring DAG's job) started together on folders that overlap: the
+    ledger holds every image once, every run lists each of its files once, and each job's memory (its
+    process tree: driver, JVM, Python workers) stays bounded; bench/scoring_load.py measures the same at
+    2,000 real images."""
+    images = reencoded(small_dataset, tmp_path / "pool", copies=3)  # its PNG images, 3 times: 54
+    assert len(images) >= 48
+    width, stride = 16, 8  # folders [0, 16), [8, 24), ... [32, 48): every image in one or two folders
+    folders = []
+    for k in range(5):
+        folder = tmp_path / f"incoming-{k}"
+        folder.mkdir()
+        for image in images[k * stride : k * stride + width]:
+            os.link(image, folder / image.name)
+        folders.append(folder)
+    shutil.copy(images[0], folders[4] / "same-bytes-other-name.png")  # scored once, listed under both names
+    ledger, scores = tmp_path / "_ledger", tmp_path / "scores"
+    jobs = [
+        psutil.Popen([str(Path(sys.executable).parent / "covidct"), "-q", "score", "--images", str(folder),
+                      "--model", str(small_model), "--model-name", "covid-ct", "--model-version", "1",
+                      "--out", str(scores / f"run-{k}"), "--ledger", str(ledger)],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k, folder in enumerate(folders)
+    ]  # fmt: skip
+    peaks: dict[int, int] = {}
+    deadline = time.monotonic() + 900
+    while any(job.poll() is None for job in jobs) and time.monotonic() < deadline:
+        for job in jobs:
+            peak_rss(job, peaks)
+        time.sleep(0.2)
+    outputs = [job.communicate(timeout=60)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0] * 5, outputs
+    # The ledger: each image once, all of them.
+    scored = pd.concat([pd.read_parquet(p) for p in (ledger / "covid-ct" / "1").glob("part-*.parquet")])
+    shas = {hashlib.sha256(p.read_bytes()).hexdigest() for folder in folders for p in folder.iterdir()}
+    assert len(scored) == scored["sha256"].nunique() == len(shas) == len(images[: 4 * stride + width])
+    assert set(scored["sha256"]) == shas
+    summaries = [json.loads((scores / f"run-{k}" / "summary.json").read_text()) for k in range(5)]
+    assert sum(s["scored_new"] for s in summaries) == len(shas)
+    # Every run: one row per file of its folder, none lost or doubled, each with the ledger's probability.
+    probability = scored.set_index("sha256")["probability"]
+    for k, folder in enumerate(folders):
+        rows = pd.read_parquet(scores / f"run-{k}" / "predictions.parquet")
+        assert sorted(Path(p.removeprefix("file:")).name for p in rows["path"]) == sorted(
+            p.name for p in folder.iterdir()
+        )
+        assert rows["probability"].tolist() == pytest.approx(probability[rows["sha256"]].tolist())
+    # Memory: every job's process tree stayed under a bound that does not depend on the images.
+    assert len(peaks) == 5 and max(peaks.values()) < 4 * 2**30, {
+        pid: f"{rss / 2**30:.2f} GiB" for pid, rss in peaks.items()
+    }
