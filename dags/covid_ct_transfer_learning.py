@@ -60,6 +60,7 @@ from covidct.data.split import SEEDS_PATTERN, SPLITS, STACK_FOLDS
 from covidct.features.backbone import POOLINGS, PRECISIONS
 from covidct.orchestration import alerts, bounds, pipeline, policy
 from covidct.orchestration.assets import CHAMPION_ASSET
+from covidct.orchestration.operator_links import ModelVersionLink, ReportLink
 from covidct.orchestration.operators import TransferLearningSubmitOperator
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "transfer_learning.py"
@@ -287,8 +288,12 @@ def covid_ct_transfer_learning():
         for backbone in pipeline.DAG_BACKBONES
     ]
     selected, recorded = select_backbones(), record_success()
-    chain(data_dir, validate_dataset(data_dir), check_changes(data_dir), selected, trains, ensemble(), report(),
-          promote(), recorded)  # fmt: skip
+    reported, promoted = report(), promote()
+    # Their links in the Airflow UI (the train tasks' come with their operator): the report, the new version.
+    reported.operator.operator_extra_links = (ReportLink(),)
+    promoted.operator.operator_extra_links = (ModelVersionLink(),)
+    chain(data_dir, validate_dataset(data_dir), check_changes(data_dir), selected, trains, ensemble(), reported,
+          promoted, recorded)  # fmt: skip
     selected >> recorded
 
 

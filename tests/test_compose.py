@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -281,6 +282,12 @@ class Stack:
         assert response.status_code == 200, response.text
         return response.text
 
+    def links(self, run_id: str, task_id: str, dag_id: str = DAG_ID) -> dict[str, str | None]:
+        """A task's extra links, as the Airflow UI gets them."""
+        response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")
+        assert response.status_code == 200, response.text
+        return response.json()["extra_links"]
+
     def summary(self, run_id: str, dag_id: str = DAG_ID) -> dict:
         return {t: (ti["state"], ti["try_number"], ti["duration"]) for t, ti in self.tasks(run_id, dag_id).items()}
 
@@ -475,6 +482,26 @@ def test_quick_run_through_the_rest_api(stack):
     worker = json.loads(stack.exec("spark-worker", "curl", "-s", "http://localhost:8081/json/"))
     ran_here = {e["appid"] for e in worker["finishedexecutors"]}
     assert {a["id"] for a in apps} <= ran_here, (apps, worker["finishedexecutors"])
+    # The Airflow UI's links (from what each task recorded, at the stack's published addresses): the train
+    # task's Spark application on the master's UI and its MLflow run; the report, behind Airflow's login.
+    links = stack.links(run_id, "train_vgg16")
+    app_id = metrics["spark"]["application_id"]
+    assert links["Spark application"] == f"http://localhost:{stack.spark_port}/app/?appId={app_id}", links
+    page = requests.get(links["Spark application"], timeout=30)
+    assert page.status_code == 200 and app_id in page.text and "covidct-train-VGG16" in page.text, page.text[:500]
+    mlflow_run = re.fullmatch(
+        rf"http://localhost:{stack.mlflow_port}/#/experiments/(\w+)/runs/(\w+)", links["MLflow run"]
+    )
+    assert mlflow_run, links
+    logged = stack.mlflow_api("GET", "/runs/get", params={"run_id": mlflow_run.group(2)})["run"]
+    assert {m["key"] for m in logged["data"]["metrics"]} >= {"random70/accuracy", "random70/auc"}, logged["data"]
+    report = stack.links(run_id, "report")["Report"]
+    assert report == f"http://localhost:{stack.airflow_port}/covidct/runs/{Path(found['dir']).name}/report/report.html"
+    assert requests.get(report, timeout=30).status_code == 401  # anonymous: no report
+    shown = requests.get(report, headers={"Authorization": f"Bearer {stack.token()}"}, timeout=30)
+    assert shown.status_code == 200 and "VGG16" in shown.text and "<table" in shown.text, shown.text[:500]
+    assert stack.links(run_id, "promote") == {"Model version": None}  # random weights: never promoted
+    assert stack.links(run_id, "train_vgg19") == {"MLflow run": None, "Spark application": None}  # skipped
 
 
 # ------------------------------------------------------------------------- the MLflow server
@@ -738,6 +765,15 @@ def test_scoring_dag_scores_the_incoming_folder_with_the_champion(stack):
     # Both ran on the Spark cluster (an application of the master, executors on the worker).
     apps = [a for a in stack.master()["completedapps"] if "score" in a["name"]]
     assert len(apps) == 2 and all(a["cores"] > 0 for a in apps), stack.master()["completedapps"]
+    # The scoring task's links: its scores behind Airflow's login, its Spark application.
+    links = stack.links(run_id, "score", SCORING_DAG_ID)
+    assert links["Spark application"].startswith(f"http://localhost:{stack.spark_port}/app/?appId=app-"), links
+    shown = requests.get(links["Scores"], headers={"Authorization": f"Bearer {stack.token()}"}, timeout=30)
+    assert shown.status_code == 200 and "predictions.csv" in shown.text, shown.text[:500]
+    csv = requests.get(
+        links["Scores"] + "predictions.csv", headers={"Authorization": f"Bearer {stack.token()}"}, timeout=30
+    )
+    assert csv.status_code == 200 and csv.text.startswith("path,sha256,"), csv.text[:300]
 
 
 def test_bad_param_is_refused_and_creates_no_run(stack):
@@ -760,7 +796,16 @@ def browser(stack):
 
 
 def test_trigger_form_in_a_real_browser(stack, browser, dag):
-    """Log in, open the DAG's trigger form, see every param with its description, submit a run."""
+    """In the browser only: log in, open the DAG's trigger form, see every param with its description, choose
+    one backbone and one split in the multi-selects, submit, wait for the run; then follow the train task's
+    extra links (its Spark application on the master's UI, its MLflow run in the MLflow UI, logged in) and
+    the report task's (the report, behind Airflow's login). Screenshots in the stack's output folder."""
+    import base64
+
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     params = dag.params
@@ -774,20 +819,69 @@ def test_trigger_form_in_a_real_browser(stack, browser, dag):
         assert name in shown, f"param {name} missing from the trigger form"
         description = params.get_param(name).description
         assert description and description in shown, f"the description of {name} is not shown"
+    for chip in ("VGG19", "Xception", "official", "official-clean"):  # the quick run's choices, by unticking
+        form.find_element(By.CSS_SELECTOR, f"[aria-label='Remove {chip}']").click()
+    # Seed 7: not the quick run's params, so this run trains (an unchanged run would skip its train tasks).
+    typed = (
+        ("weights", "none"),
+        ("seed", "7"),
+        ("expect_covid", str(N_PER_CLASS)),
+        ("expect_noncovid", str(N_PER_CLASS)),
+    )
+    for name, value in typed:
+        field = form.find_element(By.CSS_SELECTOR, f"input[name=element_{name}]")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(value)
+    browser.save_screenshot(str(stack.out / "trigger-form-filled.png"))
     before = {r["dag_run_id"] for r in stack.runs()}
     submit.click()
     deadline = time.monotonic() + 60
     while not (new := [r for r in stack.runs() if r["dag_run_id"] not in before]) and time.monotonic() < deadline:
         time.sleep(1)
-    browser.save_screenshot(str(stack.out / "after-trigger.png"))
     assert len(new) == 1, "submitting the form created no run"
     run = new[0]
     assert run["run_type"] == "manual" and run["triggered_by"] == "ui", run
-    assert run["conf"]["backbones"] == ["VGG16", "VGG19", "Xception"]  # the form's defaults
-    stack.figures["screenshots"] = [str(stack.out / "trigger-form.png"), str(stack.out / "after-trigger.png")]
-    # Not a run to wait for (three ImageNet backbones on the full-size expectations): stop it.
-    response = stack.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
-    assert response.status_code == 200, response.text
+    assert run["conf"]["backbones"] == ["VGG16"] and run["conf"]["splits"] == ["random70"], run["conf"]
+    assert run["conf"]["seed"] == 7, run["conf"]
+    run_id = run["dag_run_id"]
+    assert stack.wait_run(run_id) == "success", stack.summary(run_id)
+
+    def follow(task_id: str, name: str) -> str:
+        """Open the task's Details tab in the UI, find its extra link ``name``, open where it points."""
+        browser.get(f"{ui}/dags/{DAG_ID}/runs/{run_id}/tasks/{task_id}/details")
+        try:
+            link = wait.until(expected_conditions.presence_of_element_located((By.LINK_TEXT, name)))
+        except TimeoutException:
+            browser.save_screenshot(str(stack.out / f"links-{task_id}-missing.png"))
+            text = browser.find_element(By.TAG_NAME, "body").text[:1500]
+            pytest.fail(f"no link {name!r} on {browser.current_url}: API {stack.links(run_id, task_id)}\n{text}")
+        browser.save_screenshot(str(stack.out / f"links-{task_id}.png"))
+        href = link.get_attribute("href")
+        browser.get(href)
+        return href
+
+    href = follow("train_vgg16", "Spark application")
+    assert href.startswith(f"http://localhost:{stack.spark_port}/app/?appId=app-"), href
+    wait.until(lambda b: "covidct-train-VGG16" in b.find_element(By.TAG_NAME, "body").text)
+    browser.save_screenshot(str(stack.out / "spark-application.png"))
+    # The MLflow UI asks for a login (basic auth): the browser sends the service account's.
+    user, password = stack.mlflow_login()
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {basic}"}})
+    try:
+        href = follow("train_vgg16", "MLflow run")
+        assert href.startswith(f"http://localhost:{stack.mlflow_port}/#/experiments/"), href
+        wait.until(lambda b: "random70/accuracy" in b.find_element(By.TAG_NAME, "body").text)
+        browser.save_screenshot(str(stack.out / "mlflow-run.png"))
+    finally:
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
+    href = follow("report", "Report")
+    assert href.startswith(f"{ui}/covidct/runs/"), href
+    assert "VGG16" in wait.until(lambda b: b.find_element(By.TAG_NAME, "table")).text
+    browser.save_screenshot(str(stack.out / "report.png"))
+    stack.figures["screenshots"] = sorted(str(p) for p in stack.out.glob("*.png"))
+    stack.save()
 
 
 def test_two_workers(stack):

@@ -202,6 +202,66 @@ def test_whole_dag_runs_with_real_spark_submit(trained_run, dag):
 
 
 @pytest.mark.slow
+def test_tasks_link_to_what_they_recorded(trained_run, dag, monkeypatch):
+    """The extra links of the Airflow UI: each task's, built in the task's process from what it wrote
+    (pushed as XComs by the session's run), and built again here where the pages are configured."""
+    from types import SimpleNamespace
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    from covidct.lifecycle import store
+    from covidct.orchestration import operator_links as links
+
+    run = trained_run
+    run.use(monkeypatch)
+    tasks = {"train_vgg16": ("MLflow run", "Spark application"), "report": ("Report",), "promote": ("Model version",)}
+    for task_id, names in tasks.items():
+        assert sorted(link.name for link in dag.get_task(task_id).operator_extra_links) == sorted(names), task_id
+    # The run pushed one XCom per link when each task ended (Airflow's mechanism, our get_link).
+    with create_session() as session:
+        pushed = {
+            (x.task_id, x.key)
+            for x in session.query(XComModel).filter(XComModel.run_id == run.run_id, XComModel.key.like("_link_%"))
+        }
+    expected = {("train_vgg16", "_link_MlflowRunLink"), ("train_vgg16", "_link_SparkApplicationLink"),
+                ("report", "_link_ReportLink"), ("promote", "_link_ModelVersionLink")}  # fmt: skip
+    assert expected <= pushed, pushed
+    # Where the pages are: the MLflow UI, the Airflow UI.
+    monkeypatch.setenv("COVIDCT_MLFLOW_UI_URL", "http://mlflow.example:5000")
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://airflow.example:8080")
+    key = SimpleNamespace(run_id=run.run_id)
+    train = copy.copy(dag.get_task("train_vgg16"))
+    train.application_args = ["--data", "x", "--out", str(run.run_dir / "vgg16")]  # as rendered
+    info = json.loads((run.run_dir / "vgg16" / "mlflow.json").read_text())
+    url = links.MlflowRunLink().get_link(train, ti_key=key)
+    assert url == f"http://mlflow.example:5000/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+    logged = store.client().get_run(info["run_id"])  # the page shows this run, with its metrics
+    assert logged.data.tags["airflow.task_id"] == "train_vgg16" and "official/accuracy" in logged.data.metrics
+    # A local[*] application's UI ended with the job: no link. On a standalone master: its page.
+    recorded = json.loads((run.run_dir / "vgg16" / "official" / "metrics.json").read_text())["spark"]
+    assert recorded["master"].startswith("local") and recorded["application_id"].startswith("local-")
+    assert links.SparkApplicationLink().get_link(train, ti_key=key) == ""
+    assert links.application_url("app-20261206-0001", "spark://spark-master:7077") == (
+        "http://spark-master:8080/app/?appId=app-20261206-0001"
+    )
+    monkeypatch.setenv("COVIDCT_SPARK_UI_URL", "http://localhost:8081/")
+    assert links.application_url("app-1", "spark://spark-master:7077") == "http://localhost:8081/app/?appId=app-1"
+    report = links.ReportLink().get_link(dag.get_task("report"), ti_key=key)
+    assert report == f"http://airflow.example:8080/covidct/runs/{run.run_dir.name}/report/report.html"
+    version = links.ModelVersionLink().get_link(dag.get_task("promote"), ti_key=key)
+    assert version == f"http://mlflow.example:5000/#/models/covid-ct/versions/{run.champion_version}"
+    # A run that recorded nothing (it failed first, or never ran): no link, none guessed.
+    nothing = SimpleNamespace(run_id="manual__never-ran")
+    train.application_args = ["--out", str(run.run_dir.parent / "never-ran" / "vgg16")]
+    report_task, promote_task = dag.get_task("report"), dag.get_task("promote")
+    pairs = [(links.MlflowRunLink(), train), (links.SparkApplicationLink(), train), (links.ReportLink(), report_task),
+             (links.ModelVersionLink(), promote_task)]  # fmt: skip
+    for link, task in pairs:
+        assert link.get_link(task, ti_key=nothing) == "", link.name
+
+
+@pytest.mark.slow
 def test_a_failed_backbone_still_gets_a_report_naming_it(airflow_db, small_dataset, tmp_path, monkeypatch):
     """VGG16's weights file is there, VGG19's is not (and cannot be downloaded): VGG19 fails, once.
 

@@ -239,6 +239,9 @@ def test_ports_published_on_loopback_by_default_and_configurable(tmp_path, servi
     assert [(p["host_ip"], p["published"]) for p in changed["mlflow"]["ports"]] == [("0.0.0.0", "15000")]
     assert changed["scheduler"]["environment"]["AIRFLOW__API__BASE_URL"] == "http://localhost:18080"
     assert changed["scheduler"]["environment"]["COVIDCT_MLFLOW_UI_URL"] == "http://localhost:15000"
+    # The Airflow UI's links to the Spark applications, where a browser on this machine opens them.
+    assert services["scheduler"]["environment"]["COVIDCT_SPARK_UI_URL"] == "http://localhost:8081"
+    assert changed["scheduler"]["environment"]["COVIDCT_SPARK_UI_URL"] == "http://localhost:18081"
 
 
 def test_base_images_can_come_from_another_registry(tmp_path):

@@ -105,6 +105,10 @@ def airflow(site, tmp_path_factory):
         "COVIDCT_ALLOWED_SOURCES": str(site["allowed"]),
         "COVIDCT_WEIGHTS_DIR": str(site["weights"]),
         "COVIDCT_UPSTREAM_URL": "http://127.0.0.1:9/",  # no internet: the default source fails at once
+        # Runs tracked in the embedded MLflow store (make ui's default; the suite turns it off elsewhere), and
+        # where the tasks' MLflow links point (`make mlflow-ui`, started by the test that follows them).
+        "COVIDCT_TRACKING": "on",
+        "COVIDCT_MLFLOW_UI_PORT": str(free_port()),
     }
     for key in ("COVIDCT_DATA_SOURCE", "COVIDCT_ALLOWED_WEIGHTS_DIRS"):
         env.pop(key, None)
@@ -146,7 +150,7 @@ def airflow(site, tmp_path_factory):
         else:
             pytest.fail("the DAG never appeared:\n" + log_file.read_text()[-3000:])
         yield {"api": api, "home": tmp / "home", "log": log_file, "base": base, "stop": lambda: ctrl_c(proc),
-               "airflow_home": tmp / "af"}  # fmt: skip
+               "airflow_home": tmp / "af", "env": env}  # fmt: skip
     finally:
         ctrl_c(proc)
     # No process of this Airflow home is left running.
@@ -287,6 +291,172 @@ def test_bad_params_are_refused_through_the_rest_api(airflow, site, evil):
     assert evil.log == []  # the non-allowlisted host never saw a request
     for name, conf, outcome in table:
         print(f"| {name} | `{json.dumps(conf)}` | {outcome} |")
+
+
+REPORT_HTML = """<!DOCTYPE html><html><body><h1>COVID-CT comparison</h1>
+<table id="comparison"><tr><th>Backbone</th><th>Accuracy</th></tr><tr><td>VGG16</td><td>85.65</td></tr></table>
+<img src="official-roc.png" alt="ROC"></body></html>"""
+
+
+def raw_get(base: str, path: str, token: str | None = None) -> tuple[int, bytes]:
+    """GET ``path`` exactly as written (no client normalises its ``..`` or its escapes)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def test_the_report_pages_need_airflow_login_and_stay_in_their_folder(airflow, tmp_path):
+    """The covidct plugin inside `make ui`'s api-server: a run's report (written here as a task would)
+    listed and served to a logged-in user, in the browser under the DAG run's "Report" tab too; refused
+    anonymously (401); no path leaves the report's folder: `..`, its encodings, an absolute path, a
+    symbolic link out. Screenshots: the test's tmp_path."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from covidct.core.paths import safe_name
+
+    api, home, base = airflow["api"], airflow["home"], airflow["base"]
+    # A DAG run to hang the report on: one the operator's allowlist refuses (it fails in seconds).
+    status, body = api.trigger({"weights": "/nonexistent/weights.h5"})
+    assert status == 200, body
+    run_id = body["dag_run_id"]
+    report = home / "runs" / safe_name(run_id) / "report"
+    report.mkdir(parents=True)
+    (report / "report.html").write_text(REPORT_HTML)
+    Image.new("L", (64, 64), 128).save(report / "official-roc.png")
+    row = {"label": "VGG16", "metrics": {"accuracy": {"value": 0.8565}, "auc": {"value": 0.9012}}}
+    (report / "summary.json").write_text(json.dumps({"splits": {"official": {"title": "official", "rows": [row]}}}))
+    (home / "secret.txt").write_text("not for the browser")
+    (report / "escape.txt").symlink_to(home / "secret.txt")
+    page = f"/covidct/runs/{safe_name(run_id)}/report"
+
+    # Anonymous: no list, no report.
+    for path in ("/covidct/runs", f"{page}/report.html", f"/covidct/dag-runs/{DAG_ID}/{run_id}"):
+        status, _ = raw_get(base, path)
+        assert status == 401, (path, status)
+    # Logged in (the REST API's token): the list with the run's headline, the report and its figure.
+    status, listing = raw_get(base, "/covidct/runs", api.token)
+    assert status == 200 and safe_name(run_id).encode() in listing and b"VGG16 85.65 %" in listing, listing[:2000]
+    status, _ = raw_get(base, f"/covidct/dag-runs/{DAG_ID}/{run_id}", api.token)
+    assert status == 303
+    status, html = raw_get(base, f"{page}/report.html", api.token)
+    assert status == 200 and b'<table id="comparison">' in html
+    assert raw_get(base, f"{page}/official-roc.png", api.token)[0] == 200
+    # Nothing outside the report's folder, however the path is written.
+    for escape in ("../../../secret.txt", "%2e%2e/%2e%2e/%2e%2e/secret.txt", "..%2f..%2f..%2fsecret.txt",
+                   "%252e%252e/%252e%252e/%252e%252e/secret.txt", f"{'%2F'}{home / 'secret.txt'}", "escape.txt",
+                   "..", "./"):  # fmt: skip
+        status, answer = raw_get(base, f"{page}/{escape}", api.token)
+        assert status == 404 and b"not for the browser" not in answer, (escape, status, answer[:300])
+    for bad_run in ("..", "%2e%2e", "."):
+        status, _ = raw_get(base, f"/covidct/runs/{bad_run}/report/report.html", api.token)
+        assert status == 404, (bad_run, status)
+
+    # In the browser: the run's "Report" tab frames the report; the nav's page lists the run.
+    passwords = airflow["airflow_home"] / "simple_auth_manager_passwords.json.generated"
+    with chromium() as browser:
+        wait = WebDriverWait(browser, 60)
+        log_in(browser, f"{base}/dags/{DAG_ID}", "admin", json.loads(passwords.read_text())["admin"], wait)
+        browser.get(f"{base}/dags/{DAG_ID}/runs/{run_id}")
+        tab = wait.until(expected_conditions.element_to_be_clickable((By.XPATH, "//a[normalize-space()='Report']")))
+        tab.click()
+        frame = wait.until(expected_conditions.presence_of_element_located((By.TAG_NAME, "iframe")))
+        browser.save_screenshot(str(tmp_path / "dag-run-report-tab.png"))
+        browser.switch_to.frame(frame)
+        assert wait.until(lambda b: b.find_element(By.ID, "comparison")).text.startswith("Backbone")
+        browser.switch_to.default_content()
+        browser.get(f"{base}/covidct/runs")
+        assert "VGG16 85.65 %" in browser.find_element(By.TAG_NAME, "body").text
+        browser.save_screenshot(str(tmp_path / "covidct-runs.png"))
+    with chromium() as anonymous:
+        anonymous.get(f"{base}{page}/report.html")
+        assert "COVID-CT comparison" not in anonymous.page_source and "Not authenticated" in anonymous.page_source
+
+
+def test_from_the_trigger_form_to_the_report_and_the_mlflow_run(airflow, site, tmp_path):
+    """In the browser only: trigger a run through the form (choosing one backbone and one split in the
+    multi-selects), wait for it in the grid, then follow the train task's "MLflow run" link (`make
+    mlflow-ui`'s page of that run, with its metrics) and the report task's "Report" link (the comparison
+    table). A local[*] job has no Spark application page: no such link. Screenshots: the test's tmp_path."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    api, env = airflow["api"], airflow["env"]
+    base = airflow["base"].replace("127.0.0.1", "localhost")  # as a user opens it, and as the links name it
+    mlflow_port = env["COVIDCT_MLFLOW_UI_PORT"]
+    command = [sys.executable, "-m", "covidct.orchestration.local", "mlflow-ui"]
+    mlflow_ui = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    passwords = airflow["airflow_home"] / "simple_auth_manager_passwords.json.generated"
+    try:
+        with chromium() as browser:
+            wait = WebDriverWait(browser, 60)
+            log_in(browser, f"{base}/dags/{DAG_ID}", "admin", json.loads(passwords.read_text())["admin"], wait)
+            before = {r["dag_run_id"] for r in api.runs()}
+            form, submit = open_trigger_form(browser, wait)
+            for chip in ("VGG19", "Xception", "official", "official-clean"):
+                form.find_element(By.CSS_SELECTOR, f"[aria-label='Remove {chip}']").click()
+            for name, value in (("data_source", str(site["allowed"] / "COVID-CT")), ("weights", "none"),
+                                ("expect_covid", "12"), ("expect_noncovid", "12")):  # fmt: skip
+                field = form.find_element(By.CSS_SELECTOR, f"input[name=element_{name}]")
+                field.send_keys(Keys.CONTROL, "a")
+                field.send_keys(value)
+            browser.save_screenshot(str(tmp_path / "1-trigger-form-filled.png"))
+            submit.click()
+            deadline = time.monotonic() + 60
+            while not (new := [r for r in api.runs() if r["dag_run_id"] not in before]) and time.monotonic() < deadline:
+                time.sleep(1)
+            assert len(new) == 1, "submitting the form created no run"
+            run_id = new[0]["dag_run_id"]
+            assert new[0]["conf"]["backbones"] == ["VGG16"] and new[0]["conf"]["splits"] == ["random70"], new[0]
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                state = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")[1]["state"]
+                if state in ("success", "failed"):
+                    break
+                time.sleep(3)
+            assert state == "success", airflow["log"].read_text()[-3000:]
+
+            def follow(task_id: str, name: str) -> str:
+                """Open the task's Details tab, find its extra link ``name``, open where it points; returns the URL."""
+                browser.get(f"{base}/dags/{DAG_ID}/runs/{run_id}/tasks/{task_id}/details")
+                try:
+                    link = wait.until(expected_conditions.presence_of_element_located((By.LINK_TEXT, name)))
+                except TimeoutException:
+                    browser.save_screenshot(str(tmp_path / f"2-{task_id}-missing.png"))
+                    links = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/links")
+                    pytest.fail(f"no link {name!r} on {browser.current_url}: API {links}")
+                browser.save_screenshot(str(tmp_path / f"2-{task_id}-links.png"))
+                href = link.get_attribute("href")
+                browser.get(href)
+                return href
+
+            href = follow("train_vgg16", "MLflow run")
+            assert href.startswith(f"http://127.0.0.1:{mlflow_port}/#/experiments/"), href
+            wait.until(lambda b: "random70/accuracy" in b.find_element(By.TAG_NAME, "body").text)
+            browser.save_screenshot(str(tmp_path / "3-mlflow-run.png"))
+            browser.get(f"{base}/dags/{DAG_ID}/runs/{run_id}/tasks/train_vgg16/details")
+            wait.until(expected_conditions.presence_of_element_located((By.LINK_TEXT, "MLflow run")))
+            assert not browser.find_elements(By.LINK_TEXT, "Spark application")  # local[*]: no page to link
+            href = follow("report", "Report")
+            assert href.startswith(f"{base}/covidct/runs/"), href
+            table = wait.until(lambda b: b.find_element(By.TAG_NAME, "table"))
+            assert "VGG16" in table.text
+            browser.save_screenshot(str(tmp_path / "4-report.png"))
+    finally:
+        os.killpg(mlflow_ui.pid, signal.SIGTERM)
+        mlflow_ui.wait(timeout=60)
 
 
 def test_ctrl_c_stops_every_component(airflow):

@@ -205,6 +205,7 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
                 "notice": NOTICE,
             },
             "out": str(config.out),
+            "spark": {"application_id": spark.sparkContext.applicationId, "master": spark.sparkContext.master},
             "timings": {"score_s": round(score_s, 3), "total_s": round(time.monotonic() - started, 3)},
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

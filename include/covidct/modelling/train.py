@@ -254,6 +254,8 @@ def train(
             "n_images": n_images,
             "cache": cache_stats,
             "versions": {"spark": spark.version, **library_versions(("tensorflow", "keras"))},
+            # The Airflow task's "Spark application" link (covidct.orchestration.operator_links).
+            "spark": {"application_id": spark.sparkContext.applicationId, "master": spark.sparkContext.master},
             "data_dir": str(config.data_dir.absolute()),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

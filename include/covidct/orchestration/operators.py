@@ -9,6 +9,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from covidct.orchestration.job_output import USER_ERROR_EXIT, job_error_line
+from covidct.orchestration.operator_links import MlflowRunLink, ScoresLink, SparkApplicationLink
 from covidct.orchestration.processes import KILL_GRACE_S, end_process_tree
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,12 @@ class TransferLearningSubmitOperator(SparkSubmitOperator):
     unregisters the application from the cluster), the Python driver and PySpark's local
     workers. The provider's own ``on_kill`` only SIGKILLs the spark-submit PID, which skips
     the JVM's shutdown hooks and leaves the Python processes to notice on their own.
+
+    In the Airflow UI the task links to its MLflow run and its Spark application, as the job
+    recorded them (``covidct.orchestration.operator_links``).
     """
+
+    operator_extra_links = (MlflowRunLink(), SparkApplicationLink())
 
     def execute(self, context):
         try:
@@ -55,4 +61,7 @@ class TransferLearningSubmitOperator(SparkSubmitOperator):
 
 class ScoringSubmitOperator(TransferLearningSubmitOperator):
     """``spark-submit`` of ``jobs/score.py`` (the scoring DAG): the same cluster connection, the same
-    handling of user errors (exit status 2: failed at once, with the job's line) and of kills."""
+    handling of user errors (exit status 2: failed at once, with the job's line) and of kills; its links:
+    the scores and the Spark application (the scoring job logs no MLflow run)."""
+
+    operator_extra_links = (ScoresLink(), SparkApplicationLink())

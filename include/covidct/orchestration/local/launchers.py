@@ -61,6 +61,9 @@ def foreground(command: list[str], env: dict[str, str], stop: signal.Signals, gr
 def airflow_ui() -> int:
     """``airflow standalone`` (api-server on :8080, scheduler, dag-processor, triggerer); Ctrl-C stops it."""
     env = environment()
+    # The tasks' links into the MLflow UI point where `make mlflow-ui` serves it (covidct.orchestration.operator_links).
+    port = os.environ.get(MLFLOW_UI_PORT_ENV) or DEFAULT_MLFLOW_UI_PORT
+    env.setdefault("COVIDCT_MLFLOW_UI_URL", os.environ.get("COVIDCT_MLFLOW_UI_URL") or f"http://127.0.0.1:{port}")
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     subprocess.run(["airflow", "db", "migrate"], env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL)
     passwords = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
