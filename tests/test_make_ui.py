@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from support.airflow import processes_of_airflow_home
-from support.browser import chromium, log_in, open_trigger_form
+from support.browser import chromium, log_in, open_trigger_form, type_into
 from support.net import free_port
 from upstream import Upstream, upstream_files
 
@@ -387,7 +387,6 @@ def test_from_the_trigger_form_to_the_report_and_the_mlflow_run(airflow, site, t
     table). A local[*] job has no Spark application page: no such link. Screenshots: the test's tmp_path."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -409,9 +408,7 @@ def test_from_the_trigger_form_to_the_report_and_the_mlflow_run(airflow, site, t
                 form.find_element(By.CSS_SELECTOR, f"[aria-label='Remove {chip}']").click()
             for name, value in (("data_source", str(site["allowed"] / "COVID-CT")), ("weights", "none"),
                                 ("expect_covid", "12"), ("expect_noncovid", "12")):  # fmt: skip
-                field = form.find_element(By.CSS_SELECTOR, f"input[name=element_{name}]")
-                field.send_keys(Keys.CONTROL, "a")
-                field.send_keys(value)
+                type_into(browser, form.find_element(By.CSS_SELECTOR, f"input[name=element_{name}]"), value)
             browser.save_screenshot(str(tmp_path / "1-trigger-form-filled.png"))
             submit.click()
             deadline = time.monotonic() + 60
@@ -419,7 +416,9 @@ def test_from_the_trigger_form_to_the_report_and_the_mlflow_run(airflow, site, t
                 time.sleep(1)
             assert len(new) == 1, "submitting the form created no run"
             run_id = new[0]["dag_run_id"]
-            assert new[0]["conf"]["backbones"] == ["VGG16"] and new[0]["conf"]["splits"] == ["random70"], new[0]
+            conf = new[0]["conf"]
+            assert conf["backbones"] == ["VGG16"] and conf["splits"] == ["random70"], conf
+            assert conf["data_source"] == str(site["allowed"] / "COVID-CT") and conf["expect_covid"] == 12, conf
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
                 state = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")[1]["state"]

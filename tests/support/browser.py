@@ -69,3 +69,22 @@ def open_trigger_form(browser, wait):
     form = next(d for d in browser.find_elements(By.CSS_SELECTOR, "[role=dialog]") if "Run Parameters" in d.text)
     wait.until(lambda _: "feature_cache" in form.text)
     return form, submit
+
+
+def type_into(browser, field, value: str) -> None:
+    """Replace a form field's text with ``value`` and check that it holds exactly that.
+
+    The trigger form's inputs are React-controlled: under load a keystroke can be lost between
+    re-renders (seen: "allowed" arrived as "allowd"). Typed again until the field holds ``value``
+    (three tries), else the test fails here, naming the field, not later with a confusing run.
+    """
+    from selenium.webdriver.common.keys import Keys
+
+    for _ in range(3):
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.DELETE)
+        for char in value:  # one key at a time: each is rendered before the next
+            field.send_keys(char)
+        if field.get_attribute("value") == value:
+            return
+    raise AssertionError(f"{field.get_attribute('name')} holds {field.get_attribute('value')!r}, not {value!r}")
