@@ -107,12 +107,10 @@ def has_mlflow_schema(url: URL) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print(
-            f"usage: {Path(__file__).name} AIRFLOW_SECRETS_DIR MLFLOW_SECRETS_DIR POSTGRES_SECRETS_DIR", file=sys.stderr
-        )
+    dirs = names.secrets_dirs(argv, __file__)
+    if dirs is None:
         return 2
-    airflow, mlflow, postgres = map(Path, argv)
+    airflow, mlflow, postgres = dirs
     superuser_password = names.read(postgres / names.SUPERUSER_FILE)
     try:
         if not superuser_password:

@@ -199,13 +199,22 @@ def ensure_secrets(folder: Path, users_value: str = "", admin_password: str | No
     return messages
 
 
-def main(argv: list[str]) -> int:
+def secrets_dirs(argv: list[str], script: str) -> tuple[Path, Path, Path] | None:
+    """The three secrets folders from ``script``'s arguments; None (usage printed) unless there are three."""
     if len(argv) != 3:
         print(
-            f"usage: {Path(__file__).name} AIRFLOW_SECRETS_DIR MLFLOW_SECRETS_DIR POSTGRES_SECRETS_DIR", file=sys.stderr
+            f"usage: {Path(script).name} AIRFLOW_SECRETS_DIR MLFLOW_SECRETS_DIR POSTGRES_SECRETS_DIR", file=sys.stderr
         )
-        return 2
+        return None
     airflow, mlflow, postgres = map(Path, argv)
+    return airflow, mlflow, postgres
+
+
+def main(argv: list[str]) -> int:
+    dirs = secrets_dirs(argv, __file__)
+    if dirs is None:
+        return 2
+    airflow, mlflow, postgres = dirs
     messages = ensure_secrets(airflow, os.environ.get(USERS_ENV, ""), os.environ.get(ADMIN_PASSWORD_ENV) or None)
     ensure_database_secrets(airflow, mlflow, postgres)
     for line in messages:

@@ -34,7 +34,7 @@ import pytest
 import requests
 
 from conftest import PREBUILD, ROOT
-from support.browser import IN_CI, chromium, log_in, open_trigger_form, type_into
+from support.browser import IN_CI, chromium, follow_extra_link, log_in, open_trigger_form, type_into
 from support.compose import compose_bin, compose_env, engine_available
 from support.net import free_port
 
@@ -802,9 +802,7 @@ def test_trigger_form_in_a_real_browser(stack, browser, dag):
     the report task's (the report, behind Airflow's login). Screenshots in the stack's output folder."""
     import base64
 
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     params = dag.params
@@ -840,18 +838,9 @@ def test_trigger_form_in_a_real_browser(stack, browser, dag):
     assert stack.wait_run(run_id) == "success", stack.summary(run_id)
 
     def follow(task_id: str, name: str) -> str:
-        """Open the task's Details tab in the UI, find its extra link ``name``, open where it points."""
-        browser.get(f"{ui}/dags/{DAG_ID}/runs/{run_id}/tasks/{task_id}/details")
-        try:
-            link = wait.until(expected_conditions.presence_of_element_located((By.LINK_TEXT, name)))
-        except TimeoutException:
-            browser.save_screenshot(str(stack.out / f"links-{task_id}-missing.png"))
-            text = browser.find_element(By.TAG_NAME, "body").text[:1500]
-            pytest.fail(f"no link {name!r} on {browser.current_url}: API {stack.links(run_id, task_id)}\n{text}")
-        browser.save_screenshot(str(stack.out / f"links-{task_id}.png"))
-        href = link.get_attribute("href")
-        browser.get(href)
-        return href
+        task_page = f"{ui}/dags/{DAG_ID}/runs/{run_id}/tasks/{task_id}"
+        shot = stack.out / f"links-{task_id}.png"
+        return follow_extra_link(browser, wait, task_page, name, shot, lambda: stack.links(run_id, task_id))
 
     href = follow("train_vgg16", "Spark application")
     assert href.startswith(f"http://localhost:{stack.spark_port}/app/?appId=app-"), href

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from support.airflow import processes_of_airflow_home
-from support.browser import chromium, log_in, open_trigger_form, type_into
+from support.browser import chromium, follow_extra_link, log_in, open_trigger_form, type_into
 from support.net import free_port
 from upstream import Upstream, upstream_files
 
@@ -385,7 +385,6 @@ def test_from_the_trigger_form_to_the_report_and_the_mlflow_run(airflow, site, t
     multi-selects), wait for it in the grid, then follow the train task's "MLflow run" link (`make
     mlflow-ui`'s page of that run, with its metrics) and the report task's "Report" link (the comparison
     table). A local[*] job has no Spark application page: no such link. Screenshots: the test's tmp_path."""
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -428,18 +427,10 @@ def test_from_the_trigger_form_to_the_report_and_the_mlflow_run(airflow, site, t
             assert state == "success", airflow["log"].read_text()[-3000:]
 
             def follow(task_id: str, name: str) -> str:
-                """Open the task's Details tab, find its extra link ``name``, open where it points; returns the URL."""
-                browser.get(f"{base}/dags/{DAG_ID}/runs/{run_id}/tasks/{task_id}/details")
-                try:
-                    link = wait.until(expected_conditions.presence_of_element_located((By.LINK_TEXT, name)))
-                except TimeoutException:
-                    browser.save_screenshot(str(tmp_path / f"2-{task_id}-missing.png"))
-                    links = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/links")
-                    pytest.fail(f"no link {name!r} on {browser.current_url}: API {links}")
-                browser.save_screenshot(str(tmp_path / f"2-{task_id}-links.png"))
-                href = link.get_attribute("href")
-                browser.get(href)
-                return href
+                links = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/links"
+                task_page = f"{base}/dags/{DAG_ID}/runs/{run_id}/tasks/{task_id}"
+                shot = tmp_path / f"2-{task_id}-links.png"
+                return follow_extra_link(browser, wait, task_page, name, shot, lambda: api.call("GET", links))
 
             href = follow("train_vgg16", "MLflow run")
             assert href.startswith(f"http://127.0.0.1:{mlflow_port}/#/experiments/"), href

@@ -88,3 +88,25 @@ def type_into(browser, field, value: str) -> None:
         if field.get_attribute("value") == value:
             return
     raise AssertionError(f"{field.get_attribute('name')} holds {field.get_attribute('value')!r}, not {value!r}")
+
+
+def follow_extra_link(browser, wait, task_page: str, name: str, shot: Path, why_missing) -> str:
+    """Open a task's Details tab (``task_page`` + ``/details``, where Airflow lists its extra links), find
+    the link ``name``, screenshot the tab to ``shot`` and open where the link points; returns that URL.
+    A missing link fails the test with a screenshot (``<shot>-missing.png``), the page's text and
+    ``why_missing()`` (e.g. the links as the REST API gives them)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    browser.get(f"{task_page}/details")
+    try:
+        link = wait.until(expected_conditions.presence_of_element_located((By.LINK_TEXT, name)))
+    except TimeoutException:
+        browser.save_screenshot(str(shot.with_name(f"{shot.stem}-missing.png")))
+        text = browser.find_element(By.TAG_NAME, "body").text[:1500]
+        pytest.fail(f"no link {name!r} on {browser.current_url}: {why_missing()}\n{text}")
+    browser.save_screenshot(str(shot))
+    href = link.get_attribute("href")
+    browser.get(href)
+    return href

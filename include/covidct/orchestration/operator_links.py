@@ -35,6 +35,7 @@ from airflow.sdk import BaseOperatorLink
 
 from covidct.core import paths
 from covidct.lifecycle.links import run_url, ui_url
+from covidct.lifecycle.registry import REGISTERED_MODEL
 from covidct.lifecycle.runs import read_info
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ log = logging.getLogger(__name__)
 SPARK_UI_ENV = "COVIDCT_SPARK_UI_URL"
 #: Where the api-server mounts the covidct pages (covidct.orchestration.ui_plugin).
 PAGES_PREFIX = "/covidct"
-REGISTERED_MODEL = "covid-ct"  # covidct.lifecycle.registry's; not imported here (it imports mlflow)
-DECISION_FILE = "promotion.json"  # covidct.lifecycle.promotion's
+DECISION_FILE = "promotion.json"  # covidct.lifecycle.promotion's (not imported: it loads pandas and numpy)
 SPARK_MASTER_UI_PORT = 8080
 #: Where a job records its Spark application: the train job per split, the scoring job once.
 RECORDS = ("metrics.json", "summary.json")
