@@ -80,6 +80,12 @@ def get_spark(
     return spark
 
 
+def application(spark: SparkSession) -> dict[str, str]:
+    """The Spark application a job ran as: ``{"application_id", "master"}``, as its outputs record it (the
+    Airflow task's "Spark application" link reads it back: covidct.orchestration.operator_links)."""
+    return {"application_id": spark.sparkContext.applicationId, "master": spark.sparkContext.master}
+
+
 @contextmanager
 def progress(spark: SparkSession, what: str, every_s: float = 15.0):
     """Log the running Spark stages' task progress every ``every_s`` seconds while a step runs."""

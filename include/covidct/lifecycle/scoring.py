@@ -41,7 +41,7 @@ from covidct.core import paths
 from covidct.core.atomic import atomic_dir, atomic_file
 from covidct.core.errors import CovidctError
 from covidct.core.locks import DEFAULT_WAIT, locked
-from covidct.core.session import get_spark
+from covidct.core.session import application, get_spark
 from covidct.data.dataset import LABEL_NAMES
 from covidct.data.dicom import DICOM_PREPROCESSING, NOTICE, Window
 from covidct.inference import predict
@@ -205,7 +205,7 @@ def score_folder(config: ScoreConfig, spark=None) -> dict:
                 "notice": NOTICE,
             },
             "out": str(config.out),
-            "spark": {"application_id": spark.sparkContext.applicationId, "master": spark.sparkContext.master},
+            "spark": application(spark),
             "timings": {"score_s": round(score_s, 3), "total_s": round(time.monotonic() - started, 3)},
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

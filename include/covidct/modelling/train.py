@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 
 from covidct.core.atomic import atomic_dir
 from covidct.core.errors import CovidctError
-from covidct.core.session import get_spark, progress
+from covidct.core.session import application, get_spark, progress
 from covidct.core.spark_errors import spark_errors
 from covidct.core.versions import library_versions
 from covidct.data import split as splitlib
@@ -254,8 +254,7 @@ def train(
             "n_images": n_images,
             "cache": cache_stats,
             "versions": {"spark": spark.version, **library_versions(("tensorflow", "keras"))},
-            # The Airflow task's "Spark application" link (covidct.orchestration.operator_links).
-            "spark": {"application_id": spark.sparkContext.applicationId, "master": spark.sparkContext.master},
+            "spark": application(spark),
             "data_dir": str(config.data_dir.absolute()),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
