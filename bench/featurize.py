@@ -2,6 +2,7 @@
 
     python bench/featurize.py keras  --backbone VGG16 --images 200 [--repeat 3] [--precision bfloat16]
     python bench/featurize.py spark  --backbone VGG16 --images 200 [--repeat 3] [--master local[2]] [--task-cpus 1]
+                                     [--view body-blank] [--grids]   # what the DAG's train job computes
     python bench/featurize.py poolings --backbone VGG16 --images 200 [--repeat 3] [--poolings avg,avg-b345,avgmax-b345]
     python bench/featurize.py cpu-poolings --backbone VGG16 --images 32 [--repeat 3]   # CPU s/image, no Spark
 
@@ -62,7 +63,7 @@ def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: i
 
 
 def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
-                     task_cpus: int, precision: str) -> dict:  # fmt: skip
+                     task_cpus: int, precision: str, view: str = "full", grids: bool = False) -> dict:  # fmt: skip
     os.environ["COVIDCT_SPARK_MASTER"] = master
     from covidct.core.session import get_spark
     from covidct.features.featurizer import DeepImageFeaturizer
@@ -72,12 +73,14 @@ def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_s
     df = df.cache()
     df.count()  # the bytes are in memory: both paths then start from decoded-nothing, read-nothing
     featurizer = DeepImageFeaturizer(
-        modelName=backbone_name, weights="imagenet", batchSize=batch_size, precision=precision
+        modelName=backbone_name, weights="imagenet", batchSize=batch_size, precision=precision, view=view
     )
+    # grids: what the train job computes (the features and their grids, covidct.features.featurizer.featureRecords)
+    column = featurizer.featureRecords(df) if grids else featurizer.featureArrays(df)
 
     def one_pass() -> float:
         start = time.perf_counter()
-        featurizer.transform(df).select("features").write.format("noop").mode("overwrite").save()
+        df.select(column.alias("f")).write.format("noop").mode("overwrite").save()
         return len(files) / (time.perf_counter() - start)
 
     cold = one_pass()  # Python workers start, import TensorFlow and build the model
@@ -85,7 +88,7 @@ def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_s
     spark.stop()
     return {"path": "spark", "backbone": featurizer.getModelName(), "images": len(files), "rates": rates,
             "median": median(rates), "cold": cold, "master": master, "task_cpus": task_cpus,
-            "precision": precision}  # fmt: skip
+            "precision": precision, "view": view, "grids": grids}  # fmt: skip
 
 
 def spark_poolings(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
@@ -165,6 +168,8 @@ def main() -> int:
     parser.add_argument("--task-cpus", type=int, default=1)
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--poolings", default="avg,avg-b345,avgmax-b345", help="for `poolings`: the first is the base")
+    parser.add_argument("--view", default="full", help="for `spark`: what the backbone sees (the DAG: body-blank)")
+    parser.add_argument("--grids", action="store_true", help="for `spark`: also the grids, as the train job")
     args = parser.parse_args()
     files = sample_images(args.data, args.images)
     if args.path == "keras":
@@ -178,9 +183,8 @@ def main() -> int:
             args.backbone, files, args.repeat, args.batch_size, args.master, poolings, args.precision
         )
     else:
-        result = spark_featurizer(
-            args.backbone, files, args.repeat, args.batch_size, args.master, args.task_cpus, args.precision
-        )
+        result = spark_featurizer(args.backbone, files, args.repeat, args.batch_size, args.master, args.task_cpus,
+                                  args.precision, args.view, args.grids)  # fmt: skip
     print(json.dumps(result))
     return 0
 

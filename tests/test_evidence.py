@@ -109,3 +109,54 @@ def test_the_reports_sentence_names_the_backbones_that_look_off_the_patient():
     assert "covers 80 % of the picture" in text and ": VGG16 put no more of it on the patient" in text
     blank = sentence("official", [row("VGG16", 0.88, "body-blank"), row("VGG19", 0.87, "body-blank")])
     assert "more than evidence spread evenly would" in blank and "black outside the body" in blank
+
+
+def test_the_featurization_pass_keeps_each_images_grid_so_the_evidence_needs_no_second_pass(
+    spark, marks, full_view_run, tmp_path, monkeypatch
+):
+    """With a feature cache the conv block the features average is kept beside them (half precision): the
+    evidence and the maps come from it, equal to the forward pass over the images (the run without a cache);
+    a cache written before grids (no grid columns) falls back to that pass for its images."""
+    import pyarrow.parquet as pq
+
+    from covidct.features.cache import GRID_COLUMNS, FeatureCache
+    from covidct.modelling.runfolder import read_cams
+
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    args = ["train", "--data", str(marks), "--backbone", "VGG16", "--weights", "none", "--split", "official",
+            "--stack-folds", "0", "--tracking", "off"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "cached")]) == 0
+    passed, cached = (json.loads((run / "metrics.json").read_text()) for run in (full_view_run, tmp_path / "cached"))
+    assert cached["accuracy"] == passed["accuracy"] and cached["cache"]["misses"] == cached["n_images"]
+    assert passed["evidence"]["from_grids"] == 0 and cached["evidence"]["from_grids"] == cached["n_test"]
+    files = FeatureCache(tmp_path / "home" / "feature-cache").files(cache_key(cached))
+    assert files and all(set(GRID_COLUMNS) <= set(pq.read_schema(f).names) for f in files)
+
+    def same(run_a, run_b):
+        a, b = (pd.read_parquet(r / "evidence.parquet") for r in (run_a, run_b))
+        assert list(a["relpath"]) == list(b["relpath"]) and len(a) == cached["n_test"]
+        np.testing.assert_allclose(a["evidence_inside_body"], b["evidence_inside_body"], atol=2e-3)
+        np.testing.assert_allclose(a["body_share"], b["body_share"], atol=1e-6)
+        maps_a, maps_b = read_cams(run_a / "cams.parquet"), read_cams(run_b / "cams.parquet")
+        assert maps_a.keys() == maps_b.keys() == set(a["relpath"])
+        for relpath, m in maps_a.items():
+            assert m.shape == (7, 7)  # VGG16's conv grid
+            np.testing.assert_allclose(m, maps_b[relpath], rtol=0, atol=2e-3 * np.abs(maps_b[relpath]).max())
+
+    same(tmp_path / "cached", full_view_run)
+
+    # A cache from before grids: the same features without the grid columns; the evidence takes the pass.
+    for file in files:
+        pq.write_table(pq.read_table(file).drop_columns(list(GRID_COLUMNS)), file)
+        file.with_name(file.name + ".sha256").unlink()  # an older file: checked by reading it whole
+    assert main([*args, "--out", str(tmp_path / "older")]) == 0
+    older = json.loads((tmp_path / "older" / "metrics.json").read_text())
+    assert older["cache"]["misses"] == 0 and older["evidence"]["from_grids"] == 0
+    same(tmp_path / "older", full_view_run)
+
+
+def cache_key(metrics: dict):
+    from covidct.features.cache import CacheKey
+
+    return CacheKey(metrics["backbone"], metrics["weights_id"], metrics["pooling"], metrics["precision"],
+                    metrics["preprocessing"])  # fmt: skip

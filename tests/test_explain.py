@@ -272,3 +272,37 @@ def test_report_gallery_reuses_the_maps_of_the_same_models_and_images(patch_runs
         first / "vgg16" / "model"
     )
     assert gallery_of(other, tmp_path / "r3")[0]["cached"] is False
+
+
+def test_report_gallery_draws_the_maps_the_train_job_recorded_equal_to_a_pass_over_the_images(
+    patch_runs, tmp_path, monkeypatch
+):
+    """The train job recorded every test image's CAM (cams.parquet, from the featurization pass's grids): the
+    report draws those without a Spark pass; a run folder without them gets the pass; the maps agree."""
+    from covidct.reporting import gallery
+    from covidct.reporting.report import build_report
+
+    run = patch_runs["first"]
+    older = tmp_path / "older"  # the same run as one written before cams.parquet existed
+    shutil.copytree(run, older)
+    (older / "vgg16" / "cams.parquet").unlink()
+
+    def gallery_of(folder: Path, name: str) -> dict:
+        monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / f"home-{name}"))  # each its own (empty) gallery cache
+        report = build_report([folder], out=tmp_path / name, n_resamples=20, gallery=2)
+        return json.loads(report.summary_json.read_text())["splits"]["random70"]["gallery"]
+
+    with monkeypatch.context() as m:
+        m.setattr(gallery, "_draw", lambda *a, **k: pytest.fail("the gallery made a pass over the images"))
+        recorded = gallery_of(run, "recorded")
+    passed = gallery_of(older, "passed")
+    assert recorded["methods"] == passed["methods"] == {"VGG16": "CAM"} and recorded["reason"] is None
+    shown = [(c, i) for c, cat in recorded["categories"].items() for i in cat["images"]]
+    assert len(shown) >= 4
+    for key, image in shown:
+        twin = next(i for i in passed["categories"][key]["images"] if i["relpath"] == image["relpath"])
+        assert image["probability"] == pytest.approx(twin["probability"], abs=1e-6)
+        ours, theirs = (np.load(tmp_path / n / i["npy"][0]) for n, i in (("recorded", image), ("passed", twin)))
+        assert ours.shape == theirs.shape == (7, 7)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-3 * np.abs(theirs).max())
+        assert (tmp_path / "recorded" / image["png"]).is_file()

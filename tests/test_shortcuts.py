@@ -5,6 +5,7 @@ writes them, for the synthetic datasets of ``tests/synthetic.py``."""
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -89,9 +90,9 @@ def test_the_cue_table_is_cached_reused_and_rebuilt_when_corrupt(marked, tmp_pat
     build = cuelib.build_cues
     monkeypatch.setattr(cuelib, "build_cues", lambda *a, **k: built.append(1) or build(*a, **k))
     first = cuelib.load_cues(marked)
-    [cached] = (tmp_path / "home" / "cues").iterdir()
+    cached = cuelib.cache_path(cuelib.dataset_digest(marked, load_manifest(marked)))
     assert built == [1] and len(first) == 48
-    assert cached == cuelib.cache_path(cuelib.dataset_digest(marked, load_manifest(marked)))
+    assert sorted((tmp_path / "home" / "cues").iterdir()) == sorted([cached, cuelib.pictures_path()])
     pd.testing.assert_frame_equal(cuelib.load_cues(marked), first)
     assert built == [1]  # reused
     cached.write_bytes(b"PAR1 torn write")
@@ -100,7 +101,24 @@ def test_the_cue_table_is_cached_reused_and_rebuilt_when_corrupt(marked, tmp_pat
     pd.testing.assert_frame_equal(pd.read_parquet(cached), first)  # and cached again
     monkeypatch.setattr(cuelib, "CUES_VERSION", "cues-v-next")
     cuelib.load_cues(marked)
-    assert built == [1, 1, 1] and len(list((tmp_path / "home" / "cues").iterdir())) == 2  # another version
+    assert built == [1, 1, 1] and len(list((tmp_path / "home" / "cues").iterdir())) == 4  # another version
+
+
+def test_a_dataset_that_gains_images_decodes_only_those_for_its_cue_table(marked, tmp_path, monkeypatch):
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
+    data = tmp_path / "grown"
+    shutil.copytree(marked, data)
+    before = cuelib.load_cues(data)
+    source = next((data / "CT_COVID").iterdir())
+    with Image.open(source) as img:
+        img.convert("RGB").point(lambda v: min(v + 9, 255)).save(data / "CT_COVID" / "grown-new.png")
+    decoded = []
+    picture_cues = cuelib.picture_cues
+    monkeypatch.setattr(cuelib, "picture_cues", lambda data, name, *a: decoded.append(name) or picture_cues(data, name))
+    after = cuelib.load_cues(data)
+    assert decoded == ["CT_COVID/grown-new.png"] and len(after) == len(before) + 1
+    monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "empty-home"))  # from scratch: the same table
+    pd.testing.assert_frame_equal(cuelib.load_cues(data), after)
 
 
 # --------------------------------------------------------------------------- the baselines

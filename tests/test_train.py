@@ -29,6 +29,7 @@ def single_run(spark, small_dataset, tmp_path_factory):
 
 def test_writes_metrics_model_and_predictions(single_run):
     assert sorted(p.name for p in single_run.iterdir()) == [
+        "cams.parquet",
         "evidence.parquet",
         "metrics.json",
         "model",
@@ -99,6 +100,25 @@ def test_several_splits_share_one_featurization_through_the_cache(spark, small_d
     assert main(args) == 0
     m = json.loads((out / "random70" / "metrics.json").read_text())
     assert m["cache"]["misses"] == 0 and m["cache"]["hits"] == 24
+
+
+def test_official_clean_takes_officials_lr_the_one_it_would_fit_itself(spark, small_dataset, tmp_path):
+    """official-clean leaves official's test images out, never its training images: the same LR, fitted once."""
+    from pyspark.ml import PipelineModel
+
+    cache = str(tmp_path / "cache")
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert main(train_args(small_dataset, both, "--split", "official,official-clean", "--cache-dir", cache)) == 0
+    assert main(train_args(small_dataset, alone, "--split", "official-clean", "--cache-dir", cache)) == 0
+    shared = json.loads((both / "official-clean" / "metrics.json").read_text())
+    own = json.loads((alone / "metrics.json").read_text())
+    assert shared["lr_from"] == "official" and own["lr_from"] is None
+    assert json.loads((both / "official" / "metrics.json").read_text())["lr_from"] is None
+    lrs = [PipelineModel.load(str(folder / "model")).stages[1] for folder in (both / "official-clean", alone)]
+    assert lrs[0].coefficients == lrs[1].coefficients and lrs[0].intercept == lrs[1].intercept
+    assert {k: shared[k] for k in ("n_train", "n_test", "accuracy", "auc")} == {
+        k: own[k] for k in ("n_train", "n_test", "accuracy", "auc")
+    }
 
 
 def test_undecodable_image_fails_cleanly_and_leaves_no_output(spark, small_dataset, tmp_path, capsys):

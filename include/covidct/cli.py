@@ -90,8 +90,9 @@ def _add_train(sub) -> None:
         "--evidence",
         choices=["on", "off"],
         default="on",
-        help="the share of each model's evidence that lies inside the body, over the test images "
-        "(one more pass over them; avg pooling only)",
+        help="the share of each model's evidence that lies inside the body, over the test images, and their maps "
+        "(from the conv blocks the featurization pass keeps in the feature cache; without a cache, one more pass "
+        "over the test images; avg pooling only)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per Keras forward pass")
     p.add_argument("--max-iter", type=int, default=20)

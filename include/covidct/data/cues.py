@@ -20,6 +20,8 @@ channels (0 for a grey picture).
 It costs some 50 ms per image and view, so the table is cached under ``$COVIDCT_HOME/cues/``, keyed
 by the dataset's digest (``manifest.dataset_digest``: the images by content, their labels and the split
 lists) and by the versions of the cues, the views and the decoding; an unreadable cache file is rebuilt.
+Beside the tables, every picture's statistics so far by its file's sha256 (``pictures_path``): a dataset
+that gains images (the weekly retrain) decodes only those.
 """
 
 from __future__ import annotations
@@ -124,21 +126,39 @@ def _image_cues(row: dict, path: Path) -> dict | None:
         return None
 
 
-def build_cues(data_dir: str | Path, manifest: pd.DataFrame | None = None, workers: int | None = None) -> pd.DataFrame:
-    """The cue table of ``data_dir`` (in a few threads); images that do not decode are left out."""
+def build_cues(
+    data_dir: str | Path,
+    manifest: pd.DataFrame | None = None,
+    workers: int | None = None,
+    known: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The cue table of ``data_dir`` (in a few threads); images that do not decode are left out.
+
+    ``known``: ``sha256`` and the pixel columns of pictures computed before (``picture_table``): their
+    pictures are not decoded again.
+    """
     manifest = load_manifest(data_dir) if manifest is None else manifest
     files = {rel: path for rel, path, _ in image_files(data_dir)}
     decoded = manifest[manifest["decode_error"].isna() & manifest["relpath"].isin(files.keys())]
-    rows = decoded[["relpath", "label", "split", *FILE_COLUMNS]].to_dict("records")
+    rows = decoded[["relpath", "label", "split", *FILE_COLUMNS, "sha256"]].to_dict("records")
+    pixels = [c for v in VIEWS for c in pixel_columns(v)]
+    seen = {} if known is None else {r["sha256"]: r for r in known[["sha256", *pixels]].to_dict("records")}
+    todo = [row for row in rows if row["sha256"] not in seen]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = list(pool.map(lambda row: _image_cues(row, files[row["relpath"]]), rows))
-    table = pd.DataFrame([r for r in found if r is not None], columns=list(COLUMNS))
+        found = {row["relpath"]: row for row in pool.map(lambda row: _image_cues(row, files[row["relpath"]]), todo)
+                 if row is not None}  # fmt: skip
+    done = [found.get(row["relpath"]) or ({**seen[row["sha256"]], **row} if row["sha256"] in seen else None)
+            for row in rows]  # fmt: skip
+    table = pd.DataFrame([r for r in done if r is not None], columns=[*COLUMNS, "sha256"])
     table = table.sort_values("relpath", kind="stable").reset_index(drop=True)
     for column in FILE_NUMBERS:
         table[column] = table[column].astype("float64")
     table["label"] = table["label"].astype("int64")
-    log.info("cues of %s: %d images, %d that do not decode left out", data_dir, len(table), len(manifest) - len(table))
+    log.info("cues of %s: %d images (%d decoded now, the others' from earlier tables), %d that do not decode left "
+             "out", data_dir, len(table), len(todo), len(manifest) - len(table))  # fmt: skip
+    if known is None:
+        return table[list(COLUMNS)]
     return table
 
 
@@ -148,7 +168,7 @@ def cache_path(digest: str) -> Path:
     return paths.home() / CACHE_FOLDER / f"{key[:40]}.parquet"
 
 
-def _read_cached(path: Path) -> pd.DataFrame | None:
+def _read_cached(path: Path, columns: tuple[str, ...] = COLUMNS) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
@@ -156,14 +176,21 @@ def _read_cached(path: Path) -> pd.DataFrame | None:
     except Exception as exc:  # noqa: BLE001 - any unreadable cache file is rebuilt
         log.warning("the cached cues %s cannot be read (%s): rebuilding them", path, exc)
         return None
-    if list(table.columns) != list(COLUMNS):
+    if list(table.columns) != list(columns):
         log.warning("the cached cues %s are not this covidct's table: rebuilding them", path)
         return None
     return table
 
 
+def pictures_path() -> Path:
+    """Every picture's statistics computed so far, by the sha256 of its file (this version of the cues, views and
+    decoding): a dataset that gains images decodes only those."""
+    return cache_path("pictures")
+
+
 def load_cues(data_dir: str | Path, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The cue table of ``data_dir``: from the cache where the same dataset's table is there, else built and cached.
+    """The cue table of ``data_dir``: from the cache where the same dataset's table is there, else built (decoding
+    only the pictures no earlier table had: ``pictures_path``) and cached.
 
     ``manifest``: the dataset's (``load_manifest(data_dir)`` where not given).
     """
@@ -173,11 +200,18 @@ def load_cues(data_dir: str | Path, manifest: pd.DataFrame | None = None) -> pd.
     if table is not None:
         log.info("cues of %s from %s", data_dir, path)
         return table
-    table = build_cues(data_dir, manifest)
+    pictures, columns = pictures_path(), ["sha256", *(c for v in VIEWS for c in pixel_columns(v))]
+    known = _read_cached(pictures, tuple(columns))
+    known = pd.DataFrame(columns=columns) if known is None else known
+    found = build_cues(data_dir, manifest, known=known)
+    table = found[list(COLUMNS)]
+    parts = [frame for frame in (known, found[columns]) if len(frame)]
+    merged = pd.concat(parts, ignore_index=True).drop_duplicates("sha256") if parts else found[columns]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:
-            table.to_parquet(tmp, index=False)
+        for target, frame in ((path, table), (pictures, merged.reset_index(drop=True))):
+            with atomic_file(target) as tmp:
+                frame.to_parquet(tmp, index=False)
     except OSError as exc:  # a read-only home: the table is still good
         log.warning("cannot cache the cues in %s: %s", path, exc)
     return table

@@ -3,10 +3,15 @@
 Layout::
 
     CACHE/<backbone>/<weights identity>/<pooling>/<precision>/<preprocessing>/*.parquet
-        columns: sha256 (of the image file), features (array<float>)
+        columns: sha256 (of the image file), features (array<float>),
+                 and for avg pooling grid, grid_shape, inside (covidct.features.workers.Grid: the last conv
+                 block the features average, and its cells' shares inside the body)
 
 A run featurizes only the images whose sha256 is missing under its key and reuses
-the rest. Other weights, pooling, precision or preprocessing live under another key, so stale
+the rest. The grids are what each model's class activation maps are computed from (the evidence-inside-body
+share, the report's gallery) without a second pass over the images; reading the features reads no grid
+(Parquet reads only the columns asked for). Rows written before grids existed have none (null): their maps
+take a forward pass. Other weights, pooling, precision or preprocessing live under another key, so stale
 features are never reused (``preprocessing``: ``covidct.data.image.preprocessing_id``, the decoding's
 version, the view of the picture and flips). New features are written by Spark into a hidden staging
 folder and then renamed into place file by file; Spark's readers skip hidden files and
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from covidct.core import paths
 from covidct.core.atomic import write_text_atomic
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "COVIDCT_CACHE_DIR"
 CHECKSUM_SUFFIX = ".sha256"
 SCHEMA = "sha256 string, features array<float>"
+GRID_SCHEMA = "sha256 string, grid binary, grid_shape array<int>, inside array<float>"
+GRID_COLUMNS = ("grid", "grid_shape", "inside")
 STALE_STAGING_S = 24 * 3600
 
 
@@ -85,6 +93,33 @@ class FeatureCache:
         df = spark.read.schema(SCHEMA).option("ignoreCorruptFiles", "true").parquet(*[f.as_uri() for f in files])
         return df.dropDuplicates(["sha256"])
 
+    def read_grids(self, spark: SparkSession, key: CacheKey) -> DataFrame | None:
+        """Cached ``sha256, grid, grid_shape, inside`` under ``key`` of the images that have a grid, or None.
+
+        Not deduplicated (that would shuffle every grid, hundreds of KB each): an image written twice (two runs
+        at once) has two equal rows; join it with what you need, then keep one result per image."""
+        files = self.files(key)
+        if not files:
+            return None
+        df = spark.read.schema(GRID_SCHEMA).option("ignoreCorruptFiles", "true").parquet(*[f.as_uri() for f in files])
+        return df.filter(F.col("grid_shape").isNotNull())
+
+    def grid_shas(self, key: CacheKey) -> set[str]:
+        """The sha256 of every image cached under ``key`` with its grid (pyarrow, no Spark job; see ``shas``)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        found: set[str] = set()
+        for file in self.files(key):
+            try:
+                if "grid_shape" not in pq.read_schema(file).names:
+                    continue  # written before grids
+                table = pq.read_table(file, columns=["sha256", "grid_shape"])
+                found.update(table.filter(pc.is_valid(table.column("grid_shape"))).column("sha256").to_pylist())
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                log.warning("feature cache: skipping unreadable %s (%s)", file, exc)
+        return found
+
     def shas(self, key: CacheKey) -> set[str]:
         """The sha256 of every image cached under ``key``: the files' ``sha256`` column, read here, no Spark job.
 
@@ -101,7 +136,8 @@ class FeatureCache:
         return found
 
     def write(self, features: DataFrame, key: CacheKey) -> int:
-        """Add ``sha256, features`` rows under ``key``; returns the number of files published.
+        """Add ``sha256, features`` rows (and their grids, where ``features`` has them) under ``key``; returns
+        the number of files published.
 
         On a full disk: a ``NoSpaceError`` naming the filesystem; the files published before stay whole.
         """
@@ -111,7 +147,8 @@ class FeatureCache:
             self._remove_stale_staging(folder)
             staging = folder / f".staging-{uuid.uuid4().hex}"
             try:
-                features.select("sha256", "features").write.parquet(staging.as_uri())
+                columns = ["sha256", "features", *(c for c in GRID_COLUMNS if c in features.columns)]
+                features.select(*columns).write.parquet(staging.as_uri())
                 run = uuid.uuid4().hex[:12]
                 published = 0
                 for part in sorted(staging.glob("part-*.parquet")):

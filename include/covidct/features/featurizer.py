@@ -240,6 +240,18 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
 
     def featureArrays(self, dataset: DataFrame) -> Column:
         """The features as ``array<float>`` (compact; what the feature cache stores)."""
+        return self._udf(dataset, grids=False)
+
+    def featureRecords(self, dataset: DataFrame) -> Column:
+        """``struct<features, grid, grid_shape, inside>``: the features and, from the same forward pass, what any
+        LR's class activation map on them is computed from (``covidct.features.workers.Grid``: the last conv
+        block, half precision, and each cell's share inside the body). ``avg`` pooling only; what the feature
+        cache stores, so that the evidence and the report's maps need no second pass over the images."""
+        if self.getPooling() != "avg":
+            raise ValueError(f"grids exist for avg pooling only, not {self.getPooling()}")
+        return self._udf(dataset, grids=True)
+
+    def _udf(self, dataset: DataFrame, grids: bool) -> Column:
         self.featureDim()  # on the driver: a pooling the backbone lacks fails here, not in a worker
         input_col = self.getInputCol()
         if input_col not in dataset.columns:
@@ -256,17 +268,9 @@ class DeepImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsR
             )
         bound_arrow_batches(dataset, self.getBatchSize())
         names = F.col("path") if "path" in dataset.columns else F.lit(None).cast("string")
-        udf = _featurize_udf(
-            kind,
-            self.getModelName(),
-            self.getWeights(),
-            self.getPooling(),
-            self.getPrecision(),
-            self.getBatchSize(),
-            self.getSeed(),
-            self.getView(),
-            self.getFlips(),
-        )
+        params = (kind, self.getModelName(), self.getWeights(), self.getPooling(), self.getPrecision(),
+                  self.getBatchSize(), self.getSeed(), self.getView(), self.getFlips())  # fmt: skip
+        udf = _records_udf(*params) if grids else _featurize_udf(*params)
         return udf(F.col(input_col), names)
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
@@ -282,5 +286,25 @@ def _featurize_udf(
         model = worker_model(model_name, weights, pooling, seed, precision)
         for images, names in batches:
             yield pd.Series(list(model.features(images, names, kind, batch_size, view, flips)))
+
+    return featurize
+
+
+RECORD_SCHEMA = "features array<float>, grid binary, grid_shape array<int>, inside array<float>"
+
+
+def _records_udf(
+    kind: str, model_name: str, weights: str, pooling: str, precision: str, batch_size: int, seed: int, view: str,
+    flips: bool,
+):  # fmt: skip
+    @F.pandas_udf(RECORD_SCHEMA)
+    def featurize(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        model = worker_model(model_name, weights, pooling, seed, precision)
+        for images, names in batches:
+            feats, grids = model.features_and_grids(images, names, kind, batch_size, view, flips)
+            records = [g.to_record() for g in grids]
+            yield pd.DataFrame({"features": list(feats), "grid": [r["grid"] for r in records],
+                                "grid_shape": [r["grid_shape"] for r in records],
+                                "inside": [r["inside"] for r in records]})  # fmt: skip
 
     return featurize

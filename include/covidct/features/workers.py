@@ -14,6 +14,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -33,6 +34,30 @@ MAX_ARROW_ROWS = 256
 MAX_KEPT = 2
 
 T = TypeVar("T")
+
+#: How a grid's conv block is stored: half precision (a map is drawn in 8-bit colour; 11 significant bits
+#: keep a CAM within ~0.1 % of its float32 value) halves the feature cache's size.
+GRID_DTYPE = np.float16
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One image's last conv block ``(h, w, C)`` (``GRID_DTYPE``) and each grid cell's share inside the body
+    (``(h, w)``, ``covidct.data.body.grid_share`` of the very picture the backbone saw)."""
+
+    conv: np.ndarray
+    inside: np.ndarray
+
+    def to_record(self) -> dict:
+        h, w, c = self.conv.shape
+        return {"grid": self.conv.tobytes(), "grid_shape": [h, w, c],
+                "inside": self.inside.astype(np.float32).ravel()}  # fmt: skip
+
+    @classmethod
+    def from_record(cls, grid: bytes, shape, inside) -> Grid:
+        h, w, c = (int(v) for v in shape)
+        conv = np.frombuffer(grid, dtype=GRID_DTYPE).reshape(h, w, c)
+        return cls(conv, np.asarray(inside, dtype=np.float32).reshape(h, w))
 
 
 class WorkerCache(Generic[T]):
@@ -104,6 +129,7 @@ class WorkerModel:
         self.dim = backbone.feature_dim(pooling)
         self.pooling = pooling
         self._conv = None
+        self._both = None
 
     def conv_block(self, x: np.ndarray) -> np.ndarray:
         """The last conv block ``(n, h, w, C)`` of preprocessed inputs (``avg`` pooling: what it averages)."""
@@ -137,6 +163,40 @@ class WorkerModel:
                 feats = (feats + mirrored) / 2
             out[start:stop] = feats
         return out
+
+    def features_and_grids(
+        self, images, names: pd.Series, kind: str, batch_size: int, view: str = FULL, flips: bool = False
+    ) -> tuple[np.ndarray, list[Grid]]:
+        """``features`` (the same values) and, from the same forward pass, each image's ``Grid``: what its class
+        activation map under any LR on these features is computed from (``avg`` pooling only)."""
+        from covidct.data.body import body_mask, grid_share
+
+        if self.pooling != "avg":
+            raise ValueError(f"grids exist for avg pooling only, not {self.pooling}")
+        if self._both is None:
+            import keras
+
+            self._both = keras.Model(self.model.inputs, [self.model.layers[-1].input, self.model.output],
+                                     name=self.model.name + "_grids")  # fmt: skip
+        rows = images.to_dict("records") if kind == "struct" else list(images)
+        names = [n if isinstance(n, str) else f"row {i}" for i, n in enumerate(names)]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        grids: list[Grid] = []
+        for start in range(0, len(rows), batch_size):
+            stop = min(start + batch_size, len(rows))
+            pictures = np.stack([self.decode(rows[i], names[i], kind, view) for i in range(start, stop)])
+            masks = [body_mask(p).mask for p in pictures]
+            x = self.preprocess(pictures.copy())
+            conv, feats = self._both.predict_on_batch(x)
+            conv, feats = np.asarray(conv, dtype=np.float32), np.asarray(feats, dtype=np.float32)
+            if flips:  # the mirror image's block, mirrored back: the features' mean is this block's mean
+                mirrored_conv, mirrored = self._both.predict_on_batch(x[:, :, ::-1, :].copy())
+                conv = (conv + np.asarray(mirrored_conv, dtype=np.float32)[:, :, ::-1, :]) / 2
+                feats = (feats + np.asarray(mirrored, dtype=np.float32)) / 2
+            out[start:stop] = feats
+            shape = conv.shape[1:3]
+            grids.extend(Grid(c.astype(GRID_DTYPE), grid_share(m, shape)) for c, m in zip(conv, masks, strict=True))
+        return out, grids
 
 
 def _multi_layer_model(keras, base, blocks: tuple[tuple[str, int], ...], pooling: str):

@@ -90,14 +90,29 @@ def write_explanations(
         udf = _render_udf(str(staging), str(out), max_side)
         with spark_errors():
             rows = joined.select("path", udf("image", "path", "name", "spec").alias("f")).collect()
-        (staging / MANIFEST).write_text(
-            json.dumps(
-                {"created_at": datetime.now(UTC).isoformat(timespec="seconds"), "images": len(rows), **(about or {})},
-                indent=2,
-            )
-            + "\n"
-        )
+        _write_manifest(staging, len(rows), about)
     return {r.path: (Path(r.f.png), [Path(p) for p in r.f.npy]) for r in rows}
+
+
+def write_explanations_here(
+    items: list[Item], out: Path, *, max_side: int | None = None, about: dict | None = None
+) -> dict[str, tuple[Path, list[Path]]]:
+    """``write_explanations`` for a few local images whose maps are known, drawn in this process (no Spark)."""
+    out = Path(out).expanduser().absolute()
+    check_out_dir(out)
+    written = {}
+    with atomic_dir(out, what="explain") as staging:
+        for item in items:
+            spec = json.loads(json.dumps(_spec(item)))
+            png, npys = _draw_one(local_path(item.path).read_bytes(), item.path, item.name, spec, staging, max_side)
+            written[item.path] = (out / png, [out / n for n in npys])
+        _write_manifest(staging, len(items), about)
+    return written
+
+
+def _write_manifest(staging: Path, images: int, about: dict | None) -> None:
+    manifest = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"), "images": images, **(about or {})}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _spec(item: Item) -> dict:

@@ -10,8 +10,10 @@ and the resize). 1.0: all the evidence lies on the patient; a share near the bod
 picture (``body_share``, recorded beside it): the model looks everywhere alike; lower: it looks at
 the margins, borders or labels.
 
-One pass over the test images in the workers, with every split's LR at once (the conv block is
-computed once per image); the driver collects one number per image and split. Other poolings have
+Every split's LR at once, in the workers, from each test image's last conv block: the one the featurization
+pass computed and the feature cache keeps beside the features (``covidct.features.workers.Grid``), or, for an
+image without one (a feature cache written before grids, no cache), a forward pass over the image. The driver
+collects one number and one small map (the conv grid's cells) per image and split. Other poolings have
 no exact CAM: no share (``None``).
 """
 
@@ -28,12 +30,14 @@ from pyspark.sql import functions as F
 from covidct.core.spark_errors import spark_errors
 from covidct.data.body import BODY_VERSION, body_mask, grid_share
 from covidct.features.featurizer import DeepImageFeaturizer
-from covidct.features.workers import bound_arrow_batches, worker_model
+from covidct.features.workers import Grid, bound_arrow_batches, worker_model
 
 log = logging.getLogger(__name__)
 
 METHOD = "CAM"
 BODY_SHARE = "body_share"
+#: Per image: the models' shares then the body's share of the picture; the models' maps (h, w, k) flattened.
+RESULT_SCHEMA = "shares array<double>, cams array<float>, h int, w int"
 
 
 def shares(cams: np.ndarray, intercepts: np.ndarray, inside: np.ndarray) -> np.ndarray:
@@ -51,22 +55,41 @@ def shares(cams: np.ndarray, intercepts: np.ndarray, inside: np.ndarray) -> np.n
         return np.where(total > 0, inner / total, np.nan)
 
 
-def evidence_inside_body(df: DataFrame, featurizer: DeepImageFeaturizer, models: dict[str, tuple]) -> pd.DataFrame:
-    """``relpath``, ``body_share`` (of the picture) and one column per model: each image's evidence share inside
-    the body.
+def evidence_inside_body(
+    featurizer: DeepImageFeaturizer,
+    models: dict[str, tuple],
+    images: DataFrame | None = None,
+    grids: DataFrame | None = None,
+) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """``(frame, maps)``: ``frame`` has ``relpath``, ``body_share`` (of the picture) and one column per model, each
+    image's evidence share inside the body; ``maps[model][relpath]`` is the model's CAM ``(h, w)`` of the image
+    (what the report's gallery draws).
 
-    ``df``: ``path, relpath, image`` (file bytes); ``models``: ``{name: (coefficients, intercept)}`` of LRs
-    on ``featurizer``'s features (``avg`` pooling).
+    ``models``: ``{name: (coefficients, intercept)}`` of LRs on ``featurizer``'s features (``avg`` pooling).
+    ``grids``: ``relpath, grid, grid_shape, inside`` from the featurization pass (the feature cache): no forward
+    pass. ``images``: ``path, relpath, image`` (file bytes) of images without a grid: one forward pass each.
     """
     names = list(models)
     coefs = np.stack([np.asarray(models[n][0], dtype=np.float64) for n in names], axis=1)  # (C, k)
     intercepts = np.asarray([float(models[n][1]) for n in names])
-    bound_arrow_batches(df, featurizer.getBatchSize())
-    udf = _shares_udf(featurizer, coefs, intercepts)
+    parts = []
+    if grids is not None:
+        udf = _grid_shares_udf(coefs, intercepts)
+        parts.append(grids.select("relpath", udf("grid", "grid_shape", "inside").alias("s")))
+    if images is not None:
+        bound_arrow_batches(images, featurizer.getBatchSize())
+        udf = _shares_udf(featurizer, coefs, intercepts)
+        parts.append(images.select("relpath", udf(F.col(featurizer.getInputCol()), F.col("path")).alias("s")))
     with spark_errors():
-        rows = df.select("relpath", udf(F.col(featurizer.getInputCol()), F.col("path")).alias("s")).collect()
-    frame = pd.DataFrame([[r.relpath, *r.s] for r in rows], columns=["relpath", *names, BODY_SHARE])
-    return frame.sort_values("relpath", kind="stable").reset_index(drop=True)
+        rows = [row for part in parts for row in part.collect()]
+    rows = list({r.relpath: r for r in rows}.values())  # one per image (a grid cached twice gives two equal rows)
+    frame = pd.DataFrame([[r.relpath, *r.s.shares] for r in rows], columns=["relpath", *names, BODY_SHARE])
+    maps = {
+        name: {r.relpath: np.asarray(r.s.cams, dtype=np.float32).reshape(r.s.h, r.s.w, len(names))[..., k]
+               for r in rows}
+        for k, name in enumerate(names)
+    }  # fmt: skip
+    return frame.sort_values("relpath", kind="stable").reset_index(drop=True), maps
 
 
 def summarize(values: pd.Series, body_share: pd.Series) -> dict:
@@ -93,8 +116,8 @@ def _shares_udf(featurizer: DeepImageFeaturizer, coefs: np.ndarray, intercepts: 
     )
     view, flips, batch_size = featurizer.getView(), featurizer.getFlips(), featurizer.getBatchSize()
 
-    @F.pandas_udf("array<double>")
-    def evidence(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
+    @F.pandas_udf(RESULT_SCHEMA)
+    def evidence(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         model = worker_model(*params)
         for images, paths in batches:
             rows, out = list(images), []
@@ -107,9 +130,29 @@ def _shares_udf(featurizer: DeepImageFeaturizer, coefs: np.ndarray, intercepts: 
                     conv = (conv + model.conv_block(x[:, :, ::-1, :].copy()).astype(np.float64)[:, :, ::-1, :]) / 2
                 grid = conv.shape[1:3]
                 inside = np.stack([grid_share(body_mask(p).mask, grid) for p in pictures])
-                cams = np.tensordot(conv, coefs, axes=([3], [0]))  # (n, h, w, k)
-                found = shares(cams, intercepts, inside)
-                out.extend(np.concatenate([found, inside.mean(axis=(1, 2))[:, None]], axis=1).tolist())
-            yield pd.Series(out)
+                out.extend(_results(conv, inside, coefs, intercepts))
+            yield pd.DataFrame(out)
+
+    return evidence
+
+
+def _results(conv: np.ndarray, inside: np.ndarray, coefs: np.ndarray, intercepts: np.ndarray) -> list[dict]:
+    """``RESULT_SCHEMA`` rows of a batch: ``conv`` (n, h, w, C) float64, ``inside`` (n, h, w)."""
+    cams = np.tensordot(conv, coefs, axes=([3], [0]))  # (n, h, w, k)
+    found = shares(cams, intercepts, inside)
+    values = np.concatenate([found, inside.mean(axis=(1, 2))[:, None]], axis=1)
+    h, w = conv.shape[1:3]
+    return [{"shares": v.tolist(), "cams": c.astype(np.float32).ravel(), "h": h, "w": w}
+            for v, c in zip(values, cams, strict=True)]  # fmt: skip
+
+
+def _grid_shares_udf(coefs: np.ndarray, intercepts: np.ndarray):
+    @F.pandas_udf(RESULT_SCHEMA)
+    def evidence(grids: pd.Series, shapes: pd.Series, insides: pd.Series) -> pd.DataFrame:
+        out = []
+        for grid, shape, inside in zip(grids, shapes, insides, strict=True):
+            found = Grid.from_record(grid, shape, inside)
+            out.extend(_results(found.conv.astype(np.float64)[None], found.inside[None], coefs, intercepts))
+        return pd.DataFrame(out)
 
     return evidence

@@ -5,6 +5,8 @@ A train job's ``OUT`` (one split; with several, one such folder per split, ``OUT
     metrics.json          the split's metrics (``backbone`` and ``split`` fields inside)
     predictions.parquet   one row per test image: PREDICTIONS_COLUMNS (Spark's folder layout)
     oof.parquet           out-of-fold predictions on the training images (for the stacked ensemble)
+    evidence.parquet      each test image's evidence share inside the body (avg pooling)
+    cams.parquet          each test image's class activation map at the conv grid (avg pooling): CAMS_COLUMNS
     model/                the PipelineModel (featurizer + LR)
     random70-seeds/       seeds.json + predictions.parquet (+ oof.parquet) with ``--seeds``
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from covidct.core.errors import CovidctError
@@ -29,6 +32,9 @@ OOF = "oof.parquet"
 MODEL = "model"
 SEEDS = "seeds.json"
 SEEDS_DIR = "random70-seeds"
+CAMS_FILE = "cams.parquet"
+#: cams.parquet's columns: the map (row-major, float32) of the image at relpath, its grid's rows and columns.
+CAMS_COLUMNS = ("relpath", "map", "map_h", "map_w")
 #: Folders that never hold results (models, a Spark-written predictions folder, an ensemble's member copies).
 SKIP_DIRS = {MODEL, PREDICTIONS, "members"}
 #: predictions.parquet's columns, with the types Spark's writer gave them.
@@ -106,3 +112,28 @@ def write_predictions(frame: pd.DataFrame, folder: Path) -> Path:
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-00000.parquet")
     return folder
+
+
+def write_cams(maps: dict[str, np.ndarray], file: Path) -> Path:
+    """``cams.parquet``: ``{relpath: (h, w) map}`` as CAMS_COLUMNS rows, sorted by relpath."""
+    rows = sorted(maps.items())
+    frame = pd.DataFrame(
+        {
+            "relpath": [r for r, _ in rows],
+            "map": [np.asarray(m, dtype=np.float32).ravel() for _, m in rows],
+            "map_h": [int(m.shape[0]) for _, m in rows],
+            "map_w": [int(m.shape[1]) for _, m in rows],
+        },
+        columns=list(CAMS_COLUMNS),
+    )
+    frame.to_parquet(file, index=False)
+    return file
+
+
+def read_cams(file: Path) -> dict[str, np.ndarray]:
+    """``{relpath: (h, w) float32 map}`` from a ``cams.parquet``."""
+    frame = pd.read_parquet(file, columns=list(CAMS_COLUMNS))
+    return {
+        r.relpath: np.asarray(r.map, dtype=np.float32).reshape(int(r.map_h), int(r.map_w))
+        for r in frame.itertuples(index=False)
+    }

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,11 +45,11 @@ from covidct.data.body import FULL, VIEWS
 from covidct.data.dataset import image_path, load_images
 from covidct.data.manifest import MANIFEST_NAME, fresh_manifest
 from covidct.features.backbone import PRECISIONS, get_backbone, is_random, normalize_weights, weights_identity
-from covidct.features.cache import CacheKey, FeatureCache
+from covidct.features.cache import GRID_COLUMNS, CacheKey, FeatureCache
 from covidct.features.featurizer import DeepImageFeaturizer
 from covidct.modelling import evidence, stats
 from covidct.modelling.evaluate import confusion, covid_probability, evaluate_collected
-from covidct.modelling.runfolder import SEEDS_DIR, write_predictions
+from covidct.modelling.runfolder import CAMS_FILE, SEEDS_DIR, write_cams, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,13 @@ def featurize(
     cache: FeatureCache | None,
     key: CacheKey,
     known: DataFrame | None = None,
+    grids: bool = False,
 ) -> tuple[DataFrame, dict]:
     """``sha256, features (array<float>)`` for every image, through the cache when there is one.
 
     ``known``: the images' ``sha256`` column already computed (persisted), so that checking the
     cache reads no image bytes; only the images missing from the cache are read and featurized.
+    ``grids``: the cache also keeps each new image's grid (``avg`` pooling; ``FeatureCache``).
     """
     if cache is None:
         feats = images.select("sha256", featurizer.featureArrays(images).alias("features"))
@@ -135,7 +137,11 @@ def featurize(
     if hits < n_unique and "image" not in images.columns:  # image_table found them all cached a moment ago
         raise CovidctError(f"the feature cache {cache.folder(key)} lost entries while this job read it; run it again")
     if hits < n_unique:
-        cache.write(missing.select("sha256", featurizer.featureArrays(missing).alias("features")), key)
+        if grids:  # the features and, from the same pass, their grids (what every map is computed from)
+            records = missing.select("sha256", featurizer.featureRecords(missing).alias("r"))
+            cache.write(records.select("sha256", *(F.col(f"r.{c}").alias(c) for c in ("features", *GRID_COLUMNS))), key)
+        else:
+            cache.write(missing.select("sha256", featurizer.featureArrays(missing).alias("features")), key)
     feats = cache.read(spark, key).persist(StorageLevel.MEMORY_AND_DISK)
     feats.count()
     return feats, {"enabled": True, "dir": str(cache.folder(key)), "hits": hits, "misses": n_unique - hits}
@@ -229,10 +235,12 @@ def train(
     log.info("%d images in %s; featurizing with %s (%s pooling, %s, weights %s, %s)", n_images, config.data_dir,
              backbone.name, config.pooling, config.precision, weights_id, featurizer.preprocessing())  # fmt: skip
     with progress(spark, f"featurize {backbone.name}"), spark_errors():
-        feats, cache_stats = featurize(spark, images, featurizer, cache, key, known=meta)
+        wants_grids = config.evidence and config.pooling == "avg"
+        feats, cache_stats = featurize(spark, images, featurizer, cache, key, known=meta, grids=wants_grids)
     featurize_s = time.monotonic() - t0
     data = meta.join(feats, "sha256").withColumn("features", array_to_vector("features"))
-    data = data.persist(StorageLevel.MEMORY_AND_DISK)
+    # Few partitions (see FIT_PARTITIONS): every LR iteration is a Spark job over them, on a few hundred rows.
+    data = data.coalesce(FIT_PARTITIONS).persist(StorageLevel.MEMORY_AND_DISK)
     data.count()
 
     results: dict[str, dict] = {}
@@ -260,18 +268,24 @@ def train(
         }
         for target in targets.values():
             target.mkdir(parents=True, exist_ok=True)
-        # The splits' fits are independent and small: in threads, their Spark jobs' latencies overlap.
+        # The splits' fits are independent and small: in threads, their Spark jobs' latencies overlap. A cleaned
+        # split trains on its source's training images (it only leaves test images out): its source's LR.
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-            fitted = {split: pool.submit(fit_and_evaluate, config, split, data, featurizer, target, weights_id, models)
-                      for split, target in targets.items()}  # fmt: skip
+            fitted: dict[str, Future] = {}
+            for split in sorted(targets, key=lambda s: s in splitlib.CLEANED_FROM):
+                source = fitted.get(splitlib.CLEANED_FROM.get(split, ""))
+                fitted[split] = pool.submit(fit_and_evaluate, config, split, data, featurizer, targets[split],
+                                            weights_id, models, source)  # fmt: skip
+            fitted = {split: fitted[split] for split in targets}
         for split, future in fitted.items():
-            metrics = future.result()
+            metrics = dict(future.result())
+            metrics.pop("lr_model")
             metrics.update(shared)
             metrics["timings"] = {"featurize_s": round(featurize_s, 3), **metrics["timings"]}
             results[split] = metrics
         if config.evidence:
             with progress(spark, f"{backbone.name}: where the evidence lies"):
-                locate_evidence(spark, config, featurizer, models, targets, results)
+                locate_evidence(spark, config, featurizer, models, targets, results, cache, key, meta)
         if config.seeds:
             with progress(spark, f"{backbone.name}: random70 over {len(config.seeds)} seeds"):
                 repeat_seeds(config, data, staging / SEEDS_DIR, {**shared, "featurize_s": round(featurize_s, 3)})
@@ -295,9 +309,15 @@ def locate_evidence(
     models: dict[str, PipelineModel],
     targets: dict[str, Path],
     results: dict[str, dict],
+    cache: FeatureCache | None = None,
+    key: CacheKey | None = None,
+    meta: DataFrame | None = None,
 ) -> None:
-    """Every split's evidence-inside-body share (``covidct.modelling.evidence``): ``metrics["evidence"]`` and
-    ``evidence.parquet`` (``relpath, evidence_inside_body, body_share``) per split; one pass over their test images."""
+    """Every split's evidence-inside-body share (``covidct.modelling.evidence``): ``metrics["evidence"]``,
+    ``evidence.parquet`` (``relpath, evidence_inside_body, body_share``) and ``cams.parquet`` (``relpath, map,
+    map_h, map_w``: each test image's CAM, what the report's gallery draws) per split. From the grids the
+    featurization pass left in the feature cache (``meta``: every image's ``relpath, sha256``); a forward pass
+    only over test images without one."""
     if config.pooling != "avg":
         for metrics in results.values():
             metrics["evidence"] = None  # no exact CAM for this pooling
@@ -308,15 +328,27 @@ def locate_evidence(
     relpaths = sorted(set().union(*(set(t["relpath"]) for t in tests.values())))
     lrs = {split: models[split].stages[1] for split in targets}
     lrs = {split: (lr.coefficients.toArray(), lr.intercept) for split, lr in lrs.items()}
-    images = load_images(spark, config.data_dir, relpaths=relpaths)
-    frame = evidence.evidence_inside_body(images, featurizer, lrs)
+    grids, without = None, relpaths
+    if cache is not None and key is not None and meta is not None:
+        held = cache.grid_shas(key)
+        wanted = meta.filter(F.col("relpath").isin(relpaths)).select("relpath", "sha256").collect()
+        with_grid = sorted({(r.relpath, r.sha256) for r in wanted if r.sha256 in held})
+        without = sorted(set(relpaths) - {r for r, _ in with_grid})
+        if with_grid:
+            table = spark.createDataFrame(with_grid, "relpath string, sha256 string")
+            grids = F.broadcast(table).join(cache.read_grids(spark, key), "sha256").select("relpath", *GRID_COLUMNS)
+    if without:
+        log.info("%d test images have no grid in the feature cache: a forward pass over them", len(without))
+    images = load_images(spark, config.data_dir, relpaths=without) if without else None
+    frame, maps = evidence.evidence_inside_body(featurizer, lrs, images, grids)
     seconds = round(time.monotonic() - t0, 3)
     for split, test in tests.items():
         mine = test.merge(frame[["relpath", split, evidence.BODY_SHARE]], on="relpath", how="left")
         mine = mine.rename(columns={split: "evidence_inside_body"})
         mine.to_parquet(targets[split] / "evidence.parquet", index=False)
+        write_cams({r: maps[split][r] for r in test["relpath"] if r in maps[split]}, targets[split] / CAMS_FILE)
         summary = evidence.summarize(mine["evidence_inside_body"], mine[evidence.BODY_SHARE])
-        results[split]["evidence"] = {**summary, "seconds": seconds}
+        results[split]["evidence"] = {**summary, "seconds": seconds, "from_grids": len(relpaths) - len(without)}
         log.info("%s %s: %.1f %% of the evidence for the predicted class lies inside the body (%d images, %.1f s)",
                  config.backbone, split, 100 * (results[split]["evidence"]["inside_body"] or float("nan")),
                  len(mine), seconds)  # fmt: skip
@@ -413,15 +445,23 @@ def fit_and_evaluate(
     target: Path,
     weights_id: str,
     models: dict | None = None,
+    source: Future | None = None,
 ) -> dict:
-    """Fit LR on the split's train part, evaluate its test part, save model + predictions (+ out-of-fold)."""
+    """Fit LR on the split's train part, evaluate its test part, save model + predictions (+ out-of-fold).
+
+    ``source``: for a cleaned split (``official-clean``), its source split's ``fit_and_evaluate``: the same
+    training images, so the same LR, taken from it instead of fitted again (``lr_from`` in the metrics).
+    """
     assigned = splitlib.assign(data, split, config.seed, config.data_dir)
     train_df = assigned.filter("split = 'train'").persist()
     test_df = assigned.filter("split = 'test'").persist()
     n_train, n_test = train_df.count(), test_df.count()
-    lr = _lr(config)
     t0 = time.monotonic()
-    lr_model = lr.fit(train_df)
+    theirs = source.result() if source is not None else None
+    if theirs is not None and theirs["n_train"] == n_train:
+        lr_model = theirs["lr_model"]
+    else:
+        lr_model, theirs = _lr(config).fit(train_df), None
     fit_s = time.monotonic() - t0
     t0 = time.monotonic()
     # One Spark job: the test predictions (a few hundred rows) collected once, then Spark's metric
@@ -458,4 +498,6 @@ def fit_and_evaluate(
         "timings": {"fit_s": round(fit_s, 3), "evaluate_s": round(evaluate_s, 3), "save_s": round(save_s, 3)},
         # oof.parquet: out-of-fold training predictions for the stacked ensemble (None: not made)
         "out_of_fold": {"folds": config.stack_folds, "seconds": stack_s} if config.stack_folds else None,
+        "lr_from": theirs["split"] if theirs is not None else None,  # the split whose fitted LR this is
+        "lr_model": lr_model,  # for a cleaned split's fit_and_evaluate; not written
     }

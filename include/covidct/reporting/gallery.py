@@ -7,20 +7,21 @@ and true negative: the most confident of each (the highest probability of the pr
 each with its class activation map (``covidct.inference.maps``: CAM or Grad-CAM; an ensemble shows one
 map per member, side by side).
 
-Where and at what cost: the maps are computed here, in the report task, for these few images only
-(at most 4 × ``PER_CATEGORY`` per split, and per member for an ensemble), through the same Spark
-code as ``covidct predict --explain`` on the report's session (local unless
-``COVIDCT_SPARK_MASTER`` says otherwise). Only the report knows which model is best (the ensemble
-is built after the train jobs), and computing maps for every test image of every backbone in the
-train jobs would cost a forward pass per test image and backbone, for a gallery that shows a dozen.
-The seconds it took are in the report and ``summary.json``. The PNGs are scaled to ``MAX_SIDE``
-pixels so that the self-contained HTML stays a few MB.
+Where and at what cost: for ``avg`` pooling (CAM) the train jobs have recorded every test image's map
+(``cams.parquet``, computed from the conv block the featurization pass kept: ``covidct.modelling.evidence``),
+so the report only draws these few images (at most 4 × ``PER_CATEGORY`` per split, and per member for an
+ensemble) in its own process: no Spark session, no model, no second pass over the images. Where a member
+has no recorded maps (another pooling: Grad-CAM; a run folder from before) they are computed here through
+the same Spark code as ``covidct predict --explain`` on the report's session (local unless
+``COVIDCT_SPARK_MASTER`` says otherwise). The seconds it took are in the report and ``summary.json``. The
+PNGs are scaled to ``MAX_SIDE`` pixels so that the self-contained HTML stays a few MB.
 
 The maps of the same models on the same images are reused (``covidct.reporting.gallery_cache``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,10 +31,13 @@ import pandas as pd
 
 from covidct.core.errors import CovidctError
 from covidct.core.session import get_spark
+from covidct.data.body import FULL
 from covidct.data.dataset import LABEL_NAMES
 from covidct.inference.drawing import Panel
-from covidct.inference.explanations import Item, local_path, write_explanations
+from covidct.inference.explainer import CAM
+from covidct.inference.explanations import Item, local_path, write_explanations, write_explanations_here
 from covidct.inference.maps import explain_model
+from covidct.modelling.runfolder import CAMS_FILE, METRICS, PREDICTIONS, read_cams, read_predictions
 from covidct.reporting.gallery_cache import cache_dir, from_cache, gallery_key, to_cache
 
 log = logging.getLogger(__name__)
@@ -189,7 +193,13 @@ def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_c
         log.info("gallery %s: the maps of the same models on the same images, from %s", gallery.split,
                  cache_dir() / cache_key)  # fmt: skip
     else:
-        gallery.methods, written = _draw(gallery.split, folders, items, out, max_side)
+        recorded = recorded_panels(folders, {path: meta[path][1].relpath for path, *_ in items})
+        if recorded is not None:
+            gallery.methods, panels = recorded
+            drawn = [Item(path, name, title, covid, panels[path]) for path, name, title, covid in items]
+            written = write_explanations_here(drawn, out, max_side=max_side, about={"split": gallery.split})
+        else:
+            gallery.methods, written = _draw(gallery.split, folders, items, out, max_side)
         if cache_key:
             to_cache(cache_key, out, gallery.methods, written)
     by_category: dict[str, list[GalleryImage]] = {key: [] for key, *_ in CATEGORIES}
@@ -202,6 +212,29 @@ def _fill(gallery: Gallery, entry, folders: dict[str, Path], folder: Path, per_c
             GalleryImage(key, r.relpath, int(r.label), float(r.probability), png, str(here / png.name), npy)
         )
     gallery.categories = [Category(key, title, picked[key][0], by_category[key]) for key, title, *_ in CATEGORIES]
+
+
+def recorded_panels(
+    folders: dict[str, Path], relpaths: dict[str, str]
+) -> tuple[dict[str, str], dict[str, tuple[Panel, ...]]] | None:
+    """``(methods, {path: panels})`` of the images at ``relpaths`` (``{path: relpath}``) from what each model's
+    train job recorded beside it (``cams.parquet``, ``predictions.parquet``, ``metrics.json``); None where a
+    model lacks a map of one of them."""
+    panels: dict[str, list[Panel]] = {path: [] for path in relpaths}
+    for backbone, model_dir in folders.items():
+        run = model_dir.parent
+        try:
+            cams = read_cams(run / CAMS_FILE)
+            view = json.loads((run / METRICS).read_text()).get("view", FULL)
+            probability = read_predictions(run / PREDICTIONS).set_index("relpath")["probability"]
+        except (OSError, ValueError, KeyError) as exc:  # nothing recorded (another pooling, an older run)
+            log.info("gallery: no recorded maps of %s in %s (%s)", backbone, run, type(exc).__name__)
+            return None
+        for path, relpath in relpaths.items():
+            if relpath not in cams or relpath not in probability.index:
+                return None
+            panels[path].append(Panel(backbone, CAM, float(probability[relpath]), cams[relpath], view))
+    return dict.fromkeys(folders, CAM), {path: tuple(found) for path, found in panels.items()}
 
 
 def _draw(split: str, folders: dict[str, Path], items: list[tuple], out: Path, max_side: int):
