@@ -53,7 +53,7 @@ from covidct.modelling.runfolder import CAMS_FILE, SEEDS_DIR, write_cams, write_
 
 log = logging.getLogger(__name__)
 
-#: Partitions of the small DataFrames the repeated LR fits (seeds, folds) run on.
+#: Partitions of the small DataFrames the LR fits run on.
 FIT_PARTITIONS = 2
 
 
@@ -456,10 +456,10 @@ def fit_and_evaluate(
     train_df = assigned.filter("split = 'train'").persist()
     test_df = assigned.filter("split = 'test'").persist()
     n_train, n_test = train_df.count(), test_df.count()
-    t0 = time.monotonic()
     theirs = source.result() if source is not None else None
+    t0 = time.monotonic()
     if theirs is not None and theirs["n_train"] == n_train:
-        lr_model = theirs["lr_model"]
+        lr_model = theirs["lr_model"]  # fit_s: 0, nothing fitted here
     else:
         lr_model, theirs = _lr(config).fit(train_df), None
     fit_s = time.monotonic() - t0
