@@ -128,18 +128,7 @@ class WorkerModel:
         self.model = base
         self.dim = backbone.feature_dim(pooling)
         self.pooling = pooling
-        self._conv = None
         self._both = None
-
-    def conv_block(self, x: np.ndarray) -> np.ndarray:
-        """The last conv block ``(n, h, w, C)`` of preprocessed inputs (``avg`` pooling: what it averages)."""
-        if self.pooling != "avg":
-            raise ValueError(f"the last conv block is kept apart only for avg pooling, not {self.pooling}")
-        if self._conv is None:
-            import keras
-
-            self._conv = keras.Model(self.model.inputs, self.model.layers[-1].input, name=self.model.name + "_conv")
-        return np.asarray(self._conv.predict_on_batch(x), dtype=np.float32)
 
     def decode(self, item, name, kind: str, view: str = FULL) -> np.ndarray:
         """One image (file bytes, or Spark's image struct for ``kind`` "struct") as the backbone's input array."""

@@ -28,7 +28,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from covidct.core.spark_errors import spark_errors
-from covidct.data.body import BODY_VERSION, body_mask, grid_share
+from covidct.data.body import BODY_VERSION
 from covidct.features.featurizer import DeepImageFeaturizer
 from covidct.features.workers import Grid, bound_arrow_batches, worker_model
 
@@ -107,6 +107,8 @@ def summarize(values: pd.Series, body_share: pd.Series) -> dict:
 
 
 def _shares_udf(featurizer: DeepImageFeaturizer, coefs: np.ndarray, intercepts: np.ndarray):
+    """The forward pass for images without a cached grid: the featurization pass's own grids
+    (``WorkerModel.features_and_grids``), then the same shares and maps as from cached ones."""
     params = (
         featurizer.getModelName(),
         featurizer.getWeights(),
@@ -120,18 +122,8 @@ def _shares_udf(featurizer: DeepImageFeaturizer, coefs: np.ndarray, intercepts: 
     def evidence(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         model = worker_model(*params)
         for images, paths in batches:
-            rows, out = list(images), []
-            for start in range(0, len(rows), batch_size):
-                stop = min(start + batch_size, len(rows))
-                pictures = np.stack([model.decode(rows[i], paths.iloc[i], "bytes", view) for i in range(start, stop)])
-                x = model.preprocess(pictures.copy())
-                conv = model.conv_block(x).astype(np.float64)
-                if flips:  # the mirror image's block, mirrored back: the features' mean is this block's mean
-                    conv = (conv + model.conv_block(x[:, :, ::-1, :].copy()).astype(np.float64)[:, :, ::-1, :]) / 2
-                grid = conv.shape[1:3]
-                inside = np.stack([grid_share(body_mask(p).mask, grid) for p in pictures])
-                out.extend(_results(conv, inside, coefs, intercepts))
-            yield pd.DataFrame(out)
+            _features, grids = model.features_and_grids(images, paths, "bytes", batch_size, view, flips)
+            yield pd.DataFrame(_grid_results(grids, coefs, intercepts))
 
     return evidence
 
@@ -146,13 +138,18 @@ def _results(conv: np.ndarray, inside: np.ndarray, coefs: np.ndarray, intercepts
             for v, c in zip(values, cams, strict=True)]  # fmt: skip
 
 
+def _grid_results(grids: list[Grid], coefs: np.ndarray, intercepts: np.ndarray) -> list[dict]:
+    """``RESULT_SCHEMA`` rows of grids (one image each)."""
+    if not grids:
+        return []
+    conv = np.stack([g.conv for g in grids]).astype(np.float64)
+    return _results(conv, np.stack([g.inside for g in grids]), coefs, intercepts)
+
+
 def _grid_shares_udf(coefs: np.ndarray, intercepts: np.ndarray):
     @F.pandas_udf(RESULT_SCHEMA)
     def evidence(grids: pd.Series, shapes: pd.Series, insides: pd.Series) -> pd.DataFrame:
-        out = []
-        for grid, shape, inside in zip(grids, shapes, insides, strict=True):
-            found = Grid.from_record(grid, shape, inside)
-            out.extend(_results(found.conv.astype(np.float64)[None], found.inside[None], coefs, intercepts))
-        return pd.DataFrame(out)
+        found = [Grid.from_record(*record) for record in zip(grids, shapes, insides, strict=True)]
+        return pd.DataFrame(_grid_results(found, coefs, intercepts))
 
     return evidence
