@@ -75,6 +75,9 @@ class CacheKey:
 class FeatureCache:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().absolute()
+        # Files found intact, by path, with the (inode, size, mtime) they had: a job asks ``files`` several
+        # times (image table, features, grids), and a file that has not changed is not hashed again.
+        self._checked: dict[Path, tuple[int, int, int]] = {}
 
     def folder(self, key: CacheKey) -> Path:
         return self.root.joinpath(*key.parts())
@@ -83,7 +86,20 @@ class FeatureCache:
         """The key's files that are intact (their checksum matches); the others are set aside (module doc)."""
         folder = self.folder(key)
         found = sorted(folder.glob("[!._]*.parquet")) if folder.is_dir() else []
-        return [file for file in found if _intact(file)]
+        return [file for file in found if self._intact(file)]
+
+    def _intact(self, file: Path) -> bool:
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            return False  # set aside meanwhile by another run
+        seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if self._checked.get(file) == seen:
+            return True
+        if not _intact(file):
+            return False
+        self._checked[file] = seen
+        return True
 
     def read(self, spark: SparkSession, key: CacheKey) -> DataFrame | None:
         """Cached ``sha256, features`` under ``key`` (one row per sha256), or None if empty."""
