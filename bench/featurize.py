@@ -29,16 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, median, sample_images  # noqa: E402
 
 
-def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: int, precision: str) -> dict:
+def imagenet_model(backbone_name: str, precision: str):
+    """``(backbone, model)``: the backbone's ImageNet Keras model with global average pooling, bare (no Spark)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
-    import numpy as np
 
-    from covidct.data.image import decode
     from covidct.features.backbone import get_backbone, resolve_weights
 
     backbone = get_backbone(backbone_name)
-    t0 = time.perf_counter()
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
     model = backbone.keras_constructor()(
         include_top=False,
@@ -46,6 +44,16 @@ def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: i
         input_shape=(backbone.input_size, backbone.input_size, 3),
         pooling="avg",
     )
+    return backbone, model
+
+
+def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: int, precision: str) -> dict:
+    import numpy as np
+
+    from covidct.data.image import decode
+
+    t0 = time.perf_counter()
+    backbone, model = imagenet_model(backbone_name, precision)
     preprocess = backbone.preprocess_input()
 
     def one_pass() -> float:

@@ -86,19 +86,11 @@ def backbone_gflop(model) -> float:
 
 def forward(backbone_name: str, batch: int, threads: int, precision: str, repeat: int) -> dict:
     _tf(threads)
-    import keras
     import numpy as np
 
-    from covidct.features.backbone import get_backbone, resolve_weights
+    from featurize import imagenet_model
 
-    backbone = get_backbone(backbone_name)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-    model = backbone.keras_constructor()(
-        include_top=False,
-        weights=str(resolve_weights(backbone, "imagenet")),
-        input_shape=(backbone.input_size, backbone.input_size, 3),
-        pooling="avg",
-    )
+    backbone, model = imagenet_model(backbone_name, precision)
     x = np.random.default_rng(0).uniform(-100, 100, (batch, backbone.input_size, backbone.input_size, 3))
     x = x.astype(np.float32)
     model.predict_on_batch(x)  # warm-up: builds the graph, oneDNN primitives
