@@ -3,6 +3,7 @@
     python bench/featurize.py keras  --backbone VGG16 --images 200 [--repeat 3] [--precision bfloat16]
     python bench/featurize.py spark  --backbone VGG16 --images 200 [--repeat 3] [--master local[2]] [--task-cpus 1]
                                      [--view body-blank] [--grids]   # what the DAG's train job computes
+                                     [--partitions -1]   # -1: the job's layout (default); 0: as Spark reads the files
     python bench/featurize.py poolings --backbone VGG16 --images 200 [--repeat 3] [--poolings avg,avg-b345,avgmax-b345]
     python bench/featurize.py cpu-poolings --backbone VGG16 --images 32 [--repeat 3]   # CPU s/image, no Spark
 
@@ -27,6 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, median, sample_images  # noqa: E402
+
+#: Images per task in the train job's featurization: Spark packs the 746 files into 25 tasks of ~31
+#: (binaryFile, 4 MB open cost per file). A sample read as it comes packs unevenly (96 files: 30, 30, 30, 6 ->
+#: the last round runs one task on one core), which is the sample's layout, not the job's.
+JOB_TASK_IMAGES = 32
 
 
 def imagenet_model(backbone_name: str, precision: str):
@@ -71,15 +77,22 @@ def bare_keras(backbone_name: str, files: list[Path], repeat: int, batch_size: i
 
 
 def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
-                     task_cpus: int, precision: str, view: str = "full", grids: bool = False) -> dict:  # fmt: skip
+                     task_cpus: int, precision: str, view: str = "full", grids: bool = False,
+                     partitions: int = -1) -> dict:  # fmt: skip
     os.environ["COVIDCT_SPARK_MASTER"] = master
     from covidct.core.session import get_spark
     from covidct.features.featurizer import DeepImageFeaturizer
 
     spark = get_spark("bench-featurize", {"spark.task.cpus": str(task_cpus)})
     df = spark.read.format("binaryFile").load([str(f) for f in files]).withColumnRenamed("content", "image")
+    if partitions < 0:  # the train job's layout: tasks of ~32 images, a whole number of rounds over the cores
+        cores = spark.sparkContext.defaultParallelism
+        partitions = cores * -(-len(files) // (cores * JOB_TASK_IMAGES))
+    if partitions:
+        df = df.repartition(partitions)
     df = df.cache()
     df.count()  # the bytes are in memory: both paths then start from decoded-nothing, read-nothing
+    n_partitions = df.rdd.getNumPartitions()
     featurizer = DeepImageFeaturizer(
         modelName=backbone_name, weights="imagenet", batchSize=batch_size, precision=precision, view=view
     )
@@ -96,7 +109,7 @@ def spark_featurizer(backbone_name: str, files: list[Path], repeat: int, batch_s
     spark.stop()
     return {"path": "spark", "backbone": featurizer.getModelName(), "images": len(files), "rates": rates,
             "median": median(rates), "cold": cold, "master": master, "task_cpus": task_cpus,
-            "precision": precision, "view": view, "grids": grids}  # fmt: skip
+            "precision": precision, "view": view, "grids": grids, "partitions": n_partitions}  # fmt: skip
 
 
 def spark_poolings(backbone_name: str, files: list[Path], repeat: int, batch_size: int, master: str,
@@ -178,6 +191,13 @@ def main() -> int:
     parser.add_argument("--poolings", default="avg,avg-b345,avgmax-b345", help="for `poolings`: the first is the base")
     parser.add_argument("--view", default="full", help="for `spark`: what the backbone sees (the DAG: body-blank)")
     parser.add_argument("--grids", action="store_true", help="for `spark`: also the grids, as the train job")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=-1,
+        help="for `spark`: repartition the images (-1: as the train job's, ~32 per task and a whole "
+        "number of rounds over the cores; 0: as Spark reads the files)",
+    )
     args = parser.parse_args()
     files = sample_images(args.data, args.images)
     if args.path == "keras":
@@ -192,7 +212,7 @@ def main() -> int:
         )
     else:
         result = spark_featurizer(args.backbone, files, args.repeat, args.batch_size, args.master, args.task_cpus,
-                                  args.precision, args.view, args.grids)  # fmt: skip
+                                  args.precision, args.view, args.grids, args.partitions)  # fmt: skip
     print(json.dumps(result))
     return 0
 

@@ -9,7 +9,7 @@
 the peak. ``forward``: the backbone on already-decoded, preprocessed inputs (no decoding, no Spark):
 what TensorFlow's convolutions reach on this CPU. ``all`` adds bare Keras ``predict`` and the Spark featurizer on real
 images (``bench/featurize.py keras`` / ``spark``: decoding; for the DAG's job the body view and the grids,
-Arrow, two single-thread tasks) and
+Arrow, single-thread tasks of ~32 images in whole rounds over the cores, as the train job's) and
 reports each as GFLOP/s (the backbone's multiply-adds × 2 per image, counted from the Keras model's
 conv and dense layers) over the peak. JSON in ``bench/results/peak.json``; run it on an idle machine.
 """
@@ -152,9 +152,18 @@ def render(result: dict) -> str:
         rate = s["median"] * gflop[s["backbone"]]
         what = "view body-blank + grids (the DAG's job)" if s.get("grids") else "view full, features only"
         share = 100 * rate / peak["float32"]["gflops"]
-        rows.append([s["backbone"], f"Spark featurizer, 2 tasks × 1 thread: {what}", f"{s['median']:.2f}",
+        parts = s.get("partitions")  # older results lack it
+        layout = f"{parts} tasks of ~{-(-s['images'] // parts)} images" if parts else "tasks as read"
+        rows.append([s["backbone"], f"Spark featurizer, 1 thread per task, {layout}: {what}", f"{s['median']:.2f}",
                      f"{rate:.0f}", f"{share:.0f} %"])  # fmt: skip
     lines.append(markdown_table(["backbone", "what", "img/s", "GFLOP/s", "of fp32 peak"], rows))
+    # The same work both ways (decoding, view full, features only): the featurizer against bare Keras.
+    keras = {k["backbone"]: k["median"] for k in result.get("keras", [])}
+    ratios = [[s["backbone"], f"{s['median']:.2f}", f"{keras[s['backbone']]:.2f}",
+               f"{s['median'] / keras[s['backbone']]:.2f}×"]
+              for s in result["spark"] if not s.get("grids") and s["backbone"] in keras]  # fmt: skip
+    if ratios:
+        lines += ["", markdown_table(["backbone", "Spark img/s", "bare Keras img/s", "Spark / bare Keras"], ratios)]
     return "\n".join(lines) + "\n"
 
 
