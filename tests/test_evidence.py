@@ -123,12 +123,16 @@ def test_the_featurization_pass_keeps_each_images_grid_so_the_evidence_needs_no_
     from covidct.modelling.runfolder import read_cams
 
     monkeypatch.setenv("COVIDCT_HOME", str(tmp_path / "home"))
-    args = ["train", "--data", str(marks), "--backbone", "VGG16", "--weights", "none", "--split", "official",
-            "--stack-folds", "0", "--tracking", "off"]  # fmt: skip
+    # Two splits, whose test images overlap only in part: each counts its own test images drawn from grids.
+    args = ["train", "--data", str(marks), "--backbone", "VGG16", "--weights", "none", "--split",
+            "official,random70", "--stack-folds", "0", "--tracking", "off"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "cached")]) == 0
-    passed, cached = (json.loads((run / "metrics.json").read_text()) for run in (full_view_run, tmp_path / "cached"))
+    passed = json.loads((full_view_run / "metrics.json").read_text())
+    cached, other = (json.loads((tmp_path / "cached" / split / "metrics.json").read_text())
+                     for split in ("official", "random70"))  # fmt: skip
     assert cached["accuracy"] == passed["accuracy"] and cached["cache"]["misses"] == cached["n_images"]
     assert passed["evidence"]["from_grids"] == 0 and cached["evidence"]["from_grids"] == cached["n_test"]
+    assert other["evidence"]["from_grids"] == other["n_test"] != cached["n_test"]
     files = FeatureCache(tmp_path / "home" / "feature-cache").files(cache_key(cached))
     assert files and all(set(GRID_COLUMNS) <= set(pq.read_schema(f).names) for f in files)
 
@@ -143,16 +147,27 @@ def test_the_featurization_pass_keeps_each_images_grid_so_the_evidence_needs_no_
             assert m.shape == (7, 7)  # VGG16's conv grid
             np.testing.assert_allclose(m, maps_b[relpath], rtol=0, atol=2e-3 * np.abs(maps_b[relpath]).max())
 
-    same(tmp_path / "cached", full_view_run)
+    same(tmp_path / "cached" / "official", full_view_run)
 
     # A cache from before grids: the same features without the grid columns; the evidence takes the pass.
     for file in files:
         pq.write_table(pq.read_table(file).drop_columns(list(GRID_COLUMNS)), file)
         file.with_name(file.name + ".sha256").unlink()  # an older file: checked by reading it whole
     assert main([*args, "--out", str(tmp_path / "older")]) == 0
-    older = json.loads((tmp_path / "older" / "metrics.json").read_text())
+    older = json.loads((tmp_path / "older" / "official" / "metrics.json").read_text())
     assert older["cache"]["misses"] == 0 and older["evidence"]["from_grids"] == 0
-    same(tmp_path / "older", full_view_run)
+    same(tmp_path / "older" / "official", full_view_run)
+
+
+def test_a_grid_keeps_an_activation_beyond_half_precision_finite():
+    """Half precision ends at 65,504: a larger activation is stored as that, not as inf (NaN maps)."""
+    from covidct.features.workers import GRID_MAX, Grid
+
+    conv = np.array([[[1.5, 7e4], [-9e4, 0.0]]], dtype=np.float32)  # (1, 2, 2)
+    record = Grid.of(conv, np.ones((1, 2), np.float32)).to_record()  # what the feature cache stores
+    grid = Grid.from_record(record["grid"], record["grid_shape"], record["inside"])
+    assert np.isfinite(grid.conv).all() and grid.conv.dtype == np.float16
+    np.testing.assert_array_equal(grid.conv.astype(np.float32), [[[1.5, GRID_MAX], [-GRID_MAX, 0.0]]])
 
 
 def cache_key(metrics: dict):

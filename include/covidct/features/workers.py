@@ -38,6 +38,9 @@ T = TypeVar("T")
 #: How a grid's conv block is stored: half precision (a map is drawn in 8-bit colour; 11 significant bits
 #: keep a CAM within ~0.1 % of its float32 value) halves the feature cache's size.
 GRID_DTYPE = np.float16
+#: The largest magnitude a grid holds: half precision's (65,504); a larger activation is clipped to it, not
+#: turned into inf (which would make every map and evidence share drawn from the grid NaN).
+GRID_MAX = float(np.finfo(GRID_DTYPE).max)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ class Grid:
 
     conv: np.ndarray
     inside: np.ndarray
+
+    @classmethod
+    def of(cls, conv: np.ndarray, inside: np.ndarray) -> Grid:
+        """A grid from a float32 conv block: in ``GRID_DTYPE``, clipped to its range (``GRID_MAX``)."""
+        return cls(np.clip(conv, -GRID_MAX, GRID_MAX).astype(GRID_DTYPE), inside)
 
     def to_record(self) -> dict:
         h, w, c = self.conv.shape
@@ -184,7 +192,7 @@ class WorkerModel:
                 feats = (feats + np.asarray(mirrored, dtype=np.float32)) / 2
             out[start:stop] = feats
             shape = conv.shape[1:3]
-            grids.extend(Grid(c.astype(GRID_DTYPE), grid_share(m, shape)) for c, m in zip(conv, masks, strict=True))
+            grids.extend(Grid.of(c, grid_share(m, shape)) for c, m in zip(conv, masks, strict=True))
         return out, grids
 
 

@@ -348,7 +348,8 @@ def locate_evidence(
         mine.to_parquet(targets[split] / "evidence.parquet", index=False)
         write_cams({r: maps[split][r] for r in test["relpath"] if r in maps[split]}, targets[split] / CAMS_FILE)
         summary = evidence.summarize(mine["evidence_inside_body"], mine[evidence.BODY_SHARE])
-        results[split]["evidence"] = {**summary, "seconds": seconds, "from_grids": len(relpaths) - len(without)}
+        from_grids = int((~mine["relpath"].isin(without)).sum())  # this split's test images drawn from grids
+        results[split]["evidence"] = {**summary, "seconds": seconds, "from_grids": from_grids}
         log.info("%s %s: %.1f %% of the evidence for the predicted class lies inside the body (%d images, %.1f s)",
                  config.backbone, split, 100 * (results[split]["evidence"]["inside_body"] or float("nan")),
                  len(mine), seconds)  # fmt: skip
