@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -112,7 +113,7 @@ def test_the_reports_sentence_names_the_backbones_that_look_off_the_patient():
 
 
 def test_the_featurization_pass_keeps_each_images_grid_so_the_evidence_needs_no_second_pass(
-    spark, marks, full_view_run, tmp_path, monkeypatch
+    spark, marks, full_view_run, tmp_path, monkeypatch, capsys
 ):
     """With a feature cache the conv block the features average is kept beside them (half precision): the
     evidence and the maps come from it, equal to the forward pass over the images (the run without a cache);
@@ -157,6 +158,22 @@ def test_the_featurization_pass_keeps_each_images_grid_so_the_evidence_needs_no_
     older = json.loads((tmp_path / "older" / "official" / "metrics.json").read_text())
     assert older["cache"]["misses"] == 0 and older["evidence"]["from_grids"] == 0
     same(tmp_path / "older" / "official", full_view_run)
+
+    # Entries lost after a job counted them (from the dataset's manifest it counts with pyarrow, then reads with
+    # Spark): an error that says so, not a model fitted on fewer images. Here the cache's files go while it still
+    # counts them all. (Without a manifest the job reads every file and featurizes what the cache lacks.)
+    from covidct.data.manifest import MANIFEST_NAME, build_manifest, write_manifest
+
+    listed = shutil.copytree(marks, tmp_path / "listed" / "COVID-CT")
+    write_manifest(build_manifest(listed), listed / MANIFEST_NAME)
+    counted = FeatureCache.shas(FeatureCache(tmp_path / "home" / "feature-cache"), cache_key(older))
+    monkeypatch.setattr(FeatureCache, "shas", lambda self, key: counted)
+    for file in files[: max(1, len(files) // 2)]:
+        file.unlink()
+    args[args.index("--data") + 1] = str(listed)
+    assert main([*args, "--out", str(tmp_path / "lost")]) != 0
+    assert "lost entries while this job read it" in capsys.readouterr().err
+    assert not (tmp_path / "lost").exists()
 
 
 def test_a_grid_keeps_an_activation_beyond_half_precision_finite():

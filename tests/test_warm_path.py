@@ -46,14 +46,15 @@ def test_hashes_come_from_the_manifest_and_only_uncached_images_are_read(spark, 
     key = CacheKey("VGG16", weights_identity(get_backbone("VGG16"), "none", 0), "avg")
     scanned = load_images(spark, data).select("path", "relpath", "label", "sha256").toPandas()
 
-    # No manifest: every file is read and hashed in Spark.
-    images, meta, n = image_table(spark, data, cache, key)
-    assert n == 24 and images.count() == 24
+    # No manifest: every file is read and hashed in Spark (and the cache's hits are counted there).
+    images, meta, n, counted = image_table(spark, data, cache, key)
+    assert n == 24 and images.count() == 24 and counted is None
     meta.unpersist()  # as train() does: a later scan of the same folder must not get these cached rows
 
     write_manifest(build_manifest(data), data / MANIFEST_NAME)
-    images, meta, n = image_table(spark, data, cache, key)
-    assert n == 24 and images.count() == 24  # nothing cached yet: all to read
+    unique = scanned["sha256"].nunique()
+    images, meta, n, counted = image_table(spark, data, cache, key)
+    assert n == 24 and images.count() == 24 and counted == (unique, 0)  # nothing cached yet: all to read
     listed = meta.toPandas().sort_values("relpath").reset_index(drop=True)
     # The same path, relpath, label and sha256 as reading the files would give.
     assert listed.equals(scanned.sort_values("relpath").reset_index(drop=True)[listed.columns])
@@ -63,20 +64,21 @@ def test_hashes_come_from_the_manifest_and_only_uncached_images_are_read(spark, 
             spark.createDataFrame([(sha, [0.0, 1.0]) for sha in shas], "sha256 string, features array<float>"), key
         )
 
-    cache_features_of(scanned.loc[scanned["label"] == 1, "sha256"])  # the COVID half
-    images, meta, n = image_table(spark, data, cache, key)
-    assert n == 24 and meta.count() == 24
+    covid = scanned.loc[scanned["label"] == 1, "sha256"]
+    cache_features_of(covid)  # the COVID half
+    images, meta, n, counted = image_table(spark, data, cache, key)
+    assert n == 24 and meta.count() == 24 and counted == (unique, covid.nunique())
     to_read = sorted(r.relpath for r in images.select("relpath").collect())
     assert to_read == sorted(scanned.loc[scanned["label"] == 0, "relpath"])
 
     cache_features_of(scanned["sha256"])
-    images, meta, n = image_table(spark, data, cache, key)
-    assert "image" not in images.columns  # a warm run reads no image at all
+    images, meta, n, counted = image_table(spark, data, cache, key)
+    assert "image" not in images.columns and counted == (unique, unique)  # a warm run reads no image at all
 
     # A manifest that no longer matches the files is not trusted: back to reading them.
     (data / "CT_COVID" / scanned["relpath"].iloc[0].split("/")[1]).unlink()
-    images, meta, n = image_table(spark, data, cache, key)
-    assert n == 23 and "image" in images.columns
+    images, meta, n, counted = image_table(spark, data, cache, key)
+    assert n == 23 and "image" in images.columns and counted is None
 
 
 def test_make_run_does_not_migrate_an_up_to_date_db(airflow_db):

@@ -177,12 +177,21 @@ def split_mapping(split: str, relpaths: list[str], seed: int, data_dir, manifest
     raise CovidctError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
 
 
-def assign(images: DataFrame, split: str, seed: int, data_dir) -> DataFrame:
-    """``images`` with a ``split`` column ('train'/'test'); images outside the split are dropped."""
-    relpaths = [r.relpath for r in images.select("relpath").collect()]
+def assignment(split: str, relpaths: list[str], seed: int, data_dir) -> dict[str, str]:
+    """``split_mapping``, checked: a split that leaves no train or no test image is an error."""
     mapping = split_mapping(split, relpaths, seed, data_dir)
     if not any(v == "test" for v in mapping.values()) or not any(v == "train" for v in mapping.values()):
         raise CovidctError(f"the {split} split of {len(relpaths)} images leaves no train or no test images")
+    return mapping
+
+
+def assign(images: DataFrame, split: str, seed: int, data_dir, mapping: dict[str, str] | None = None) -> DataFrame:
+    """``images`` with a ``split`` column ('train'/'test'); images outside the split are dropped.
+
+    ``mapping``: the split's ``assignment`` of the images' relpaths, where the caller has it (else their
+    relpaths are collected, a Spark job)."""
+    if mapping is None:
+        mapping = assignment(split, [r.relpath for r in images.select("relpath").collect()], seed, data_dir)
     spark = images.sparkSession
     table = spark.createDataFrame(sorted(mapping.items()), "relpath string, split string")
     return images.join(table, "relpath")

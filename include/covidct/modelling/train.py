@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from pyspark import StorageLevel
@@ -112,56 +113,78 @@ def featurize(
     key: CacheKey,
     known: DataFrame | None = None,
     grids: bool = False,
+    counted: tuple[int, int] | None = None,
 ) -> tuple[DataFrame, dict]:
     """``sha256, features (array<float>)`` for every image, through the cache when there is one.
 
     ``known``: the images' ``sha256`` column already computed (persisted), so that checking the
     cache reads no image bytes; only the images missing from the cache are read and featurized.
     ``grids``: the cache also keeps each new image's grid (``avg`` pooling; ``FeatureCache``).
+    ``counted``: ``(distinct images, of them cached)`` where the caller has counted them and ``images`` holds
+    exactly the uncached ones (``image_table`` from a manifest): no Spark job to count them again.
     """
     if cache is None:
         feats = images.select("sha256", featurizer.featureArrays(images).alias("features"))
         feats = feats.dropDuplicates(["sha256"]).persist(StorageLevel.MEMORY_AND_DISK)
         n = feats.count()
         return feats, {"enabled": False, "hits": 0, "misses": n}
-    shas = (images if known is None else known).select("sha256").distinct()
-    cached = cache.read(spark, key)
-    if cached is None:
-        n_unique, hits, missing = shas.count(), 0, images
+    cached = None if counted is not None else cache.read(spark, key)
+    if counted is not None:
+        (n_unique, hits), missing = counted, images
+    elif cached is None:
+        n_unique, hits, missing = (images if known is None else known).select("sha256").distinct().count(), 0, images
     else:
+        shas = (images if known is None else known).select("sha256").distinct()
         hit = cached.select("sha256", F.lit(1).alias("hit"))
         counts = shas.join(hit, "sha256", "left").agg(F.count("*").alias("n"), F.count("hit").alias("hits")).first()
         n_unique, hits = counts["n"], counts["hits"]
         missing = images.join(cached.select("sha256"), "sha256", "left_anti")
     log.info("feature cache %s: %d of %d images cached", cache.folder(key), hits, n_unique)
     if hits < n_unique and "image" not in images.columns:  # image_table found them all cached a moment ago
-        raise CovidctError(f"the feature cache {cache.folder(key)} lost entries while this job read it; run it again")
+        raise lost_entries(cache, key)
     if hits < n_unique:
         if grids:  # the features and, from the same pass, their grids (what every map is computed from)
             records = missing.select("sha256", featurizer.featureRecords(missing).alias("r"))
             cache.write(records.select("sha256", *(F.col(f"r.{c}").alias(c) for c in ("features", *GRID_COLUMNS))), key)
         else:
             cache.write(missing.select("sha256", featurizer.featureArrays(missing).alias("features")), key)
-    feats = cache.read(spark, key).persist(StorageLevel.MEMORY_AND_DISK)
+    feats = cache.read(spark, key)
+    if feats is None:  # every file gone since it was counted
+        raise lost_entries(cache, key)
+    feats = feats.persist(StorageLevel.MEMORY_AND_DISK)
     feats.count()
     return feats, {"enabled": True, "dir": str(cache.folder(key)), "hits": hits, "misses": n_unique - hits}
 
 
-def image_table(
-    spark: SparkSession, data_dir: Path, cache: FeatureCache | None, key: CacheKey
-) -> tuple[DataFrame, DataFrame, int]:
-    """``(images, meta, n)``: the images to featurize, and ``path, relpath, label, sha256`` of every image.
+def lost_entries(cache: FeatureCache | None, key: CacheKey, detail: str = "") -> CovidctError:
+    """The error of a job whose feature cache lost entries (another process, a disk) while the job read it."""
+    where = f" {cache.folder(key)}" if cache is not None else ""
+    return CovidctError(f"the feature cache{where} lost entries while this job read it{detail}; run it again")
+
+
+class ImageTable(NamedTuple):
+    """What a train job featurizes (``image_table``)."""
+
+    images: DataFrame  # the images to featurize (with their bytes), or ``meta`` when there is none to read
+    meta: DataFrame  # path, relpath, label, sha256 of every image (persisted)
+    n: int  # images (rows of meta)
+    counted: tuple[int, int] | None  # (distinct sha256, of them in the cache), where known without Spark
+
+
+def image_table(spark: SparkSession, data_dir: Path, cache: FeatureCache | None, key: CacheKey) -> ImageTable:
+    """The images to featurize, and ``path, relpath, label, sha256`` of every image.
 
     When the dataset's manifest (written by ``covidct fetch``) still matches the files, the hashes
     come from it (every image is hashed once, by fetch) and ``images`` holds only the files whose
-    features the cache lacks: a warm run reads no image. Otherwise every file is read and hashed
-    in Spark, as for any folder.
+    features the cache lacks: a warm run reads no image, and the counts of cached and uncached images are
+    known without a Spark job (``counted``). Otherwise every file is read and hashed in Spark, as for any
+    folder.
     """
     manifest = fresh_manifest(data_dir)
     if manifest is None:
         images = load_images(spark, data_dir)
         meta = images.select("path", "relpath", "label", "sha256").persist()
-        return images, meta, meta.count()
+        return ImageTable(images, meta, meta.count(), None)
     root = Path(data_dir).resolve()
     rows = pd.DataFrame(
         {
@@ -181,7 +204,8 @@ def image_table(
         images = load_images(spark, data_dir)  # a cold cache: read the folders
     else:
         images = load_images(spark, data_dir, relpaths=missing)
-    return images, meta, len(rows)
+    unique = set(manifest["sha256"])
+    return ImageTable(images, meta, len(rows), (len(unique), len(unique & cached)))
 
 
 @dataclass
@@ -229,19 +253,21 @@ def train(
     cache = FeatureCache(config.cache_dir) if config.cache_dir else None
     key = CacheKey(backbone.name, weights_id, config.pooling, config.precision, featurizer.preprocessing())
     t0 = time.monotonic()
-    images, meta, n_images = image_table(spark, config.data_dir, cache, key)
+    images, meta, n_images, counted = image_table(spark, config.data_dir, cache, key)
     if n_images == 0:
         raise CovidctError(f"no images found under {config.data_dir}")
     log.info("%d images in %s; featurizing with %s (%s pooling, %s, weights %s, %s)", n_images, config.data_dir,
              backbone.name, config.pooling, config.precision, weights_id, featurizer.preprocessing())  # fmt: skip
     with progress(spark, f"featurize {backbone.name}"), spark_errors():
         wants_grids = config.evidence and config.pooling == "avg"
-        feats, cache_stats = featurize(spark, images, featurizer, cache, key, known=meta, grids=wants_grids)
+        feats, cache_stats = featurize(spark, images, featurizer, cache, key, meta, wants_grids, counted)
     featurize_s = time.monotonic() - t0
     data = meta.join(feats, "sha256").withColumn("features", array_to_vector("features"))
     # Few partitions (see FIT_PARTITIONS): every LR iteration is a Spark job over them, on a few hundred rows.
     data = data.coalesce(FIT_PARTITIONS).persist(StorageLevel.MEMORY_AND_DISK)
-    data.count()
+    relpaths = [r.relpath for r in data.select("relpath").collect()]  # fills the persisted data; every split's
+    if len(relpaths) != n_images:  # assignment comes from these (no Spark job per split to collect or count them)
+        raise lost_entries(cache, key, f" ({len(relpaths)} of {n_images} images have features)")
 
     results: dict[str, dict] = {}
     models: dict[str, PipelineModel] = {}
@@ -275,7 +301,7 @@ def train(
             for split in sorted(targets, key=lambda s: s in splitlib.CLEANED_FROM):
                 source = fitted.get(splitlib.CLEANED_FROM.get(split, ""))
                 fitted[split] = pool.submit(fit_and_evaluate, config, split, data, featurizer, targets[split],
-                                            weights_id, models, source)  # fmt: skip
+                                            weights_id, models, source, relpaths)  # fmt: skip
             fitted = {split: fitted[split] for split in targets}
         for split, future in fitted.items():
             metrics = dict(future.result())
@@ -447,16 +473,22 @@ def fit_and_evaluate(
     weights_id: str,
     models: dict | None = None,
     source: Future | None = None,
+    relpaths: list[str] | None = None,
 ) -> dict:
     """Fit LR on the split's train part, evaluate its test part, save model + predictions (+ out-of-fold).
 
     ``source``: for a cleaned split (``official-clean``), its source split's ``fit_and_evaluate``: the same
     training images, so the same LR, taken from it instead of fitted again (``lr_from`` in the metrics).
+    ``relpaths``: ``data``'s relpath column, where the caller has collected it.
     """
-    assigned = splitlib.assign(data, split, config.seed, config.data_dir)
+    if relpaths is None:
+        relpaths = [r.relpath for r in data.select("relpath").collect()]
+    mapping = splitlib.assignment(split, relpaths, config.seed, config.data_dir)
+    assigned = splitlib.assign(data, split, config.seed, config.data_dir, mapping)
     train_df = assigned.filter("split = 'train'").persist()
     test_df = assigned.filter("split = 'test'").persist()
-    n_train, n_test = train_df.count(), test_df.count()
+    n_train = sum(1 for part in mapping.values() if part == "train")  # one row per relpath: no count job
+    n_test = len(mapping) - n_train
     theirs = source.result() if source is not None else None
     t0 = time.monotonic()
     if theirs is not None and theirs["n_train"] == n_train:
