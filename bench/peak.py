@@ -154,7 +154,9 @@ def render(result: dict) -> str:
         share = 100 * rate / peak["float32"]["gflops"]
         parts = s.get("partitions")  # older results lack it
         layout = f"{parts} tasks of ~{-(-s['images'] // parts)} images" if parts else "tasks as read"
-        rows.append([s["backbone"], f"Spark featurizer, 1 thread per task, {layout}: {what}", f"{s['median']:.2f}",
+        threads = s.get("task_cpus", 1)
+        layout = f"{threads} thread{'s' * (threads > 1)} per task, {layout}"
+        rows.append([s["backbone"], f"Spark featurizer, {layout}: {what}", f"{s['median']:.2f}",
                      f"{rate:.0f}", f"{share:.0f} %"])  # fmt: skip
     lines.append(markdown_table(["backbone", "what", "img/s", "GFLOP/s", "of fp32 peak"], rows))
     # The same work both ways (decoding, view full, features only): the featurizer against bare Keras.
