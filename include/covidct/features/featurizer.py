@@ -12,8 +12,10 @@ The input column holds either the raw file bytes (``binaryFile`` source, as
 Keras runs in the Python workers through an iterator pandas UDF: the model is built
 once per worker process and reused across tasks, images go through it in batches of
 ``batchSize``, and TensorFlow uses as many threads as the task has cores
-(``spark.task.cpus``). Defining or saving the stage never imports TensorFlow on the
-driver. ``view`` shows the backbone the whole picture or only the body (``covidct.data.body``) and
+(``spark.task.cpus``). The DataFrame's partitions are the tasks: a few large or uneven ones leave
+cores idle in the last round (``repartition`` to a multiple of the cores; docs/performance.md).
+Defining or saving the stage never imports TensorFlow on the driver. ``view`` shows the backbone the
+whole picture or only the body (``covidct.data.body``) and
 ``flips`` averages each image's features with its mirror image's; both are saved with the stage, so a
 saved model applies them to new images. An image that cannot be decoded fails the job with an error
 naming the file (the ``path`` column, when the DataFrame has one).
