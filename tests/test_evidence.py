@@ -166,7 +166,7 @@ def test_the_featurization_pass_keeps_each_images_grid_so_the_evidence_needs_no_
 
     listed = shutil.copytree(marks, tmp_path / "listed" / "COVID-CT")
     write_manifest(build_manifest(listed), listed / MANIFEST_NAME)
-    counted = FeatureCache.shas(FeatureCache(tmp_path / "home" / "feature-cache"), cache_key(older))
+    counted = FeatureCache(tmp_path / "home" / "feature-cache").shas(cache_key(older))
     monkeypatch.setattr(FeatureCache, "shas", lambda self, key: counted)
     for file in files[: max(1, len(files) // 2)]:
         file.unlink()

@@ -128,13 +128,12 @@ def featurize(
         feats = feats.dropDuplicates(["sha256"]).persist(StorageLevel.MEMORY_AND_DISK)
         n = feats.count()
         return feats, {"enabled": False, "hits": 0, "misses": n}
-    cached = None if counted is not None else cache.read(spark, key)
+    shas = (images if known is None else known).select("sha256").distinct()  # lazy: no job unless counted here
     if counted is not None:
         (n_unique, hits), missing = counted, images
-    elif cached is None:
-        n_unique, hits, missing = (images if known is None else known).select("sha256").distinct().count(), 0, images
+    elif (cached := cache.read(spark, key)) is None:
+        n_unique, hits, missing = shas.count(), 0, images
     else:
-        shas = (images if known is None else known).select("sha256").distinct()
         hit = cached.select("sha256", F.lit(1).alias("hit"))
         counts = shas.join(hit, "sha256", "left").agg(F.count("*").alias("n"), F.count("hit").alias("hits")).first()
         n_unique, hits = counts["n"], counts["hits"]
@@ -300,8 +299,8 @@ def train(
             fitted: dict[str, Future] = {}
             for split in sorted(targets, key=lambda s: s in splitlib.CLEANED_FROM):
                 source = fitted.get(splitlib.CLEANED_FROM.get(split, ""))
-                fitted[split] = pool.submit(fit_and_evaluate, config, split, data, featurizer, targets[split],
-                                            weights_id, models, source, relpaths)  # fmt: skip
+                fitted[split] = pool.submit(fit_and_evaluate, config, split, data, relpaths, featurizer,
+                                            targets[split], weights_id, models, source)  # fmt: skip
             fitted = {split: fitted[split] for split in targets}
         for split, future in fitted.items():
             metrics = dict(future.result())
@@ -468,21 +467,19 @@ def fit_and_evaluate(
     config: TrainConfig,
     split: str,
     data: DataFrame,
+    relpaths: list[str],
     featurizer: DeepImageFeaturizer,
     target: Path,
     weights_id: str,
     models: dict | None = None,
     source: Future | None = None,
-    relpaths: list[str] | None = None,
 ) -> dict:
     """Fit LR on the split's train part, evaluate its test part, save model + predictions (+ out-of-fold).
 
     ``source``: for a cleaned split (``official-clean``), its source split's ``fit_and_evaluate``: the same
     training images, so the same LR, taken from it instead of fitted again (``lr_from`` in the metrics).
-    ``relpaths``: ``data``'s relpath column, where the caller has collected it.
+    ``relpaths``: ``data``'s relpath column (collected once for every split).
     """
-    if relpaths is None:
-        relpaths = [r.relpath for r in data.select("relpath").collect()]
     mapping = splitlib.assignment(split, relpaths, config.seed, config.data_dir)
     assigned = splitlib.assign(data, split, config.seed, config.data_dir, mapping)
     train_df = assigned.filter("split = 'train'").persist()
